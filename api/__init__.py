@@ -1,0 +1,1 @@
+"""HTTP side of inferq: FastAPI app, routes, error envelope, SSE relay."""

@@ -1,0 +1,45 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from api import errors
+from api.limits import BodySizeLimit
+from api.routes import events, health, jobs
+from api.services import open_services
+from shared import __version__
+from shared.schemas import ErrorResponse
+from shared.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with open_services(settings) as services:
+            yield {"services": services}
+
+    app = FastAPI(
+        title="inferq",
+        version=__version__,
+        description="Queue-backed asynchronous LLM inference jobs with continuous batching and SSE streams.",
+        lifespan=lifespan,
+        responses={
+            400: {"model": ErrorResponse},
+            404: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
+            503: {"model": ErrorResponse},
+        },
+    )
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(events.router)
+    return app

@@ -1,0 +1,140 @@
+"""Error classes and the one handler that turns every failure into the OpenAI-shaped envelope."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+INVALID_JSON = "request body is not valid JSON"
+JOB_NOT_FOUND = "no job with id '{job_id}'"
+JOB_FINISHED = "job '{job_id}' is already {status} and cannot be cancelled"
+BODY_TOO_LARGE = "request body is larger than the limit of {limit} bytes"
+UNAVAILABLE = "a backing service ({service}) is unreachable; retry shortly"
+INTERNAL = "internal server error"
+
+
+class ApiError(Exception):
+    status_code = 400
+    type = "invalid_request_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequest(ApiError):
+    pass
+
+
+class NotFound(ApiError):
+    status_code = 404
+    type = "not_found_error"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    type = "conflict_error"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    type = "invalid_request_error"
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503
+    type = "service_unavailable_error"
+
+    def __init__(self, service: str) -> None:
+        super().__init__(UNAVAILABLE.format(service=service), headers={"Retry-After": "1"})
+
+
+def envelope(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Drop pydantic's union/branch markers such as 'list[str]' or 'function-after[...]'.
+    parts = [p for p in parts if "[" not in p]
+    return ".".join(parts) or None
+
+
+def _on_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return envelope(400, INVALID_JSON, "invalid_request_error")
+    param = _validation_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    message = f"{param}: {msg}" if param else msg
+    return envelope(400, message, "invalid_request_error", param=param)
+
+
+def _on_api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return envelope(exc.status_code, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+
+def _on_http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return envelope(exc.status_code, str(exc.detail), type_, headers=getattr(exc, "headers", None))
+
+
+def _on_redis(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable: %s", exc)
+    return envelope(
+        503, UNAVAILABLE.format(service="redis"), "service_unavailable_error", headers={"Retry-After": "1"}
+    )
+
+
+def _on_db(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("postgres unavailable: %s", exc)
+    return envelope(
+        503, UNAVAILABLE.format(service="postgres"), "service_unavailable_error", headers={"Retry-After": "1"}
+    )
+
+
+def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return envelope(500, INTERNAL, "internal_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(RedisError, _on_redis)
+    app.add_exception_handler(OperationalError, _on_db)
+    app.add_exception_handler(DBAPIError, _on_db)
+    app.add_exception_handler(OSError, _on_db)
+    app.add_exception_handler(Exception, _on_unexpected)

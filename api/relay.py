@@ -1,0 +1,148 @@
+"""One Redis pub/sub connection per API process, shared by every SSE stream it serves.
+
+Streams subscribe to their job's live channel here (the first listener of a job subscribes the
+channel, the last one unsubscribes it) and get the raw events on an asyncio queue. `subscribe`
+returns only once Redis has confirmed the subscription, so a stream that then reads the job's
+backlog cannot miss an event published in between. If the connection drops, the hub reconnects,
+re-subscribes every channel, and puts RESYNC on each queue so that its stream re-reads the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from shared import keys
+from shared.events import Event
+
+log = logging.getLogger(__name__)
+
+RESYNC = object()
+
+
+@dataclass(eq=False)
+class Subscription:
+    job_id: str
+    queue: asyncio.Queue[Event | object] = field(default_factory=asyncio.Queue)
+
+
+class RelayHub:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._subs: dict[str, set[Subscription]] = {}
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        # Always subscribed to something, so the reader never idles on an empty subscription set.
+        self._home = f"inferq:relay:{os.getpid()}:{id(self)}"
+        self.connected = asyncio.Event()
+        self._resync: set[str] = set()  # channels whose streams must re-read their backlog once re-subscribed
+
+    @property
+    def channels(self) -> int:
+        return len(self._subs)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="inferq-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_pubsub()
+
+    async def subscribe(self, job_id: str, timeout: float = 5.0) -> Subscription:
+        sub = Subscription(job_id)
+        channel = keys.live_channel(job_id)
+        async with self._lock:
+            first = channel not in self._subs
+            self._subs.setdefault(channel, set()).add(sub)
+            if first:
+                self._confirmed[channel] = asyncio.Event()
+                if self._pubsub is not None and self.connected.is_set():
+                    await self._pubsub.subscribe(channel)
+            confirmed = self._confirmed[channel]
+        try:
+            await asyncio.wait_for(confirmed.wait(), timeout)
+        except TimeoutError:
+            await self.unsubscribe(sub)
+            raise ConnectionError("redis did not confirm the subscription") from None
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        channel = keys.live_channel(sub.job_id)
+        async with self._lock:
+            subs = self._subs.get(channel)
+            if subs is None:
+                return
+            subs.discard(sub)
+            if subs:
+                return
+            del self._subs[channel]
+            self._confirmed.pop(channel, None)
+            if self._pubsub is not None and self.connected.is_set():
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = None
+
+    async def _connect(self) -> None:
+        async with self._lock:
+            await self._close_pubsub()
+            self._pubsub = self._redis.pubsub()
+            for ev in self._confirmed.values():
+                ev.clear()
+            await self._pubsub.subscribe(self._home, *self._subs.keys())
+            self.connected.set()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                delay = 0.1
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected.clear()
+                log.warning("relay lost its Redis pub/sub connection (%s); reconnecting", exc)
+                self._resync = set(self._subs)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _read(self) -> None:
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        while True:
+            message = await pubsub.get_message(timeout=5.0)
+            if message is None:
+                continue
+            kind = message.get("type")
+            channel = message["channel"].decode()
+            if kind == "subscribe":
+                ev = self._confirmed.get(channel)
+                if ev is not None:
+                    ev.set()
+                if channel in self._resync:
+                    self._resync.discard(channel)
+                    for sub in self._subs.get(channel, ()):
+                        sub.queue.put_nowait(RESYNC)
+            elif kind == "message":
+                subs = self._subs.get(channel)
+                if subs:
+                    event = Event.from_message(message["data"])
+                    for sub in subs:
+                        sub.queue.put_nowait(event)

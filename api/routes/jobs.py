@@ -1,0 +1,81 @@
+"""Native jobs API: submit, poll, list, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Response, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import select, tuple_
+
+from api.cancellation import cancel_job
+from api.deps import ServicesDep, SessionDep
+from api.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
+from api.submission import submit_job
+from api.views import job_response, job_urls
+from shared.models import Job
+from shared.schemas import JobCreatedResponse, JobCreateRequest, JobListResponse, JobResponse
+from shared.states import JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobCreatedResponse,
+    summary="Submit a generation job",
+)
+async def create_job(
+    body: Annotated[JobCreateRequest, Body()], services: ServicesDep, response: Response
+) -> JobCreatedResponse:
+    job = await submit_job(services, body)
+    urls = job_urls(job.id)
+    response.headers["Location"] = urls.self
+    return JobCreatedResponse(
+        id=job.id, status=JobStatus.QUEUED, model=job.model, created_at=job.created_at, urls=urls
+    )
+
+
+@router.get("/{job_id}", response_model=JobResponse, summary="Get a job: status, output, usage, timings")
+async def get_job(job_id: str, session: SessionDep) -> JobResponse:
+    job = await session.get(Job, job_id)
+    if job is None:
+        raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
+    return job_response(job)
+
+
+@router.get("", response_model=JobListResponse, summary="List jobs, newest first")
+async def list_jobs(
+    session: SessionDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
+) -> JobListResponse:
+    stmt = select(Job)
+    if status_ is not None:
+        stmt = stmt.where(Job.status == status_.value)
+    if after is not None:
+        cursor = (await session.execute(select(Job.created_at, Job.id).where(Job.id == after))).one_or_none()
+        if cursor is None:
+            raise InvalidRequest(f"'after' names no job: '{after}'", param="after")
+        stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    jobs = list((await session.execute(stmt)).scalars())
+    has_more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return JobListResponse(
+        data=[job_response(j) for j in jobs], has_more=has_more, next_after=jobs[-1].id if has_more else None
+    )
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobResponse,
+    responses={202: {"model": JobResponse}, 409: {"description": "The job has already finished"}},
+    summary="Cancel a queued or running job",
+)
+async def cancel(job_id: str, services: ServicesDep) -> JSONResponse:
+    job, final = await cancel_job(services, job_id)
+    # 202: the worker has been told but has not confirmed yet; poll the job.
+    return JSONResponse(job_response(job).model_dump(mode="json"), status_code=200 if final else 202)

@@ -1,0 +1,69 @@
+"""Everything a request handler needs, built once in the lifespan and closed with it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from api.relay import RelayHub
+from shared.db import check_schema, create_engine, session_factory
+from shared.events import EventWriter
+from shared.settings import Settings
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    tokenizer: Any
+    context_length: int
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: ArqRedis
+    events: EventWriter
+    relay: RelayHub
+    model: ModelInfo
+
+
+def _load_model_info(settings: Settings) -> ModelInfo:
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"gguf_file": settings.model.gguf_file} if settings.model.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_path, **kwargs)
+    config = AutoConfig.from_pretrained(settings.model_path, **kwargs)
+    context = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 30
+    return ModelInfo(settings.served_model_name, tokenizer, context)
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    redis_url, database_url = settings.require_urls()
+    db = create_engine(database_url)
+    redis: ArqRedis | None = None
+    relay: RelayHub | None = None
+    try:
+        await check_schema(db)
+        model = await asyncio.to_thread(_load_model_info, settings)
+        redis = await create_pool(RedisSettings.from_dsn(redis_url), retry=0)
+        relay = RelayHub(redis)
+        await relay.start()
+        events = EventWriter(
+            redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
+        )
+        yield Services(settings, db, session_factory(db), redis, events, relay, model)
+    finally:
+        if relay is not None:
+            await relay.stop()
+        if redis is not None:
+            await redis.aclose()
+        await db.dispose()

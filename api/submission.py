@@ -1,0 +1,100 @@
+"""Admitting a job: check it against the limits and the model, store it, enqueue it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import delete
+
+from api.errors import InvalidRequest, ServiceUnavailable
+from api.services import Services
+from shared.models import Job, new_job_id
+from shared.prompts import prompt_token_ids
+from shared.schemas import JobCreateRequest
+from shared.states import JobStatus
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "run_job"  # the arq function name the worker registers
+_TOKENIZE_IN_THREAD_CHARS = 20_000
+
+
+def _check_limits(services: Services, req: JobCreateRequest) -> None:
+    limits = services.settings.limits
+    if req.model is not None and req.model != services.model.name:
+        raise InvalidRequest(
+            f"model '{req.model}' is not served here; available: '{services.model.name}'", param="model"
+        )
+    if req.max_tokens is not None and req.max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}", param="max_tokens")
+    if req.stop is not None:
+        if len(req.stop) > limits.max_stop:
+            raise InvalidRequest(f"at most {limits.max_stop} stop strings are allowed", param="stop")
+        if any(len(s) > limits.max_stop_chars for s in req.stop):
+            raise InvalidRequest(
+                f"stop strings are limited to {limits.max_stop_chars} characters", param="stop"
+            )
+    if req.metadata_bytes() > limits.max_metadata_bytes:
+        raise InvalidRequest(
+            f"metadata is limited to {limits.max_metadata_bytes} bytes of JSON", param="metadata"
+        )
+
+
+async def _count_prompt_tokens(services: Services, request: dict[str, Any], param: str) -> int:
+    tokenizer = services.model.tokenizer
+    size = len(request.get("prompt") or "") + sum(len(m["content"]) for m in request.get("messages") or [])
+    try:
+        if size > _TOKENIZE_IN_THREAD_CHARS:
+            ids = await asyncio.to_thread(prompt_token_ids, tokenizer, request)
+        else:
+            ids = prompt_token_ids(tokenizer, request)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=param) from None
+    return len(ids)
+
+
+async def submit_job(services: Services, req: JobCreateRequest) -> Job:
+    _check_limits(services, req)
+    limits = services.settings.limits
+    max_tokens = req.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
+    request = req.model_dump(exclude_none=True, exclude={"metadata"})
+    request.update(model=services.model.name, max_tokens=max_tokens)
+    param = "messages" if req.messages is not None else "prompt"
+    prompt_tokens = await _count_prompt_tokens(services, request, param)
+    if prompt_tokens > limits.max_prompt_tokens:
+        raise InvalidRequest(
+            f"the prompt is {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}", param=param
+        )
+    context = services.model.context_length
+    if prompt_tokens + max_tokens > context:
+        raise InvalidRequest(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {context} tokens",
+            param=param,
+        )
+
+    job = Job(
+        id=new_job_id(),
+        status=JobStatus.QUEUED.value,
+        model=services.model.name,
+        request=request,
+        metadata_=req.metadata,
+        prompt_tokens=prompt_tokens,
+        attempts=0,
+    )
+    async with services.sessions() as session, session.begin():
+        session.add(job)
+    try:
+        await services.redis.enqueue_job(
+            JOB_FUNCTION, job.id, _job_id=job.id, _queue_name=services.settings.queues.interactive
+        )
+    except (RedisError, OSError) as exc:
+        # Not accepted, so not kept: the client gets 503 and retries.
+        log.warning("enqueue of %s failed: %s", job.id, exc)
+        async with services.sessions() as session, session.begin():
+            await session.execute(delete(Job).where(Job.id == job.id))
+        raise ServiceUnavailable("redis") from None
+    return job

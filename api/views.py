@@ -1,0 +1,44 @@
+"""Rendering ORM jobs as API responses."""
+
+from __future__ import annotations
+
+from shared.models import Job
+from shared.schemas import JobError, JobResponse, JobUrls, Timings, Usage
+
+
+def job_urls(job_id: str) -> JobUrls:
+    base = f"/v1/jobs/{job_id}"
+    return JobUrls(self=base, events=f"{base}/events", cancel=f"{base}/cancel")
+
+
+def job_response(job: Job) -> JobResponse:
+    usage = None
+    if job.prompt_tokens is not None:
+        completion = job.completion_tokens or 0
+        usage = Usage(
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=job.prompt_tokens + completion,
+        )
+    error = JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None
+    return JobResponse(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        model=job.model,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        request=job.request,
+        output=job.output,
+        finish_reason=job.finish_reason,
+        usage=usage,
+        timings=Timings(
+            queue_ms=job.queue_ms, ttft_ms=job.ttft_ms, total_ms=job.total_ms, tokens_per_s=job.tokens_per_s
+        ),
+        attempts=job.attempts,
+        worker_id=job.worker_id,
+        peak_batch_size=job.peak_batch_size,
+        error=error,
+        metadata=job.metadata_,
+        urls=job_urls(job.id),
+    )

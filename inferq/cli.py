@@ -1,0 +1,206 @@
+"""The `inferq` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.settings import Settings, get_settings
+
+app = typer.Typer(help="inferq: queue-backed LLM inference jobs.", no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="Manage the model files.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console(highlight=False)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="INFERQ_URL", help="Base URL of a running inferq API.")]
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Interface the API listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (one per GPU).")] = 1,
+    device: Annotated[
+        str | None, typer.Option(help="Device for every worker (default: one GPU each, else cpu).")
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Where embedded servers and models keep data.")] = None,
+) -> None:
+    """Run the whole stack on this machine (embedded Valkey + PostgreSQL unless URLs are set)."""
+    from inferq.stack import up as run_up
+
+    if data_dir:
+        os.environ["INFERQ_DATA_DIR"] = data_dir
+    get_settings.cache_clear()
+    raise typer.Exit(run_up(get_settings(), host, port, workers, device))
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    processes: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (needs INFERQ_REDIS_URL and INFERQ_DATABASE_URL)."""
+    import uvicorn
+
+    settings = get_settings()
+    settings.require_urls()
+    _logging(settings)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=processes,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
+
+
+@app.command()
+def worker(
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps.")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Requests per engine step.")] = None,
+) -> None:
+    """Run one GPU worker: one model on one device, continuous batching."""
+    from worker.main import run
+
+    settings = get_settings()
+    if device:
+        settings.model.device = device
+    if max_batch:
+        settings.model.max_batch = max_batch
+    settings.require_urls()
+    _logging(settings)
+    run(settings)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema up to date (alembic upgrade head)."""
+    from shared.db import upgrade
+
+    _, database_url = get_settings().require_urls()
+    upgrade(database_url)
+    console.print("[green]database schema is up to date[/]")
+
+
+@model_app.command("fetch")
+def model_fetch() -> None:
+    """Download the demo model and convert it once into a fast-loading transformers directory."""
+    from pathlib import Path
+
+    from worker.model import fetch_demo_model
+
+    settings = get_settings()
+    target = fetch_demo_model(Path(settings.model_path), progress=lambda m: console.print(f"[dim]{m}[/]"))
+    console.print(f"[green]{target}[/]")
+
+
+def _fail(resp: httpx.Response) -> None:
+    try:
+        message = resp.json()["error"]["message"]
+    except Exception:
+        message = resp.text
+    console.print(f"[red]error {resp.status_code}:[/] {message}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    text: Annotated[str, typer.Argument(help="The user message.")],
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they arrive.")] = False,
+    max_tokens: Annotated[int, typer.Option()] = 256,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+) -> None:
+    """Submit a chat job; print its answer (streamed with --stream)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=None)) as client:
+        resp = client.post("/v1/jobs", json=body)
+        if resp.status_code != 202:
+            _fail(resp)
+        job_id = resp.json()["id"]
+        if stream:
+            _print_stream(client, job_id)
+        else:
+            job = _wait(client, job_id)
+            console.print(job.get("output") or "", markup=False)
+        console.print(f"[dim]{job_id}[/]")
+
+
+def _print_stream(client: httpx.Client, job_id: str) -> None:
+    event = None
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event:
+                data = json.loads(line.split(":", 1)[1])
+                if event == "token":
+                    sys.stdout.write(data["text"])
+                    sys.stdout.flush()
+                elif event in ("done", "error"):
+                    sys.stdout.write("\n")
+                    if event == "error":
+                        console.print(f"[red]{data['type']}: {data['message']}[/]")
+                    return
+
+
+def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+    url: UrlOpt = "http://127.0.0.1:8000",
+) -> None:
+    """List recent jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+    resp = httpx.get(f"{url}/v1/jobs", params=params, timeout=10)
+    if resp.status_code != 200:
+        _fail(resp)
+    table = Table("id", "status", "created", "tokens", "ttft ms", "output")
+    for j in resp.json()["data"]:
+        usage = j.get("usage") or {}
+        ttft = j["timings"].get("ttft_ms")
+        table.add_row(
+            j["id"],
+            j["status"],
+            j["created_at"][:19],
+            str(usage.get("completion_tokens", "")),
+            f"{ttft:.0f}" if ttft else "",
+            (j.get("output") or "")[:40].replace("\n", " "),
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

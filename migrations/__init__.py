@@ -1,0 +1,1 @@
+"""Alembic migrations for inferq's Postgres schema."""

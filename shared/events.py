@@ -1,0 +1,97 @@
+"""Job events: how they are written to Redis (stream + live channel) and read back.
+
+Each event is appended to the job's capped stream with the explicit id `0-<seq>` (Redis assigns
+the next seq atomically with `0-*`) and published on the job's live channel, in one script call.
+Readers subscribe to the channel first, then read the stream, and drop any seq they have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from shared import keys
+
+EventType = Literal["status", "token", "done", "error"]
+END_EVENTS: frozenset[str] = frozenset({"done", "error"})
+
+_PUBLISH_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', 'e', ARGV[3], 'd', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local seq = string.sub(id, 3)
+redis.call('PUBLISH', ARGV[5], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+return seq
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    event: str
+    data: dict[str, Any]
+
+    @property
+    def is_end(self) -> bool:
+        return self.event in END_EVENTS
+
+    @classmethod
+    def from_message(cls, raw: bytes | str) -> Event:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        seq, event, data = text.split("|", 2)
+        return cls(int(seq), event, json.loads(data))
+
+    @classmethod
+    def from_stream_entry(cls, entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        get = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        ev, data = get["e"], get["d"]
+        return cls(
+            int(eid.split("-", 1)[1]),
+            ev.decode() if isinstance(ev, bytes) else ev,
+            json.loads(data),
+        )
+
+
+def dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+class EventWriter:
+    """Appends events to job streams; many events go out in one pipelined round trip."""
+
+    def __init__(self, redis: Redis, *, maxlen: int, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._script = redis.register_script(_PUBLISH_LUA)
+        self._maxlen = maxlen
+        self._ttl_ms = ttl_seconds * 1000
+
+    def _args(self, job_id: str, event: str, data: dict[str, Any]) -> tuple[list[str], list[Any]]:
+        return [keys.events_stream(job_id)], [
+            self._maxlen,
+            self._ttl_ms,
+            event,
+            dumps(data),
+            keys.live_channel(job_id),
+        ]
+
+    async def publish(self, job_id: str, event: EventType, data: dict[str, Any]) -> int:
+        k, a = self._args(job_id, event, data)
+        return int(await self._script(keys=k, args=a))
+
+    async def publish_many(self, items: list[tuple[str, EventType, dict[str, Any]]]) -> list[int]:
+        if not items:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, event, data in items:
+                k, a = self._args(job_id, event, data)
+                await self._script(keys=k, args=a, client=pipe)
+            return [int(s) for s in await pipe.execute()]
+
+
+async def read_events(redis: Redis, job_id: str, after: int = 0, count: int | None = None) -> list[Event]:
+    """Events of a job with seq > `after`, oldest first."""
+    entries = await redis.xrange(keys.events_stream(job_id), min=f"(0-{after}", max="+", count=count)
+    return [Event.from_stream_entry(eid, fields) for eid, fields in entries]

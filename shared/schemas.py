@@ -1,0 +1,137 @@
+"""Pydantic request and response models of the native jobs API."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.states import JobStatus
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class SamplingParams(BaseModel):
+    """What the engine needs to know about one generation; shared by every API shape."""
+
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1, description="Sample among the k most likely tokens.")
+    stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the generation.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+class JobCreateRequest(SamplingParams):
+    """Body of `POST /v1/jobs`: a chat (`messages`) or a raw `prompt`, exactly one of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Model to run; defaults to the served model.")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, description="Chat messages.")
+    prompt: str | None = Field(default=None, min_length=1, max_length=1_000_000, description="Raw prompt.")
+    metadata: dict[str, Any] | None = Field(default=None, description="Small JSON object kept with the job.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobCreateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("exactly one of 'prompt' and 'messages' must be given")
+        return self
+
+    def metadata_bytes(self) -> int:
+        return len(json.dumps(self.metadata, separators=(",", ":"))) if self.metadata else 0
+
+
+class JobUrls(BaseModel):
+    self: str
+    events: str
+    cancel: str
+
+
+class JobCreatedResponse(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    model: str
+    created_at: datetime
+    urls: JobUrls
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    queue_ms: float | None = Field(default=None, description="Created until a worker started it.")
+    ttft_ms: float | None = Field(default=None, description="Created until the first token.")
+    total_ms: float | None = Field(default=None, description="Created until finished.")
+    tokens_per_s: float | None = Field(default=None, description="Generated tokens per second of running.")
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobResponse(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    model: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    request: dict[str, Any]
+    output: str | None
+    finish_reason: str | None
+    usage: Usage | None
+    timings: Timings
+    attempts: int
+    worker_id: str | None
+    peak_batch_size: int | None = Field(
+        description="Most requests that shared one engine step with this job."
+    )
+    error: JobError | None
+    metadata: dict[str, Any] | None
+    urls: JobUrls
+
+
+class JobListResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobResponse]
+    has_more: bool
+    next_after: str | None = Field(description="Pass as `after` to get the next page.")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,97 @@
+"""One pydantic-settings class for every part of inferq, read from `INFERQ_*` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".inferq"
+
+
+class ModelSettings(BaseModel):
+    name: str = Field(
+        default="",
+        description="Hugging Face id or local directory; empty means the demo model under the data dir.",
+    )
+    gguf_file: str | None = Field(default=None, description="GGUF file inside `name` to load and dequantize.")
+    served_name: str = Field(default="", description="Name jobs and /v1/models use; defaults to the model's.")
+    device: str = "cpu"
+    dtype: str = Field(default="auto", description="auto, float32, bfloat16 or float16.")
+    max_batch: int = Field(default=32, ge=1, description="Requests per engine step; also arq's max_jobs.")
+    max_batch_tokens: int = Field(default=512, ge=16, description="Tokens per engine step (prefill chunk).")
+    num_blocks: int | None = Field(default=None, description="KV-cache pages; None sizes them from memory.")
+    page_size: int = Field(default=256, ge=16)
+
+
+class LimitSettings(BaseModel):
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_tokens: int = Field(default=2048, ge=1, description="Upper bound for a job's max_tokens.")
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_metadata_bytes: int = Field(default=4096, ge=2)
+    max_stop: int = Field(default=4, ge=0)
+    max_stop_chars: int = Field(default=64, ge=1)
+
+
+class QueueSettings(BaseModel):
+    interactive: str = "inferq:queue:interactive"
+    batch: str = "inferq:queue:batch"
+
+
+class WorkerSettings(BaseModel):
+    poll_delay: float = Field(default=0.005, gt=0, description="Seconds between queue polls when idle.")
+    job_timeout: int = Field(default=3600, ge=1)
+    max_tries: int = Field(default=5, ge=1)
+
+
+class EventSettings(BaseModel):
+    stream_maxlen: int = Field(default=20_000, ge=100, description="Cap of a job's Redis event stream.")
+    ttl_seconds: int = Field(default=86_400, ge=60, description="How long a job's events stay in Redis.")
+    ping_seconds: float = Field(default=15.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", env_nested_delimiter="__", extra="ignore")
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    data_dir: Path = Field(default_factory=default_data_dir)
+    environment: str = Field(default="development", description="development or production.")
+    log_level: str = "INFO"
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    queues: QueueSettings = Field(default_factory=QueueSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+
+    @property
+    def model_path(self) -> str:
+        """Where the model (and its tokenizer) is loaded from."""
+        return self.model.name or str(self.data_dir / "models" / DEMO_MODEL_NAME)
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model.served_name:
+            return self.model.served_name
+        return DEMO_MODEL_NAME if not self.model.name else Path(self.model.name.rstrip("/")).name
+
+    def require_urls(self) -> tuple[str, str]:
+        if not self.redis_url or not self.database_url:
+            raise RuntimeError(
+                "INFERQ_REDIS_URL and INFERQ_DATABASE_URL must be set (or use `inferq up`, "
+                "which starts embedded servers)."
+            )
+        return self.redis_url, self.database_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,86 @@
+"""Incremental detokenization with stop strings: text is released only once no stop string can start in it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IncrementalDecoder:
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
+        self._tok = tokenizer
+        self._stop = [s for s in (stop or []) if s]
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._buffer = ""  # all text decoded so far (released + held back)
+        self._released = 0
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """Text released so far."""
+        return self._buffer[: self._released]
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=True))
+
+    def push(self, ids: list[int]) -> str:
+        """Add generated token ids; return the newly released text."""
+        if self.stopped:
+            return ""
+        for token_id in ids:
+            self.token_ids.append(token_id)
+            self._buffer += self._delta()
+            if self._stop and self._check_stop():
+                break
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Release whatever is still held back (the generation is over)."""
+        if not self.stopped:
+            prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self.token_ids[self._prefix_offset :])
+            self._buffer += full[len(prefix) :]
+            self._prefix_offset = self._read_offset = len(self.token_ids)
+            if self._stop:
+                self._check_stop()
+        return self._release(final=True)
+
+    def _delta(self) -> str:
+        # Decoding a window, not the whole sequence, keeps this O(1) per token; a trailing U+FFFD means
+        # a multi-byte character is not complete yet, so wait for the next token.
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.token_ids)
+            return full[len(prefix) :]
+        return ""
+
+    def _check_stop(self) -> bool:
+        longest = max(len(s) for s in self._stop)
+        start = max(0, self._released - longest)
+        hits = [i for i in (self._buffer.find(s, start) for s in self._stop) if i >= 0]
+        if not hits:
+            return False
+        self._buffer = self._buffer[: min(hits)]
+        self.stopped = True
+        return True
+
+    def _held_back(self) -> int:
+        """Length of the buffer's longest suffix that could still grow into a stop string."""
+        held = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(self._buffer)), held, -1):
+                if self._buffer.endswith(s[:n]):
+                    held = n
+                    break
+        return held
+
+    def _release(self, final: bool) -> str:
+        end = len(self._buffer) if (final or self.stopped) else len(self._buffer) - self._held_back()
+        if end <= self._released:
+            return ""
+        out = self._buffer[self._released : end]
+        self._released = end
+        return out

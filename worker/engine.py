@@ -1,0 +1,196 @@
+"""One continuous-batching engine per worker: transformers' ContinuousBatchingManager, kept for life.
+
+The manager runs model steps in its own thread. Every step's outputs reach the event loop in a
+single callback (our OutputRouter), so many jobs share each forward pass and each step costs the
+loop one wake-up, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.continuous_api import OutputRouter
+from transformers.generation.continuous_batching.requests import RequestStatus
+
+from shared.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+
+    def processor_kwargs(self, vocab_size: int) -> dict[str, Any]:
+        if self.temperature == 0.0:
+            # Greedy inside a sampling batch: top_k=1 reproduces generate(do_sample=False) token for token.
+            # temperature=0 would divide by zero, so it stays 1.
+            return {"top_k": 1, "temperature": 1.0, "top_p": 1.0}
+        return {
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "top_k": int(self.top_k) if self.top_k else int(vocab_size),
+        }
+
+
+@dataclass(slots=True)
+class StepUpdate:
+    new_tokens: list[int]
+    batch_size: int
+    finished: bool = False
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0
+    peak_batch_size: int = 0
+    last_batch_size: int = 0
+    active: int = 0
+
+
+@dataclass
+class RequestHandle:
+    """What one job sees of its request: token updates as the engine produces them."""
+
+    request_id: str
+    _queue: asyncio.Queue[StepUpdate] = field(default_factory=asyncio.Queue)
+    _seen: int = 0
+    closed: bool = False
+
+    def _push(self, output: Any, batch_size: int) -> int:
+        tokens = output.generated_tokens
+        new = list(tokens[self._seen :])
+        self._seen = len(tokens)
+        failed = output.status == RequestStatus.FAILED or output.error is not None
+        finished = bool(output.is_finished())
+        self._queue.put_nowait(StepUpdate(new, batch_size, finished, output.error if failed else None))
+        if finished:
+            self.closed = True
+        return len(new)
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._queue.put_nowait(StepUpdate([], 0, finished=True))
+
+    async def next(self) -> StepUpdate:
+        return await self._queue.get()
+
+
+class _LoopRouter(OutputRouter):
+    """Hands each step's outputs to the event loop in one call."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+        super().__init__()
+        self._loop = loop
+        self._engine = engine
+
+    def deliver(self, output: Any) -> None:
+        self._loop.call_soon_threadsafe(self._engine._on_step, [output])
+
+    def deliver_batch(self, outputs: list[Any]) -> None:
+        self._loop.call_soon_threadsafe(self._engine._on_step, list(outputs))
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, settings: ModelSettings) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.stats = EngineStats()
+        self.vocab_size = int(model.config.vocab_size)
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self._handles: dict[str, RequestHandle] = {}
+        self._manager: Any = None
+
+    def start(self) -> None:
+        """Build the manager and start its thread; call from the event loop that will consume outputs."""
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        # Per-request sampling needs every processor built: non-neutral defaults make transformers build
+        # them, and each request then overrides the values.
+        gen = GenerationConfig(  # type: ignore[no-untyped-call]
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.95,
+            top_k=50,
+            max_new_tokens=256,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
+        )
+        cb = ContinuousBatchingConfig(
+            per_request_processors=True,
+            max_requests_per_batch=self.settings.max_batch,
+            max_batch_tokens=self.settings.max_batch_tokens,
+            num_blocks=self.settings.num_blocks,
+            page_size=self.settings.page_size,
+        )
+        self._manager = self.model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=cb
+        )
+        self._manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
+        self._manager.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._manager is not None and bool(self._manager.is_running())
+
+    def submit(self, request_id: str, input_ids: list[int], options: SamplingOptions) -> RequestHandle:
+        if self._manager is None:
+            raise RuntimeError("engine not started")
+        handle = RequestHandle(request_id)
+        self._handles[request_id] = handle
+        self.stats.active = len(self._handles)
+        accepted = self._manager.add_request(
+            input_ids,
+            request_id=request_id,
+            max_new_tokens=options.max_tokens,
+            streaming=True,
+            **options.processor_kwargs(self.vocab_size),
+        )
+        if accepted is None:
+            self._handles.pop(request_id, None)
+            raise RuntimeError("the engine is not accepting requests")
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request from the engine; its handle ends at once (the engine sends no final output)."""
+        handle = self._handles.pop(request_id, None)
+        self.stats.active = len(self._handles)
+        if handle is None:
+            return
+        if self._manager is not None:
+            self._manager.cancel_request(request_id)
+        handle._close()
+
+    def stop(self) -> None:
+        if self._manager is not None:
+            self._manager.stop(block=True, timeout=10)
+            self._manager = None
+        for rid in list(self._handles):
+            self._handles.pop(rid)._close()
+
+    def _on_step(self, outputs: list[Any]) -> None:
+        size = len(outputs)
+        self.stats.steps += 1
+        self.stats.last_batch_size = size
+        self.stats.peak_batch_size = max(self.stats.peak_batch_size, size)
+        for output in outputs:
+            handle = self._handles.get(output.request_id)
+            if handle is None:
+                continue  # cancelled: its late tokens are dropped
+            self.stats.tokens += handle._push(output, size)
+            if handle.closed:
+                self._handles.pop(output.request_id, None)
+        self.stats.active = len(self._handles)

@@ -1,0 +1,259 @@
+"""Running one job: claim it in Postgres, feed it to the engine, stream its events, write its result once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import func, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared import keys
+from shared.models import Job
+from shared.prompts import prompt_token_ids
+from shared.states import FinishReason, JobStatus
+from worker.detok import IncrementalDecoder
+from worker.engine import Engine, RequestHandle, SamplingOptions
+from worker.publisher import EventBatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Claim:
+    request: dict[str, Any]
+    attempt: int
+    created_at: datetime
+    started_at: datetime
+
+
+@dataclass
+class _Run:
+    job_id: str
+    claim: _Claim
+    handle: RequestHandle | None = None
+    cancelled: bool = False
+    t_start: float = field(default_factory=time.monotonic)
+    t_first: float | None = None
+    peak_batch: int = 0
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        sessions: async_sessionmaker[AsyncSession],
+        redis: Redis,
+        events: EventBatcher,
+        worker_id: str,
+        default_max_tokens: int,
+    ) -> None:
+        self.engine = engine
+        self.sessions = sessions
+        self.redis = redis
+        self.events = events
+        self.worker_id = worker_id
+        self.default_max_tokens = default_max_tokens
+        self.running: dict[str, _Run] = {}
+
+    async def run(self, job_id: str) -> str:
+        claim = await self._claim(job_id)
+        if claim is None:
+            log.info("job %s is not queued any more; skipped", job_id)
+            return "skipped"
+        run = _Run(job_id, claim)
+        self.running[job_id] = run
+        self.events.emit(
+            job_id, "status", {"status": "running", "worker_id": self.worker_id, "attempt": claim.attempt}
+        )
+        try:
+            return await self._generate(run)
+        except asyncio.CancelledError:
+            # The worker is shutting down: hand the job back to the queue for another worker.
+            await asyncio.shield(self._requeue(run))
+            raise
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            await self._fail(run, "engine_error", str(exc) or type(exc).__name__)
+            return "failed"
+        finally:
+            self.running.pop(job_id, None)
+            if run.handle is not None and not run.handle.closed:
+                self.engine.cancel(run.handle.request_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a running job mid-generation; its tokens so far are kept."""
+        run = self.running.get(job_id)
+        if run is None:
+            return False
+        run.cancelled = True
+        if run.handle is not None:
+            self.engine.cancel(run.handle.request_id)
+        return True
+
+    async def _claim(self, job_id: str) -> _Claim | None:
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .values(
+                status=JobStatus.RUNNING.value,
+                attempts=Job.attempts + 1,
+                worker_id=self.worker_id,
+                started_at=func.clock_timestamp(),
+            )
+            .returning(Job.request, Job.attempts, Job.created_at, Job.started_at)
+        )
+        async with self.sessions() as session, session.begin():
+            row = (await session.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        return _Claim(dict(row.request), int(row.attempts), row.created_at, row.started_at)
+
+    async def _generate(self, run: _Run) -> str:
+        request = run.claim.request
+        input_ids = prompt_token_ids(self.engine.tokenizer, request)
+        options = SamplingOptions(
+            max_tokens=int(request.get("max_tokens") or self.default_max_tokens),
+            temperature=float(request.get("temperature", 1.0)),
+            top_p=float(request.get("top_p", 1.0)),
+            top_k=request.get("top_k"),
+        )
+        decoder = IncrementalDecoder(self.engine.tokenizer, request.get("stop"))
+        if await self.redis.exists(keys.cancel_flag(run.job_id)):
+            run.cancelled = True
+        else:
+            run.handle = self.engine.submit(f"{run.job_id}#{run.claim.attempt}", input_ids, options)
+        index = 0
+        while run.handle is not None and not run.cancelled:
+            update_ = await run.handle.next()
+            if update_.error:
+                raise RuntimeError(update_.error)
+            if update_.new_tokens and run.t_first is None:
+                run.t_first = time.monotonic()
+            run.peak_batch = max(run.peak_batch, update_.batch_size)
+            text = decoder.push(update_.new_tokens)
+            if text:
+                self.events.emit(run.job_id, "token", {"index": index, "text": text})
+                index += 1
+            if decoder.stopped:
+                self.engine.cancel(run.handle.request_id)
+                break
+            if update_.finished:
+                break
+        tail = decoder.finish()
+        if tail:
+            self.events.emit(run.job_id, "token", {"index": index, "text": tail})
+        reason = self._finish_reason(run, decoder, options.max_tokens)
+        status = JobStatus.CANCELLED if run.cancelled else JobStatus.SUCCEEDED
+        return await self._complete(run, status, decoder, reason, len(input_ids))
+
+    def _finish_reason(self, run: _Run, decoder: IncrementalDecoder, max_tokens: int) -> FinishReason:
+        if run.cancelled:
+            return FinishReason.CANCELLED
+        if decoder.stopped:
+            return FinishReason.STOP
+        eos = self.engine.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        if decoder.token_ids and decoder.token_ids[-1] in eos_ids:
+            return FinishReason.STOP
+        return FinishReason.LENGTH if len(decoder.token_ids) >= max_tokens else FinishReason.STOP
+
+    async def _complete(
+        self,
+        run: _Run,
+        status: JobStatus,
+        decoder: IncrementalDecoder,
+        reason: FinishReason,
+        prompt_tokens: int,
+    ) -> str:
+        now = time.monotonic()
+        queue_ms = (run.claim.started_at - run.claim.created_at).total_seconds() * 1000
+        running_s = now - run.t_start
+        completion = len(decoder.token_ids)
+        timings = {
+            "queue_ms": round(queue_ms, 3),
+            "ttft_ms": round(queue_ms + (run.t_first - run.t_start) * 1000, 3) if run.t_first else None,
+            "total_ms": round(queue_ms + running_s * 1000, 3),
+            "tokens_per_s": round(completion / running_s, 3) if running_s > 0 else None,
+        }
+        values = {
+            "status": status.value,
+            "output": decoder.text,
+            "finish_reason": reason.value,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "peak_batch_size": run.peak_batch or None,
+            "finished_at": func.clock_timestamp(),
+            **timings,
+        }
+        if not await self._write_final(run, values):
+            log.info("job %s attempt %d lost the race for its result; dropped", run.job_id, run.claim.attempt)
+            return "superseded"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        self.events.emit(
+            run.job_id, "done", {"finish_reason": reason.value, "usage": usage, "timings": timings}
+        )
+        await self.events.flush()
+        return status.value
+
+    async def _write_final(self, run: _Run, values: dict[str, Any]) -> bool:
+        """The one result write: only the attempt that still owns the running job may make it."""
+        stmt = (
+            update(Job)
+            .where(
+                Job.id == run.job_id, Job.status == JobStatus.RUNNING.value, Job.attempts == run.claim.attempt
+            )
+            .values(**values)
+        )
+        async with self.sessions() as session, session.begin():
+            result = await session.execute(stmt)
+        return bool(getattr(result, "rowcount", 0))
+
+    async def _fail(self, run: _Run, error_type: str, message: str) -> None:
+        values = {
+            "status": JobStatus.FAILED.value,
+            "error_type": error_type,
+            "error_message": message[:2000],
+            "finished_at": func.clock_timestamp(),
+        }
+        with contextlib.suppress(Exception):
+            if await self._write_final(run, values):
+                self.events.emit(run.job_id, "error", {"type": error_type, "message": message[:2000]})
+                await self.events.flush()
+
+    async def _requeue(self, run: _Run) -> None:
+        stmt = (
+            update(Job)
+            .where(
+                Job.id == run.job_id, Job.status == JobStatus.RUNNING.value, Job.attempts == run.claim.attempt
+            )
+            .values(status=JobStatus.QUEUED.value, worker_id=None)
+        )
+        try:
+            async with self.sessions() as session, session.begin():
+                result = await session.execute(stmt)
+            if getattr(result, "rowcount", 0):
+                self.events.emit(
+                    run.job_id,
+                    "status",
+                    {
+                        "status": "queued",
+                        "reason": "worker_shutdown",
+                        "attempt": run.claim.attempt,
+                        "restart_from_token": 0,
+                    },
+                )
+                await asyncio.wait_for(self.events.flush(), 2)
+        except Exception:
+            log.exception("could not hand job %s back to the queue", run.job_id)

@@ -1,0 +1,158 @@
+"""arq worker wiring: every resource is built in on_startup and closed in on_shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.db import check_schema, create_engine, session_factory
+from shared.events import EventWriter
+from shared.settings import Settings
+from worker.engine import Engine
+from worker.jobs import JobRunner
+from worker.model import load_model
+from worker.publisher import EventBatcher
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "run_job"
+
+
+async def run_job(ctx: dict[str, Any], job_id: str) -> str:
+    runner: JobRunner = ctx["runner"]
+    return await runner.run(job_id)
+
+
+async def _listen_for_cancels(redis: Redis, runner: JobRunner) -> None:
+    """One pub/sub connection per worker; a cancel for a job held here stops it in the engine."""
+    while True:
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.CANCEL_CHANNEL)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    job_id = message["data"].decode()
+                    if runner.cancel(job_id):
+                        log.info("job %s cancelled mid-generation", job_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("cancel listener lost Redis (%s); reconnecting", exc)
+            await asyncio.sleep(0.5)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_TTL_SECONDS = 5
+
+
+async def _heartbeat(redis: Redis, worker_id: str, settings: Settings, engine: Engine) -> None:
+    """A short-lived key per live worker: who it is, what it serves, how busy its engine is."""
+    started = time.time()
+    while True:
+        info = {
+            "id": worker_id,
+            "host": socket.gethostname(),
+            "device": settings.model.device,
+            "model": settings.served_model_name,
+            "capacity": settings.model.max_batch,
+            "running": engine.stats.active,
+            "steps": engine.stats.steps,
+            "tokens": engine.stats.tokens,
+            "peak_batch_size": engine.stats.peak_batch_size,
+            "started_at": started,
+        }
+        try:
+            await redis.set(keys.worker_key(worker_id), json.dumps(info), ex=HEARTBEAT_TTL_SECONDS)
+        except Exception as exc:
+            log.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    redis: Redis = ctx["redis"]
+    t0 = time.monotonic()
+    model, tokenizer = await asyncio.to_thread(load_model, settings.model_path, settings.model)
+    log.info(
+        "model %s loaded on %s in %.2fs", settings.model_path, settings.model.device, time.monotonic() - t0
+    )
+    engine = Engine(model, tokenizer, settings.model)
+    engine.start()
+    db = create_engine(settings.require_urls()[1], pool_size=4)
+    await check_schema(db)
+    batcher = EventBatcher(
+        EventWriter(redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds)
+    )
+    batcher.start()
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{settings.model.device}"
+    runner = JobRunner(
+        engine=engine,
+        sessions=session_factory(db),
+        redis=redis,
+        events=batcher,
+        worker_id=worker_id,
+        default_max_tokens=settings.limits.default_max_tokens,
+    )
+    ctx.update(engine=engine, db=db, batcher=batcher, runner=runner, worker_id=worker_id)
+    ctx["cancel_listener"] = asyncio.create_task(_listen_for_cancels(redis, runner))
+    ctx["heartbeat"] = asyncio.create_task(_heartbeat(redis, worker_id, settings, engine))
+    log.info(
+        "worker %s ready: model %s, capacity %d",
+        worker_id,
+        settings.served_model_name,
+        settings.model.max_batch,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    for name in ("heartbeat", "cancel_listener"):
+        task = ctx.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if "worker_id" in ctx:
+        with contextlib.suppress(Exception):
+            await ctx["redis"].delete(keys.worker_key(ctx["worker_id"]))
+    if "batcher" in ctx:
+        await ctx["batcher"].stop()
+    if "engine" in ctx:
+        await asyncio.to_thread(ctx["engine"].stop)
+    if "db" in ctx:
+        await ctx["db"].dispose()
+
+
+def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
+    redis_url, _ = settings.require_urls()
+    return Worker(
+        functions=[func(run_job, name=JOB_FUNCTION, max_tries=settings.worker.max_tries)],
+        queue_name=settings.queues.interactive,
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        max_jobs=settings.model.max_batch,
+        poll_delay=settings.worker.poll_delay,
+        job_timeout=settings.worker.job_timeout,
+        keep_result=0,
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx={"settings": settings},
+        burst=burst,
+        handle_signals=True,
+    )
+
+
+def run(settings: Settings) -> None:
+    build_worker(settings).run()

