@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,14 @@ def valkey(data_dir: Path | None) -> Iterator[str]:
     server = ValkeyServer(
         data_dir=data_dir, persist=data_dir is not None, appendonly="yes", appendfsync="everysec"
     )
-    server.start()
+    # Ctrl-C in a terminal signals the whole process group; the server must outlive the API and
+    # workers while they drain, so it starts with SIGINT blocked (the mask is inherited) and is
+    # stopped with SIGTERM when the stack is done.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        server.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     try:
         yield server.connection_url
     finally:

