@@ -34,7 +34,7 @@ def _torch_dtype(name: str, device: str) -> Any:
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:
