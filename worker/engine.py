@@ -142,6 +142,13 @@ class Engine:
         self._manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
         self._manager.start()
 
+    async def warmup(self) -> None:
+        """Run one tiny request so that the first real job does not pay for lazy initialisation."""
+        ids = self.tokenizer.encode("Hello", add_special_tokens=True)
+        handle = self.submit("inferq-warmup", list(ids), SamplingOptions(2, 0.0, 1.0, None))
+        while not (await handle.next()).finished:
+            pass
+
     @property
     def healthy(self) -> bool:
         return self._manager is not None and bool(self._manager.is_running())

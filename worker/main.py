@@ -92,6 +92,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     engine = Engine(model, tokenizer, settings.model)
     engine.start()
+    await engine.warmup()
     db = create_engine(settings.require_urls()[1], pool_size=4)
     await check_schema(db)
     batcher = EventBatcher(
