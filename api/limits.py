@@ -8,6 +8,50 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import BODY_TOO_LARGE
 
+# Up to this many bytes, an oversized body is read and dropped before the 413 goes out, so that the
+# client sees the answer instead of a connection reset in the middle of its upload.
+_DRAIN_LIMIT = 32 * 1024 * 1024
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+class _Body:
+    """Counts what the app reads of the request body and stops it past the limit."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.received = 0
+        self.done = False
+        self.too_large = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request":
+            self.done = True
+            return message
+        self.done = not message.get("more_body", False)
+        self.received += len(message.get("body", b""))
+        if self.received > self._limit:
+            self.too_large = True
+            raise _TooLarge
+        return message
+
+    async def drain(self) -> None:
+        while not self.done and self.received <= _DRAIN_LIMIT:
+            message = await self._receive()
+            self.received += len(message.get("body", b""))
+            self.done = message["type"] != "http.request" or not message.get("more_body", False)
+
 
 class BodySizeLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -25,16 +69,9 @@ class BodySizeLimit:
                 }
             }
         ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+            {"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]}
         )
         await send({"type": "http.response.body", "body": body})
 
@@ -42,39 +79,28 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._reject(send)
-                return
-        received = 0
-        too_large = False
-        forwarded = False
+        body = _Body(receive, self.max_bytes)
+        declared = _declared_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            body.received = declared if declared > _DRAIN_LIMIT else 0
+            await body.drain()
+            await self._reject(send)
+            return
 
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    too_large = True
-                    raise _TooLarge
-            return message
+        forwarded = False
 
         async def guarded_send(message: Message) -> None:
             nonlocal forwarded
-            if too_large:
+            if body.too_large:
                 return  # whatever the app made of the aborted body, the answer is 413
             forwarded = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            await self.app(scope, body.receive, guarded_send)
         except Exception:
-            if not too_large:
+            if not body.too_large:
                 raise
-        if too_large and not forwarded:
+        if body.too_large and not forwarded:
+            await body.drain()
             await self._reject(send)
-
-
-class _TooLarge(Exception):
-    pass

@@ -121,7 +121,10 @@ class Proc:
         self.log = self.log_dir / f"{self.args[0]}-{os.getpid()}-{id(self)}-{self.starts}.log"
         out = self.log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "inferq.cli", *self.args], env=self.env, cwd=REPO, stdout=out,
+            [sys.executable, "-m", "inferq.cli", *self.args],
+            env=self.env,
+            cwd=REPO,
+            stdout=out,
             stderr=subprocess.STDOUT,
         )
 
@@ -183,16 +186,21 @@ class Stack:
         self.wait_workers(1)
 
     def wait_workers(self, n: int, timeout: float = 120) -> None:
-        wait_for(lambda: live_workers(self.servers.redis_url) == n, timeout, f"{n} live worker(s)",
-                 [self.api] + ([self.worker] if n else []))
+        wait_for(
+            lambda: live_workers(self.servers.redis_url) == n,
+            timeout,
+            f"{n} live worker(s)",
+            [self.api] + ([self.worker] if n else []),
+        )
 
 
 @pytest.fixture(scope="session")
 def stack(servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("logs")
-    env = _env(servers, model_dir)
-    subprocess.run([sys.executable, "-m", "inferq.cli", "migrate"], env=env, cwd=REPO, check=True,
-                   capture_output=True)
+    env = _env(servers, model_dir, INFERQ_LIMITS__MAX_TOKENS="6000")
+    subprocess.run(
+        [sys.executable, "-m", "inferq.cli", "migrate"], env=env, cwd=REPO, check=True, capture_output=True
+    )
     port = _free_port()
     api = Proc(["api", "--port", str(port)], env, logs)
     worker = Proc(["worker", "--max-batch", "16"], env, logs)

@@ -39,7 +39,9 @@ async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 120)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
 
-async def wait_status(client: httpx.AsyncClient, job_id: str, status: str, timeout: float = 60) -> dict[str, Any]:
+async def wait_status(
+    client: httpx.AsyncClient, job_id: str, status: str, timeout: float = 60
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
@@ -49,11 +51,16 @@ async def wait_status(client: httpx.AsyncClient, job_id: str, status: str, timeo
     raise AssertionError(f"job {job_id} never became {status}")
 
 
-async def iter_sse(client: httpx.AsyncClient, job_id: str, headers: dict[str, str] | None = None,
-                   params: dict[str, Any] | None = None) -> Any:
+async def iter_sse(
+    client: httpx.AsyncClient,
+    job_id: str,
+    headers: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
     """Yield SseEvents of a job's stream until it ends."""
-    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, params=params,
-                             timeout=httpx.Timeout(60.0)) as resp:
+    async with client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", headers=headers, params=params, timeout=httpx.Timeout(60.0)
+    ) as resp:
         assert resp.status_code == 200, await resp.aread()
         assert resp.headers["content-type"].startswith("text/event-stream")
         fields: dict[str, str] = {}

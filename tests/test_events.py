@@ -1,4 +1,4 @@
-"""SSE: tokens equal the stored output, Last-Event-ID resumes exactly, finished jobs replay, one pub/sub link."""
+"""SSE: tokens equal the stored output, Last-Event-ID resumes exactly, finished jobs replay, one pub/sub."""
 
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ async def test_sse_of_a_finished_job_replays_everything(client: httpx.AsyncClien
     assert tokens_text(events) == job["output"]
 
 
-async def test_sse_replays_from_postgres_when_redis_events_expired(client: httpx.AsyncClient, stack: Stack) -> None:
+async def test_sse_replays_from_postgres_when_redis_events_expired(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
     created = await submit(client, messages=FRANCE, max_tokens=32, temperature=0)
     job = await wait_job(client, created["id"])
     r = aioredis.Redis.from_url(stack.servers.redis_url)

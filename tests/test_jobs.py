@@ -48,7 +48,9 @@ async def test_stop_string_ends_generation_and_is_not_in_output(client: httpx.As
 
 
 async def test_sampled_job_runs_with_top_p_top_k(client: httpx.AsyncClient) -> None:
-    created = await submit(client, messages=FRANCE, max_tokens=16, temperature=0.8, top_p=0.9, top_k=40, seed=3)
+    created = await submit(
+        client, messages=FRANCE, max_tokens=16, temperature=0.8, top_p=0.9, top_k=40, seed=3
+    )
     job = await wait_job(client, created["id"])
     assert job["status"] == "succeeded"
     assert job["output"]
@@ -57,7 +59,10 @@ async def test_sampled_job_runs_with_top_p_top_k(client: httpx.AsyncClient) -> N
 async def test_eight_concurrent_jobs_share_engine_steps(client: httpx.AsyncClient) -> None:
     prompts = [f"Count from 1 to {n} in words." for n in range(5, 13)]
     created = await asyncio.gather(
-        *(submit(client, messages=[{"role": "user", "content": p}], max_tokens=24, temperature=0) for p in prompts)
+        *(
+            submit(client, messages=[{"role": "user", "content": p}], max_tokens=24, temperature=0)
+            for p in prompts
+        )
     )
     jobs = await asyncio.gather(*(wait_job(client, c["id"]) for c in created))
     assert all(j["status"] == "succeeded" for j in jobs)
