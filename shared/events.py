@@ -7,11 +7,13 @@ Readers subscribe to the channel first, then read the stream, and drop any seq t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from shared import keys
 
@@ -64,31 +66,41 @@ class EventWriter:
 
     def __init__(self, redis: Redis, *, maxlen: int, ttl_seconds: int) -> None:
         self._redis = redis
-        self._script = redis.register_script(_PUBLISH_LUA)
+        self._sha = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
         self._maxlen = maxlen
         self._ttl_ms = ttl_seconds * 1000
 
-    def _args(self, job_id: str, event: str, data: dict[str, Any]) -> tuple[list[str], list[Any]]:
-        return [keys.events_stream(job_id)], [
+    def _args(self, job_id: str, event: str, data: dict[str, Any]) -> tuple[Any, ...]:
+        return (
+            self._sha,
+            1,
+            keys.events_stream(job_id),
             self._maxlen,
             self._ttl_ms,
             event,
             dumps(data),
             keys.live_channel(job_id),
-        ]
+        )
 
     async def publish(self, job_id: str, event: EventType, data: dict[str, Any]) -> int:
-        k, a = self._args(job_id, event, data)
-        return int(await self._script(keys=k, args=a))
+        return (await self.publish_many([(job_id, event, data)]))[0]
 
     async def publish_many(self, items: list[tuple[str, EventType, dict[str, Any]]]) -> list[int]:
+        """One round trip for all items (EVALSHA, loading the script once if the server lacks it)."""
         if not items:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for job_id, event, data in items:
-                k, a = self._args(job_id, event, data)
-                await self._script(keys=k, args=a, client=pipe)
-            return [int(s) for s in await pipe.execute()]
+        for _ in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id, event, data in items:
+                    pipe.evalsha(*self._args(job_id, event, data))
+                results = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                break
+            await self._redis.script_load(_PUBLISH_LUA)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return [int(s) for s in results]
 
 
 async def read_events(redis: Redis, job_id: str, after: int = 0, count: int | None = None) -> list[Event]:

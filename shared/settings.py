@@ -28,6 +28,9 @@ class ModelSettings(BaseModel):
     max_batch_tokens: int = Field(default=512, ge=16, description="Tokens per engine step (prefill chunk).")
     num_blocks: int | None = Field(default=None, description="KV-cache pages; None sizes them from memory.")
     page_size: int = Field(default=256, ge=16)
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch; None keeps its default."
+    )
 
 
 class LimitSettings(BaseModel):
@@ -47,6 +50,7 @@ class QueueSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     poll_delay: float = Field(default=0.005, gt=0, description="Seconds between queue polls when idle.")
+    busy_poll_delay: float = Field(default=0.05, ge=0, description="Extra wait between polls while jobs run.")
     job_timeout: int = Field(default=3600, ge=1)
     max_tries: int = Field(default=5, ge=1)
 

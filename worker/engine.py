@@ -18,6 +18,7 @@ from transformers.generation.continuous_batching.continuous_api import OutputRou
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from shared.settings import ModelSettings
+from worker.sampling import use_fast_processors
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +134,21 @@ class Engine:
             per_request_processors=True,
             max_requests_per_batch=self.settings.max_batch,
             max_batch_tokens=self.settings.max_batch_tokens,
-            num_blocks=self.settings.num_blocks,
+            num_blocks=self.settings.num_blocks or self._default_blocks(),
             page_size=self.settings.page_size,
         )
-        self._manager = self.model.init_continuous_batching(
-            generation_config=gen, continuous_batching_config=cb
-        )
-        self._manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
-        self._manager.start()
+        init = self.model.init_continuous_batching
+        manager = init(generation_config=gen, continuous_batching_config=cb)
+        if not str(self.model.device).startswith("cuda"):
+            use_fast_processors(manager.logit_processor)
+        manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
+        manager.start()
+        self._manager = manager
+
+    def _default_blocks(self) -> int | None:
+        # On a GPU transformers sizes the KV cache from free device memory. On a CPU that rule claims
+        # gigabytes of RAM; a shared pool of 4 blocks (1,024 tokens) per request slot is plenty there.
+        return None if str(self.model.device).startswith("cuda") else self.settings.max_batch * 4
 
     async def warmup(self) -> None:
         """Run one tiny request so that the first real job does not pay for lazy initialisation."""

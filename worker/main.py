@@ -137,9 +137,22 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["db"].dispose()
 
 
+class InferqWorker(Worker):
+    """arq's worker, polling fast when idle (a job starts within milliseconds) and slower while the
+    engine is busy, where each poll would only take CPU from the model and an engine step is far
+    longer than the poll anyway."""
+
+    busy_poll_delay: float = 0.05
+
+    async def _poll_iteration(self) -> None:
+        await super()._poll_iteration()
+        if self.job_counter > 0:
+            await asyncio.sleep(self.busy_poll_delay)
+
+
 def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
     redis_url, _ = settings.require_urls()
-    return Worker(
+    worker = InferqWorker(
         functions=[func(run_job, name=JOB_FUNCTION, max_tries=settings.worker.max_tries)],
         queue_name=settings.queues.interactive,
         redis_settings=RedisSettings.from_dsn(redis_url),
@@ -153,6 +166,8 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
         burst=burst,
         handle_signals=True,
     )
+    worker.busy_poll_delay = settings.worker.busy_poll_delay
+    return worker
 
 
 def run(settings: Settings) -> None:

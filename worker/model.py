@@ -42,6 +42,10 @@ def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    if model.threads:
+        import torch
+
+        torch.set_num_threads(model.threads)
     kwargs: dict[str, Any] = {"gguf_file": model.gguf_file} if model.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(

@@ -1,0 +1,1 @@
+"""Benchmarks of inferq against in-process baselines; results go to bench/RESULTS.md."""
