@@ -202,5 +202,14 @@ def jobs(
     console.print(table)
 
 
+def main() -> None:
+    try:
+        app()
+    except httpx.ConnectError as exc:
+        url = exc.request.url if exc._request is not None else "the API"
+        console.print(f"[red]cannot reach inferq at {url}:[/] {exc}. Is it running (`inferq up`)? Use --url.")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

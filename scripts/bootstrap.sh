@@ -8,9 +8,11 @@ EXTRAS=${1:-}
 stamp=".venv/.inferq-installed${EXTRAS:+-$EXTRAS}"
 want="$(cat pyproject.toml | sha256sum | cut -c1-16)-${TORCH_VERSION:-2.13.0}"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
-fi
+for s in "$stamp" .venv/.inferq-installed-dev; do  # a dev install also serves a plain one
+  if [ -f "$s" ] && [ "$(cat "$s")" = "$want" ]; then
+    exit 0
+  fi
+done
 step() { printf '\033[1m▸ %s\033[0m\n' "$*" >&2; }
 if [ ! -x .venv/bin/python ]; then
   step "creating .venv with $($PY --version)"
