@@ -11,6 +11,7 @@ from sqlalchemy import delete
 
 from api.errors import InvalidRequest, ServiceUnavailable
 from api.services import Services
+from shared import keys
 from shared.models import Job, new_job_id
 from shared.prompts import prompt_token_ids
 from shared.schemas import JobCreateRequest
@@ -18,7 +19,6 @@ from shared.states import JobStatus
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTION = "run_job"  # the arq function name the worker registers
 _TOKENIZE_IN_THREAD_CHARS = 20_000
 
 
@@ -89,7 +89,7 @@ async def submit_job(services: Services, req: JobCreateRequest) -> Job:
         session.add(job)
     try:
         await services.redis.enqueue_job(
-            JOB_FUNCTION, job.id, _job_id=job.id, _queue_name=services.settings.queues.interactive
+            keys.JOB_FUNCTION, job.id, _job_id=job.id, _queue_name=services.settings.queues.interactive
         )
     except (RedisError, OSError) as exc:
         # Not accepted, so not kept: the client gets 503 and retries.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 CANCEL_CHANNEL = "inferq:cancel"
+JOB_FUNCTION = "run_job"  # the arq function the API enqueues and the worker registers
 
 
 def events_stream(job_id: str) -> str:

@@ -26,8 +26,6 @@ from worker.publisher import EventBatcher
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTION = "run_job"
-
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> str:
     runner: JobRunner = ctx["runner"]
@@ -153,7 +151,7 @@ class InferqWorker(Worker):
 def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
     redis_url, _ = settings.require_urls()
     worker = InferqWorker(
-        functions=[func(run_job, name=JOB_FUNCTION, max_tries=settings.worker.max_tries)],
+        functions=[func(run_job, name=keys.JOB_FUNCTION, max_tries=settings.worker.max_tries)],
         queue_name=settings.queues.interactive,
         redis_settings=RedisSettings.from_dsn(redis_url),
         max_jobs=settings.model.max_batch,
