@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import events, health, jobs
+from api.routes import events, health, jobs, openai
 from api.services import open_services
 from shared import __version__
 from shared.schemas import ErrorResponse
@@ -42,4 +42,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(events.router)
+    app.include_router(openai.router)
     return app

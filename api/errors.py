@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -87,15 +88,19 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def _on_validation(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
+def describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """The message and `param` of the first of pydantic's validation errors."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        return envelope(400, INVALID_JSON, "invalid_request_error")
+        return INVALID_JSON, None
     param = _validation_param(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    message = f"{param}: {msg}" if param else msg
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def _on_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param = describe_validation(exc.errors())
     return envelope(400, message, "invalid_request_error", param=param)
 
 

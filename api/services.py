@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -33,6 +33,13 @@ class Services:
     events: EventWriter
     relay: RelayHub
     model: ModelInfo
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` past the request that started it (e.g. a cancel after the client left)."""
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
 
 def _load_model_info(settings: Settings) -> ModelInfo:
@@ -51,6 +58,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     db = create_engine(database_url)
     redis: ArqRedis | None = None
     relay: RelayHub | None = None
+    services: Services | None = None
     try:
         await check_schema(db)
         model = await asyncio.to_thread(_load_model_info, settings)
@@ -60,8 +68,11 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         events = EventWriter(
             redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
         )
-        yield Services(settings, db, session_factory(db), redis, events, relay, model)
+        services = Services(settings, db, session_factory(db), redis, events, relay, model)
+        yield services
     finally:
+        if services is not None and services.background:
+            await asyncio.wait(services.background, timeout=5)
         if relay is not None:
             await relay.stop()
         if redis is not None:

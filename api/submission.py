@@ -56,12 +56,21 @@ async def _count_prompt_tokens(services: Services, request: dict[str, Any], para
     return len(ids)
 
 
-async def submit_job(services: Services, req: JobCreateRequest) -> Job:
+async def prepare_job(
+    services: Services,
+    req: JobCreateRequest,
+    *,
+    default_max_tokens: int | None = None,
+    endpoint: str | None = None,
+) -> Job:
+    """Check a request against the limits and the model's context; the unsaved job that would run it."""
     _check_limits(services, req)
     limits = services.settings.limits
-    max_tokens = req.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
+    max_tokens = req.max_tokens or min(default_max_tokens or limits.default_max_tokens, limits.max_tokens)
     request = req.model_dump(exclude_none=True, exclude={"metadata"})
     request.update(model=services.model.name, max_tokens=max_tokens)
+    if endpoint is not None:
+        request["endpoint"] = endpoint
     param = "messages" if req.messages is not None else "prompt"
     prompt_tokens = await _count_prompt_tokens(services, request, param)
     if prompt_tokens > limits.max_prompt_tokens:
@@ -75,8 +84,7 @@ async def submit_job(services: Services, req: JobCreateRequest) -> Job:
             f"context of {context} tokens",
             param=param,
         )
-
-    job = Job(
+    return Job(
         id=new_job_id(),
         status=JobStatus.QUEUED.value,
         model=services.model.name,
@@ -85,6 +93,18 @@ async def submit_job(services: Services, req: JobCreateRequest) -> Job:
         prompt_tokens=prompt_tokens,
         attempts=0,
     )
+
+
+async def submit_job(
+    services: Services,
+    req: JobCreateRequest,
+    *,
+    default_max_tokens: int | None = None,
+    endpoint: str | None = None,
+) -> Job:
+    """Admit an interactive job: stored in Postgres first, then enqueued; 503 (and nothing kept) if
+    Redis refuses it."""
+    job = await prepare_job(services, req, default_max_tokens=default_max_tokens, endpoint=endpoint)
     async with services.sessions() as session, session.begin():
         session.add(job)
     try:

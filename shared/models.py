@@ -6,15 +6,35 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, DateTime, Float, Index, Integer, String, Text, func
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.states import JobStatus
+from shared.states import BatchStatus, JobStatus
 
 
 def new_job_id() -> str:
     return "job_" + secrets.token_hex(12)
+
+
+def new_file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(12)
 
 
 class Base(DeclarativeBase):
@@ -30,6 +50,7 @@ class Job(Base):
         CheckConstraint(f"status IN ({_STATUSES})", name="ck_jobs_status"),
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_status_created", "status", "created_at", "id"),
+        Index("ix_jobs_batch_line", "batch_id", "batch_line"),
     )
     __mapper_args__ = {"eager_defaults": True}  # created_at comes back from the INSERT
 
@@ -58,3 +79,64 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # Set for the jobs of a batch: which batch, which input line, and the line's custom_id.
+    batch_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("batches.id"))
+    batch_line: Mapped[int | None] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+
+
+_BATCH_STATUSES = ", ".join(f"'{s.value}'" for s in BatchStatus)
+
+
+class File(Base):
+    """An uploaded batch input, or a batch's output or error file; the bytes live in the row."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_created", "created_at", "id"),)
+    __mapper_args__ = {"eager_defaults": True}
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_file_id)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column("bytes", BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_BATCH_STATUSES})", name="ck_batches_status"),
+        Index("ix_batches_created", "created_at", "id"),
+        Index("ix_batches_status", "status"),
+    )
+    __mapper_args__ = {"eager_defaults": True}
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_batch_id)
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.VALIDATING.value)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40), ForeignKey("files.id"))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200))
+
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    # Lines refused at validation: they count as failed and go to the error file.
+    rejected: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB, nullable=True)
+    # Lines [0, fed) have been handed to the batch queue; the feeder moves it forward.
+    fed: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -53,6 +53,21 @@ class WorkerSettings(BaseModel):
     busy_poll_delay: float = Field(default=0.05, ge=0, description="Extra wait between polls while jobs run.")
     job_timeout: int = Field(default=3600, ge=1)
     max_tries: int = Field(default=5, ge=1)
+    interactive_reserve: int | None = Field(
+        default=None,
+        ge=0,
+        description="Engine slots batch jobs leave free for interactive ones; None means a quarter.",
+    )
+
+
+class BatchSettings(BaseModel):
+    max_file_bytes: int = Field(default=100_000_000, ge=1024, description="Largest upload to /v1/files.")
+    max_lines: int = Field(default=50_000, ge=1, description="Most requests in one batch input file.")
+    queue_target: int = Field(
+        default=256, ge=1, description="Batch jobs kept waiting in Redis; the feeder tops the queue up to it."
+    )
+    tick_seconds: float = Field(default=0.25, gt=0, description="How often the batch manager looks.")
+    max_errors_listed: int = Field(default=100, ge=1, description="Bad lines named when a file is refused.")
 
 
 class EventSettings(BaseModel):
@@ -69,12 +84,16 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     environment: str = Field(default="development", description="development or production.")
     log_level: str = "INFO"
+    cancel_on_disconnect: bool = Field(
+        default=True, description="Cancel the job when an OpenAI-route client disconnects before the end."
+    )
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     queues: QueueSettings = Field(default_factory=QueueSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     events: EventSettings = Field(default_factory=EventSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
 
     @property
     def model_path(self) -> str:

@@ -1,110 +1,30 @@
-"""`GET /v1/jobs/{id}/events`: a job's events as Server-Sent Events, resumable with Last-Event-ID.
-
-Order of work: subscribe to the live channel (confirmed), then read the backlog from the job's
-event stream, then relay live events, dropping every seq already sent. A gap in seqs, a relay
-reconnect, or a quiet spell re-reads the stream; if the stream is gone (expired) the job's final
-record in Postgres is replayed instead, so a finished job always replays and ends.
-"""
+"""`GET /v1/jobs/{id}/events`: a job's events as Server-Sent Events, resumable with Last-Event-ID."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import ServicesDep
 from api.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
-from api.relay import RESYNC
 from api.services import Services
-from shared.events import Event, dumps, read_events
-from shared.models import Job
-from shared.states import TERMINAL, JobStatus
+from api.streams import job_events as events_of
+from api.streams import load_job
+from shared.events import Event, dumps
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
-
-QUIET_RECHECK_SECONDS = 5.0
-
-
-async def _load_job(services: Services, job_id: str) -> Job | None:
-    # A fresh session each time: a stream outlives any request-scoped session.
-    async with services.sessions() as session:
-        return (await session.execute(select(Job).where(Job.id == job_id))).scalar_one_or_none()
-
-
-def _from_record(job: Job, after: int) -> list[Event]:
-    """The history of a finished job whose Redis events have expired, rebuilt from Postgres."""
-    usage = {
-        "prompt_tokens": job.prompt_tokens or 0,
-        "completion_tokens": job.completion_tokens or 0,
-        "total_tokens": (job.prompt_tokens or 0) + (job.completion_tokens or 0),
-    }
-    timings = {
-        "queue_ms": job.queue_ms,
-        "ttft_ms": job.ttft_ms,
-        "total_ms": job.total_ms,
-        "tokens_per_s": job.tokens_per_s,
-    }
-    history: list[Event] = [Event(1, "status", {"status": job.status, "worker_id": job.worker_id})]
-    if job.output:
-        history.append(Event(2, "token", {"index": 0, "text": job.output}))
-    seq = len(history) + 1
-    if job.status == JobStatus.FAILED.value:
-        history.append(
-            Event(seq, "error", {"type": job.error_type or "error", "message": job.error_message or ""})
-        )
-    else:
-        history.append(
-            Event(seq, "done", {"finish_reason": job.finish_reason, "usage": usage, "timings": timings})
-        )
-    return [e for e in history if e.seq > after]
 
 
 def _sse(event: Event) -> ServerSentEvent:
     return ServerSentEvent(data=dumps(event.data), event=event.event, id=str(event.seq))
 
 
-async def _stream(services: Services, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
-    sub = await services.relay.subscribe(job_id)
-    last = after
-    try:
-
-        async def backlog() -> list[Event]:
-            return await read_events(services.redis, job_id, after=last)
-
-        pending = await backlog()
-        if not pending and last == 0:
-            job = await _load_job(services, job_id)
-            if job is not None and JobStatus(job.status) in TERMINAL:
-                pending = _from_record(job, last)
-        while True:
-            for event in pending:
-                if event.seq <= last:
-                    continue
-                last = event.seq
-                yield _sse(event)
-                if event.is_end:
-                    return
-            pending = []
-            try:
-                item: Any = await asyncio.wait_for(sub.queue.get(), QUIET_RECHECK_SECONDS)
-            except TimeoutError:
-                item = RESYNC
-            if item is RESYNC:
-                pending = await backlog()
-                if not pending:
-                    job = await _load_job(services, job_id)
-                    if job is not None and JobStatus(job.status) in TERMINAL:
-                        # Finished, but its end never reached this stream (events expired or lost).
-                        pending = _from_record(job, 0)
-                        pending = [Event(last + 1, e.event, e.data) for e in pending if e.is_end]
-            elif isinstance(item, Event):
-                pending = await backlog() if item.seq > last + 1 else [item]
-    finally:
-        await services.relay.unsubscribe(sub)
+async def _sse_stream(services: Services, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    async for event in events_of(services, job_id, after):
+        yield _sse(event)
 
 
 @router.get(
@@ -121,7 +41,7 @@ async def job_events(
     after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
-    if await _load_job(services, job_id) is None:
+    if await load_job(services, job_id) is None:
         raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
     start = after or 0
     if last_event_id is not None and after is None:
@@ -131,7 +51,7 @@ async def job_events(
             )
         start = int(last_event_id)
     return EventSourceResponse(
-        _stream(services, job_id, start),
+        _sse_stream(services, job_id, start),
         ping=int(services.settings.events.ping_seconds),
         headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
     )

@@ -1,0 +1,220 @@
+"""Pydantic models of the OpenAI requests and responses inferq speaks (the subset it can honour).
+
+Unknown request fields are accepted and ignored, as OpenAI clients send many optional ones; fields
+whose meaning inferq cannot honour (`n > 1`, `logprobs`) are refused with a clear 400 instead of
+being silently dropped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.schemas import ChatMessage, JobCreateRequest, Usage
+
+N_UNSUPPORTED = "n > 1 is not supported: send n separate requests"
+LOGPROBS_UNSUPPORTED = "logprobs are not supported"
+NON_TEXT_CONTENT = "only text content parts are supported"
+TOOL_MESSAGES_UNSUPPORTED = "tool messages are not supported"
+PROMPT_SHAPE = "prompt must be a string or a list holding exactly one string"
+
+
+def _completion_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatCompletionMessageParam(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        if isinstance(value, list) and any(p.type != "text" or p.text is None for p in value):
+            raise ValueError(NON_TEXT_CONTENT)
+        return value
+
+    @field_validator("role")
+    @classmethod
+    def _no_tools(cls, value: str) -> str:
+        if value == "tool":
+            raise ValueError(TOOL_MESSAGES_UNSUPPORTED)
+        return value
+
+    def to_message(self) -> ChatMessage:
+        if isinstance(self.content, list):
+            text = "".join(p.text or "" for p in self.content)
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=text)  # type: ignore[arg-type]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="A model that a live worker serves (see GET /v1/models).")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1, description="Extension (as in vLLM): top-k sampling.")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int | None = Field(default=None, ge=1)
+    user: str | None = Field(default=None, max_length=256)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise ValueError(N_UNSUPPORTED)
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    def _job_fields(self, max_tokens: int | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "stop": self.stop,
+            "seed": self.seed,
+            "metadata": {"user": self.user} if self.user else None,
+        }
+        if self.temperature is not None:
+            fields["temperature"] = self.temperature
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Takes precedence over max_tokens."
+    )
+    logprobs: bool | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError(LOGPROBS_UNSUPPORTED)
+        return value
+
+    def to_job(self) -> JobCreateRequest:
+        return JobCreateRequest(
+            messages=[m.to_message() for m in self.messages],
+            **self._job_fields(self.max_completion_tokens or self.max_tokens),
+        )
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool | None = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError(PROMPT_SHAPE)
+        if (value if isinstance(value, str) else value[0]) == "":
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError(LOGPROBS_UNSUPPORTED)
+        return value
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_job(self) -> JobCreateRequest:
+        return JobCreateRequest(prompt=self.prompt_text, **self._job_fields(self.max_tokens))
+
+
+# Responses ---------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(default_factory=lambda: _completion_id("chatcmpl-"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str = Field(default_factory=lambda: _completion_id("cmpl-"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "inferq"
+    workers: int = Field(description="Live workers serving this model.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -1,0 +1,224 @@
+"""Running an OpenAI request as an inferq job: submit it, then wait for it or stream its tokens as chunks.
+
+Every OpenAI request is an ordinary job (same queue, workers, events and Postgres row); only the
+shape of the answer differs. Once a stream has sent 200, a failure travels as a `data: {"error"}`
+chunk (as OpenAI and vLLM do) and the stream still ends with `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import ValidationError
+from starlette.requests import Request
+
+from api.cancellation import cancel_job
+from api.errors import ApiError, InvalidRequest, describe_validation
+from api.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+)
+from api.services import Services
+from api.streams import job_events, load_job
+from api.submission import submit_job
+from shared.models import Job
+from shared.schemas import Usage
+from shared.states import FinishReason, JobStatus
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["chat", "completion"]
+ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+# OpenAI's own default for the legacy completions endpoint.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+JOB_CANCELLED = "job '{job_id}' was cancelled before it finished"
+JOB_FAILED = "job '{job_id}' failed: {message}"
+
+
+class JobFailed(ApiError):
+    status_code = 500
+    type = "server_error"
+
+
+class JobCancelled(ApiError):
+    status_code = 409
+    type = "cancelled_error"
+
+
+async def submit_openai(
+    services: Services, body: ChatCompletionRequest | CompletionRequest, kind: Kind
+) -> Job:
+    ignored = body.ignored_fields()
+    if ignored:
+        log.debug("ignoring unsupported fields of %s: %s", ENDPOINTS[kind], ", ".join(ignored))
+    try:
+        req = body.to_job()
+    except ValidationError as exc:
+        message, param = describe_validation(exc.errors())
+        raise InvalidRequest(message, param=param) from None
+    default = COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "completion" else None
+    return await submit_job(services, req, default_max_tokens=default, endpoint=ENDPOINTS[kind])
+
+
+def response_id(kind: Kind, job_id: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id.removeprefix("job_")
+
+
+def _usage(job: Job) -> Usage:
+    prompt, completion = job.prompt_tokens or 0, job.completion_tokens or 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def render(job: Job, kind: Kind) -> ChatCompletion | Completion:
+    """The OpenAI response object of a finished job; an error for a failed or cancelled one."""
+    if job.status == JobStatus.FAILED.value:
+        raise JobFailed(JOB_FAILED.format(job_id=job.id, message=job.error_message or job.error_type))
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise JobCancelled(JOB_CANCELLED.format(job_id=job.id))
+    reason: Any = "length" if job.finish_reason == FinishReason.LENGTH.value else "stop"
+    created = int(job.created_at.timestamp())
+    if kind == "chat":
+        return ChatCompletion(
+            id=response_id(kind, job.id),
+            created=created,
+            model=job.model,
+            choices=[ChatChoice(message=AssistantMessage(content=job.output or ""), finish_reason=reason)],
+            usage=_usage(job),
+        )
+    return Completion(
+        id=response_id(kind, job.id),
+        created=created,
+        model=job.model,
+        choices=[CompletionChoice(text=job.output or "", finish_reason=reason)],
+        usage=_usage(job),
+    )
+
+
+async def _quiet_cancel(services: Services, job_id: str) -> None:
+    with contextlib.suppress(ApiError):
+        await cancel_job(services, job_id)
+        log.info("job %s cancelled: its client disconnected", job_id)
+
+
+async def _wait_for_end(services: Services, job_id: str) -> None:
+    async for event in job_events(services, job_id):
+        if event.is_end:
+            return
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def wait_for_job(services: Services, job: Job, request: Request) -> Job | None:
+    """The finished job, or None when the client went away first (the job is then cancelled, if so set)."""
+    end = asyncio.create_task(_wait_for_end(services, job.id))
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait({end, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not end.done():
+            if services.settings.cancel_on_disconnect:
+                services.spawn(_quiet_cancel(services, job.id))
+            return None
+        end.result()
+    finally:
+        for task in (end, gone):
+            task.cancel()
+        await asyncio.gather(end, gone, return_exceptions=True)
+    finished = await load_job(services, job.id)
+    assert finished is not None
+    return finished
+
+
+def _error_chunk(message: str, type_: str) -> str:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": None}})
+
+
+class _Chunks:
+    """Builds the chunk objects of one streamed response."""
+
+    def __init__(self, kind: Kind, job: Job, include_usage: bool) -> None:
+        self.kind = kind
+        self.id = response_id(kind, job.id)
+        self.model = job.model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+
+    def _dump(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = usage
+        return json.dumps(chunk, separators=(",", ":"))
+
+    def text(self, text: str, finish_reason: str | None = None) -> str:
+        if self.kind == "chat":
+            delta = {"content": text} if text or finish_reason is None else {}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+        choice["logprobs"] = None
+        return self._dump([choice])
+
+    def role(self) -> str:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        return self._dump([{**choice, "logprobs": None}])
+
+    def usage(self, usage: dict[str, Any]) -> str:
+        return self._dump([], usage)
+
+
+async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bool) -> AsyncIterator[str]:
+    """The job's events as OpenAI chunks, then `[DONE]`. If the client leaves first, the job is cancelled
+    (when so configured)."""
+    chunks = _Chunks(kind, job, include_usage)
+    ended = False
+    sent = ""  # text already streamed
+    attempt = ""  # text of the current attempt; a restarted job starts over, and only new text goes out
+    try:
+        if kind == "chat":
+            yield chunks.role()
+        async for event in job_events(services, job.id):
+            if event.event == "status" and event.data.get("status") == JobStatus.QUEUED.value:
+                attempt = ""
+            elif event.event == "token":
+                attempt += event.data["text"]
+                if len(attempt) > len(sent):
+                    new, sent = attempt[len(sent) :], attempt
+                    yield chunks.text(new)
+            elif event.event == "done":
+                ended = True
+                reason = event.data.get("finish_reason")
+                if reason == FinishReason.CANCELLED.value:
+                    yield _error_chunk(JOB_CANCELLED.format(job_id=job.id), JobCancelled.type)
+                else:
+                    yield chunks.text("", "length" if reason == FinishReason.LENGTH.value else "stop")
+                    if include_usage:
+                        yield chunks.usage(event.data["usage"])
+                break
+            elif event.event == "error":
+                ended = True
+                message = JOB_FAILED.format(job_id=job.id, message=event.data.get("message", ""))
+                yield _error_chunk(message, JobFailed.type)
+                break
+        yield "[DONE]"
+    finally:
+        if not ended and services.settings.cancel_on_disconnect:
+            services.spawn(_quiet_cancel(services, job.id))

@@ -1,0 +1,103 @@
+"""OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from api.deps import ServicesDep
+from api.errors import NotFound
+from api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    Model,
+    ModelList,
+)
+from api.openai.serving import Kind, render, stream_job, submit_openai, wait_for_job
+from api.services import Services
+from api.workers import live_workers
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+JOB_HEADER = "x-inferq-job-id"
+MODEL_NOT_FOUND = "no live worker serves model '{model}'"
+
+
+async def _serve(
+    services: Services, body: ChatCompletionRequest | CompletionRequest, kind: Kind, request: Request
+) -> Response:
+    job = await submit_openai(services, body, kind)
+    headers = {JOB_HEADER: job.id}
+    if body.stream:
+        return EventSourceResponse(
+            stream_job(services, job, kind, body.include_usage),
+            ping=int(services.settings.events.ping_seconds),
+            headers={**headers, "X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+        )
+    finished = await wait_for_job(services, job, request)
+    if finished is None:
+        return Response(status_code=499, headers=headers)  # nobody is listening any more
+    return JSONResponse(render(finished, kind).model_dump(mode="json"), headers=headers)
+
+
+_STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "The response, or its chunks when `stream`."}
+}
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses=_STREAM_DOC,
+    summary="Create a chat completion (OpenAI-compatible)",
+)
+async def chat_completions(
+    body: Annotated[ChatCompletionRequest, Body()], services: ServicesDep, request: Request
+) -> Response:
+    return await _serve(services, body, "chat", request)
+
+
+@router.post(
+    "/completions",
+    response_model=Completion,
+    responses=_STREAM_DOC,
+    summary="Create a text completion (OpenAI-compatible)",
+)
+async def completions(
+    body: Annotated[CompletionRequest, Body()], services: ServicesDep, request: Request
+) -> Response:
+    return await _serve(services, body, "completion", request)
+
+
+async def _models(services: Services) -> list[Model]:
+    by_name: dict[str, Model] = {}
+    for worker in await live_workers(services.redis):
+        name = str(worker.get("model") or "")
+        if not name:
+            continue
+        started = int(worker.get("started_at") or 0)
+        model = by_name.get(name)
+        if model is None:
+            by_name[name] = Model(id=name, created=started, workers=1)
+        else:
+            model.workers += 1
+            model.created = min(model.created, started)
+    return sorted(by_name.values(), key=lambda m: m.id)
+
+
+@router.get("/models", response_model=ModelList, summary="List the models that live workers serve")
+async def list_models(services: ServicesDep) -> ModelList:
+    return ModelList(data=await _models(services))
+
+
+@router.get("/models/{model_id:path}", response_model=Model, summary="Get one served model")
+async def get_model(model_id: str, services: ServicesDep) -> Model:
+    for model in await _models(services):
+        if model.id == model_id:
+            return model
+    raise NotFound(MODEL_NOT_FOUND.format(model=model_id), param="model", code="model_not_found")

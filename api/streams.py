@@ -1,0 +1,98 @@
+"""A job's events, in order and without gaps, for every consumer: the SSE route, the OpenAI routes.
+
+Order of work: subscribe to the live channel (confirmed), then read the backlog from the job's
+event stream, then relay live events, dropping every seq already sent. A gap in seqs, a relay
+reconnect, or a quiet spell re-reads the stream; if the stream is gone (expired) the job's final
+record in Postgres is replayed instead, so a finished job always replays and ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import select
+
+from api.relay import RESYNC
+from api.services import Services
+from shared.events import Event, read_events
+from shared.models import Job
+from shared.states import TERMINAL, JobStatus
+
+QUIET_RECHECK_SECONDS = 5.0
+
+
+async def load_job(services: Services, job_id: str) -> Job | None:
+    # A fresh session each time: a stream outlives any request-scoped session.
+    async with services.sessions() as session:
+        return (await session.execute(select(Job).where(Job.id == job_id))).scalar_one_or_none()
+
+
+def from_record(job: Job, after: int) -> list[Event]:
+    """The history of a finished job whose Redis events have expired, rebuilt from Postgres."""
+    usage = {
+        "prompt_tokens": job.prompt_tokens or 0,
+        "completion_tokens": job.completion_tokens or 0,
+        "total_tokens": (job.prompt_tokens or 0) + (job.completion_tokens or 0),
+    }
+    timings = {
+        "queue_ms": job.queue_ms,
+        "ttft_ms": job.ttft_ms,
+        "total_ms": job.total_ms,
+        "tokens_per_s": job.tokens_per_s,
+    }
+    history: list[Event] = [Event(1, "status", {"status": job.status, "worker_id": job.worker_id})]
+    if job.output:
+        history.append(Event(2, "token", {"index": 0, "text": job.output}))
+    seq = len(history) + 1
+    if job.status == JobStatus.FAILED.value:
+        history.append(
+            Event(seq, "error", {"type": job.error_type or "error", "message": job.error_message or ""})
+        )
+    else:
+        history.append(
+            Event(seq, "done", {"finish_reason": job.finish_reason, "usage": usage, "timings": timings})
+        )
+    return [e for e in history if e.seq > after]
+
+
+async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIterator[Event]:
+    """Every event of a job after seq `after`, in order, ending with its `done` or `error`."""
+    sub = await services.relay.subscribe(job_id)
+    last = after
+    try:
+
+        async def backlog() -> list[Event]:
+            return await read_events(services.redis, job_id, after=last)
+
+        pending = await backlog()
+        if not pending and last == 0:
+            job = await load_job(services, job_id)
+            if job is not None and JobStatus(job.status) in TERMINAL:
+                pending = from_record(job, last)
+        while True:
+            for event in pending:
+                if event.seq <= last:
+                    continue
+                last = event.seq
+                yield event
+                if event.is_end:
+                    return
+            pending = []
+            try:
+                item: Any = await asyncio.wait_for(sub.queue.get(), QUIET_RECHECK_SECONDS)
+            except TimeoutError:
+                item = RESYNC
+            if item is RESYNC:
+                pending = await backlog()
+                if not pending:
+                    job = await load_job(services, job_id)
+                    if job is not None and JobStatus(job.status) in TERMINAL:
+                        # Finished, but its end never reached this stream (events expired or lost).
+                        pending = from_record(job, 0)
+                        pending = [Event(last + 1, e.event, e.data) for e in pending if e.is_end]
+            elif isinstance(item, Event):
+                pending = await backlog() if item.seq > last + 1 else [item]
+    finally:
+        await services.relay.unsubscribe(sub)
