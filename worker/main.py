@@ -9,10 +9,11 @@ import logging
 import os
 import socket
 import time
+from signal import Signals
 from typing import Any
 
 from arq.connections import RedisSettings
-from arq.worker import Worker, func
+from arq.worker import Function, Worker, func
 from redis.asyncio import Redis
 
 from shared import keys
@@ -136,16 +137,64 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 class InferqWorker(Worker):
-    """arq's worker, polling fast when idle (a job starts within milliseconds) and slower while the
-    engine is busy, where each poll would only take CPU from the model and an engine step is far
-    longer than the poll anyway."""
+    """arq's worker with two lanes and faster polling.
+
+    The interactive queue is this worker's own; batch jobs come from a second arq Worker (the batch
+    lane) that shares its Redis pool, context and job function. The lane takes a batch job only when
+    the interactive lane has free slots left after its poll (so no interactive job is waiting) and
+    leaves `interactive_reserve` engine slots free, so an interactive job arriving while a batch runs
+    joins the engine at its next step instead of waiting for batch jobs to finish.
+
+    It polls fast when idle (a job starts within milliseconds) and slower while the engine is busy,
+    where each poll would only take CPU from the model and an engine step is far longer anyway.
+    """
 
     busy_poll_delay: float = 0.05
+    batch_queue: str | None = None
+    batch_capacity: int = 0
+    batch_lane: Worker | None = None
+
+    def _lane(self) -> Worker:
+        if self.batch_lane is None:
+            assert self.batch_queue is not None
+            self.batch_lane = Worker(
+                functions=[f for f in self.functions.values() if isinstance(f, Function)],
+                queue_name=self.batch_queue,
+                redis_pool=self.pool,
+                max_jobs=max(self.batch_capacity, 1),
+                job_timeout=self.job_timeout_s,
+                keep_result=0,
+                ctx=self.ctx,
+                handle_signals=False,
+                health_check_interval=self.health_check_interval,
+            )
+        return self.batch_lane
 
     async def _poll_iteration(self) -> None:
         await super()._poll_iteration()
-        if self.job_counter > 0:
+        if self.batch_queue is not None and self.batch_capacity > 0:
+            lane = self._lane()
+            room = self.batch_capacity - lane.job_counter - self.job_counter
+            # With free interactive slots after the poll, no interactive job is waiting for this worker.
+            lane.allow_pick_jobs = self.allow_pick_jobs and room > 0 and self.job_counter < self.max_jobs
+            if lane.allow_pick_jobs:
+                lane.max_jobs = lane.job_counter + room
+            await lane._poll_iteration()
+        if self.job_counter > 0 or (self.batch_lane is not None and self.batch_lane.job_counter > 0):
             await asyncio.sleep(self.busy_poll_delay)
+
+    def handle_sig(self, signum: Signals) -> None:
+        if self.batch_lane is not None:
+            self.batch_lane.allow_pick_jobs = False
+            for task in self.batch_lane.tasks.values():
+                if not task.done():
+                    task.cancel()  # the job runner hands the job back to the batch queue
+        super().handle_sig(signum)
+
+    async def close(self) -> None:
+        if self.batch_lane is not None:
+            await asyncio.gather(*self.batch_lane.tasks.values(), return_exceptions=True)
+        await super().close()
 
 
 def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
@@ -165,6 +214,11 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
         handle_signals=True,
     )
     worker.busy_poll_delay = settings.worker.busy_poll_delay
+    reserve = settings.worker.interactive_reserve
+    if reserve is None:
+        reserve = max(1, settings.model.max_batch // 4)
+    worker.batch_queue = settings.queues.batch
+    worker.batch_capacity = max(settings.model.max_batch - reserve, 0)
     return worker
 
 
