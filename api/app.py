@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,8 +11,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from api import errors
+from api.batches.manager import BatchManager
 from api.limits import BodySizeLimit
-from api.routes import events, health, jobs, openai
+from api.routes import batches, events, files, health, jobs, openai
 from api.services import open_services
 from shared import __version__
 from shared.schemas import ErrorResponse
@@ -23,7 +26,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with open_services(settings) as services:
-            yield {"services": services}
+            manager = BatchManager(services)
+            task = asyncio.create_task(manager.run(), name="inferq-batch-manager")
+            try:
+                yield {"services": services}
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await manager.stop()
 
     app = FastAPI(
         title="inferq",
@@ -38,9 +49,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.limits.max_body_bytes,
+        # Uploads may be far larger than a request body; room for the multipart framing too.
+        overrides={"/v1/files": settings.batches.max_file_bytes + 1_000_000},
+    )
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(openai.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     return app

@@ -56,16 +56,25 @@ async def _drop_from_queue(services: Services, job_id: str) -> None:
     with contextlib.suppress(Exception):
         async with services.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(services.settings.queues.interactive, job_id)
+            pipe.zrem(services.settings.queues.batch, job_id)
             pipe.delete(_ARQ_JOB_KEY + job_id)
             await pipe.execute()
+
+
+async def signal_cancel(services: Services, job_ids: list[str]) -> None:
+    """Tell whichever worker runs these jobs to stop them. The flag covers a worker that claims a job
+    after the message went out."""
+    async with services.redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.set(keys.cancel_flag(job_id), "1", ex=services.settings.events.ttl_seconds)
+            pipe.publish(keys.CANCEL_CHANNEL, job_id)
+        await pipe.execute()
 
 
 async def _cancel_running(services: Services, job_id: str) -> tuple[Job, bool]:
     sub = await services.relay.subscribe(job_id)
     try:
-        # The flag covers a worker that claims the job after this message went out.
-        await services.redis.set(keys.cancel_flag(job_id), "1", ex=services.settings.events.ttl_seconds)
-        await services.redis.publish(keys.CANCEL_CHANNEL, job_id)
+        await signal_cancel(services, [job_id])
         deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_SECONDS
         while True:
             remaining = deadline - asyncio.get_running_loop().time()

@@ -54,15 +54,16 @@ class _Body:
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.overrides = overrides or {}
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, limit: int) -> None:
         body = json.dumps(
             {
                 "error": {
-                    "message": BODY_TOO_LARGE.format(limit=self.max_bytes),
+                    "message": BODY_TOO_LARGE.format(limit=limit),
                     "type": "invalid_request_error",
                     "param": None,
                     "code": "payload_too_large",
@@ -79,12 +80,13 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = _Body(receive, self.max_bytes)
+        limit = self.overrides.get(scope.get("path", ""), self.max_bytes)
+        body = _Body(receive, limit)
         declared = _declared_length(scope)
-        if declared is not None and declared > self.max_bytes:
+        if declared is not None and declared > limit:
             body.received = declared if declared > _DRAIN_LIMIT else 0
             await body.drain()
-            await self._reject(send)
+            await self._reject(send, limit)
             return
 
         forwarded = False
@@ -103,4 +105,4 @@ class BodySizeLimit:
                 raise
         if body.too_large and not forwarded:
             await body.drain()
-            await self._reject(send)
+            await self._reject(send, limit)

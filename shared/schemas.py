@@ -116,6 +116,8 @@ class JobResponse(BaseModel):
     )
     error: JobError | None
     metadata: dict[str, Any] | None
+    batch_id: str | None = Field(default=None, description="The batch this job runs a line of.")
+    custom_id: str | None = Field(default=None, description="That line's custom_id.")
     urls: JobUrls
 
 

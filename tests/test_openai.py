@@ -24,7 +24,10 @@ async def test_openai_chat_non_stream_answers_and_records_a_job(
     oai: AsyncOpenAI, client: httpx.AsyncClient
 ) -> None:
     raw = await oai.chat.completions.with_raw_response.create(
-        model=MODEL, messages=FRANCE, max_tokens=20, temperature=0  # type: ignore[arg-type]
+        model=MODEL,
+        messages=FRANCE,
+        max_tokens=20,
+        temperature=0,  # type: ignore[arg-type]
     )
     completion = raw.parse()
     job_id = raw.headers["x-inferq-job-id"]
@@ -32,7 +35,9 @@ async def test_openai_chat_non_stream_answers_and_records_a_job(
     assert completion.object == "chat.completion"
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert completion.usage is not None and completion.usage.completion_tokens > 0
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert (
+        completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
 
     job = await wait_job(client, job_id)
     assert job["status"] == "succeeded"
@@ -77,7 +82,9 @@ async def test_openai_chat_stream_deltas_equal_stored_output(
 
 
 async def test_openai_completions_stream_and_non_stream(oai: AsyncOpenAI) -> None:
-    done = await oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    done = await oai.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert done.object == "text_completion"
     assert done.choices[0].text
     assert done.usage is not None and done.usage.completion_tokens <= 8

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from api.cancellation import cancel_job
 from api.errors import ApiError, InvalidRequest, describe_validation
 from api.openai.protocol import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["chat", "completion"]
 ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
-# OpenAI's own default for the legacy completions endpoint.
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 JOB_CANCELLED = "job '{job_id}' was cancelled before it finished"
 JOB_FAILED = "job '{job_id}' failed: {message}"
 

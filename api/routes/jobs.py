@@ -49,12 +49,15 @@ async def get_job(job_id: str, session: SessionDep) -> JobResponse:
 async def list_jobs(
     session: SessionDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    batch_id: Annotated[str | None, Query(description="Only the jobs of this batch.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
 ) -> JobListResponse:
     stmt = select(Job)
     if status_ is not None:
         stmt = stmt.where(Job.status == status_.value)
+    if batch_id is not None:
+        stmt = stmt.where(Job.batch_id == batch_id)
     if after is not None:
         cursor = (await session.execute(select(Job.created_at, Job.id).where(Job.id == after))).one_or_none()
         if cursor is None:

@@ -1,0 +1,107 @@
+"""`/v1/batches`: offline batches in OpenAI's Batch API shape; the batch manager does the work."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+from sqlalchemy import func, select, tuple_, update
+
+from api.batches.records import batch_object, job_counts
+from api.deps import SessionDep
+from api.errors import Conflict, InvalidRequest, NotFound
+from api.openai.protocol import BatchCreateRequest, BatchList, BatchObject
+from shared.models import Batch, File
+from shared.states import BATCH_TERMINAL, BatchStatus
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+BATCH_NOT_FOUND = "no batch with id '{batch_id}'"
+BATCH_FINISHED = "batch '{batch_id}' is already {status} and cannot be cancelled"
+WINDOWS = {"24h": timedelta(hours=24)}
+
+
+async def _object(session: SessionDep, batch: Batch) -> BatchObject:
+    counts = await job_counts(session, [batch.id])
+    return batch_object(batch, counts.get(batch.id, {}))
+
+
+async def _get(session: SessionDep, batch_id: str) -> Batch:
+    batch = await session.get(Batch, batch_id)
+    if batch is None:
+        raise NotFound(BATCH_NOT_FOUND.format(batch_id=batch_id), param="batch_id")
+    return batch
+
+
+@router.post("", response_model=BatchObject, summary="Create a batch from an uploaded JSONL file")
+async def create_batch(body: Annotated[BatchCreateRequest, Body()], session: SessionDep) -> BatchObject:
+    async with session.begin():
+        file = await session.get(File, body.input_file_id)
+        if file is None or file.purpose != "batch":
+            raise InvalidRequest(f"no batch input file with id '{body.input_file_id}'", param="input_file_id")
+        batch = Batch(
+            endpoint=body.endpoint,
+            input_file_id=file.id,
+            completion_window=body.completion_window,
+            metadata_=body.metadata,
+            expires_at=func.now() + WINDOWS[body.completion_window],
+        )
+        session.add(batch)
+    await session.refresh(batch)
+    return batch_object(batch, {})
+
+
+@router.get("/{batch_id}", response_model=BatchObject, summary="Get a batch, with live request counts")
+async def get_batch(batch_id: str, session: SessionDep) -> BatchObject:
+    return await _object(session, await _get(session, batch_id))
+
+
+@router.get("", response_model=BatchList, summary="List batches, newest first")
+async def list_batches(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="Id of the last batch of the previous page.")] = None,
+) -> BatchList:
+    stmt = select(Batch)
+    if after is not None:
+        cursor = (
+            await session.execute(select(Batch.created_at, Batch.id).where(Batch.id == after))
+        ).one_or_none()
+        if cursor is None:
+            raise InvalidRequest(f"'after' names no batch: '{after}'", param="after")
+        stmt = stmt.where(tuple_(Batch.created_at, Batch.id) < tuple_(cursor.created_at, cursor.id))
+    batches = list(
+        (
+            await session.execute(stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
+        ).scalars()
+    )
+    page = batches[:limit]
+    counts = await job_counts(session, [b.id for b in page])
+    return BatchList(
+        data=[batch_object(b, counts.get(b.id, {})) for b in page],
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(batches) > limit,
+    )
+
+
+@router.post(
+    "/{batch_id}/cancel", response_model=BatchObject, summary="Cancel a batch; finished results are kept"
+)
+async def cancel_batch(batch_id: str, session: SessionDep) -> BatchObject:
+    async with session.begin():
+        batch = await _get(session, batch_id)
+        status = BatchStatus(batch.status)
+        if status in BATCH_TERMINAL or status is BatchStatus.FINALIZING:
+            raise Conflict(BATCH_FINISHED.format(batch_id=batch_id, status=status.value), param="batch_id")
+        await session.execute(
+            update(Batch)
+            .where(
+                Batch.id == batch_id,
+                Batch.status.in_([BatchStatus.VALIDATING.value, BatchStatus.IN_PROGRESS.value]),
+            )
+            .values(status=BatchStatus.CANCELLING.value, cancelling_at=func.now())
+        )
+    await session.refresh(batch)
+    return await _object(session, batch)
