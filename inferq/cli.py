@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from inferq import batch_cli
 from shared.settings import Settings, get_settings
 
 app = typer.Typer(help="inferq: queue-backed LLM inference jobs.", no_args_is_help=True, add_completion=False)
@@ -200,6 +201,9 @@ def jobs(
             (j.get("output") or "")[:40].replace("\n", " "),
         )
     console.print(table)
+
+
+app.command("batch")(batch_cli.batch)
 
 
 def main() -> None:
