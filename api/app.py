@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,8 +11,11 @@ from fastapi import FastAPI
 
 from api import errors
 from api.batches.manager import BatchManager
+from api.duties import Duty, run_duty
 from api.limits import BodySizeLimit
-from api.routes import batches, events, files, health, jobs, openai
+from api.reaper import Reaper
+from api.reconcile import Reconciler
+from api.routes import batches, events, files, health, jobs, openai, workers
 from api.services import open_services
 from shared import __version__
 from shared.schemas import ErrorResponse
@@ -26,15 +28,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with open_services(settings) as services:
-            manager = BatchManager(services)
-            task = asyncio.create_task(manager.run(), name="inferq-batch-manager")
+            duties: list[Duty] = [BatchManager(services), Reaper(services), Reconciler(services)]
+            tasks = [asyncio.create_task(run_duty(services, d), name=f"inferq-{d.name}") for d in duties]
             try:
                 yield {"services": services}
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await manager.stop()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     app = FastAPI(
         title="inferq",
@@ -61,4 +62,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(workers.router)
     return app

@@ -203,6 +203,35 @@ def jobs(
     console.print(table)
 
 
+@app.command()
+def workers(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw registry entries.")] = False,
+    url: UrlOpt = "http://127.0.0.1:8000",
+) -> None:
+    """List live workers: device, model, load and throughput."""
+    resp = httpx.get(f"{url}/v1/workers", timeout=10)
+    if resp.status_code != 200:
+        _fail(resp)
+    data = resp.json()["data"]
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    table = Table("id", "model", "device", "running", "tokens/s", "state", "up")
+    now = time.time()
+    for w in data:
+        up_s = int(now - w["started_at"])
+        table.add_row(
+            w["id"],
+            w["model"],
+            w["device"],
+            f"{w['running']}/{w['capacity']}",
+            f"{w['tokens_per_s']:.1f}",
+            "draining" if w["draining"] else "serving",
+            f"{up_s // 3600}h{up_s % 3600 // 60:02d}m{up_s % 60:02d}s",
+        )
+    console.print(table if data else "no live workers")
+
+
 app.command("batch")(batch_cli.batch)
 
 

@@ -89,15 +89,32 @@ def _wait_ready(
     raise RuntimeError("the stack did not become ready in 10 minutes")
 
 
-def _stop_children(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+def _signal_all(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
     deadline = time.monotonic() + grace
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+
+def _stop_children(procs: list[subprocess.Popen[bytes]], drain: float) -> None:
+    """SIGTERM: workers drain (finish held jobs for up to `drain` seconds, then hand the rest back).
+    Ctrl-C again: a second SIGTERM, and workers hand their jobs back at once."""
+    _signal_all(procs)
+    if drain > 0 and any(p.poll() is None for p in procs):
+        console.print(f"[dim]workers finish their jobs (up to {drain:.0f}s); Ctrl-C again to stop now[/]")
+    try:
+        _wait_all(procs, drain + 10)
+    except (KeyboardInterrupt, _Stop):
+        _signal_all(procs)
+        _wait_all(procs, 15)
+    for p in procs:
         if p.poll() is None:
             p.kill()
             p.wait()
@@ -166,4 +183,4 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
             console.print("\n[bold]stopping…[/]")
             return 0
         finally:
-            _stop_children(procs, grace=30)
+            _stop_children(procs, drain=settings.worker.drain_seconds)

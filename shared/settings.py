@@ -52,11 +52,33 @@ class WorkerSettings(BaseModel):
     poll_delay: float = Field(default=0.005, gt=0, description="Seconds between queue polls when idle.")
     busy_poll_delay: float = Field(default=0.05, ge=0, description="Extra wait between polls while jobs run.")
     job_timeout: int = Field(default=3600, ge=1)
-    max_tries: int = Field(default=5, ge=1)
+    max_tries: int = Field(
+        default=50, ge=1, description="arq's own cap on starts of one job; max_attempts is the real limit."
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Starts of a job before a lost worker fails it with worker_lost."
+    )
+    drain_seconds: float = Field(
+        default=60.0, ge=0, description="On SIGTERM, how long held jobs may run before they are requeued."
+    )
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    dead_after_missed: int = Field(default=3, ge=1, description="Missed heartbeats that make a worker dead.")
     interactive_reserve: int | None = Field(
         default=None,
         ge=0,
         description="Engine slots batch jobs leave free for interactive ones; None means a quarter.",
+    )
+
+
+class FleetSettings(BaseModel):
+    """What the API processes do for the worker fleet (one process at a time, under a Redis lease)."""
+
+    reaper_seconds: float = Field(default=1.0, gt=0, description="How often dead workers' jobs are sought.")
+    reconcile_seconds: float = Field(
+        default=60.0, gt=0, description="How often queued jobs missing from Redis are re-enqueued."
+    )
+    reconcile_grace_seconds: float = Field(
+        default=10.0, ge=0, description="Younger queued jobs may still be on their way to Redis."
     )
 
 
@@ -94,6 +116,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     events: EventSettings = Field(default_factory=EventSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
 
     @property
     def model_path(self) -> str:

@@ -177,35 +177,47 @@ class Stack:
     servers: Servers
     base_url: str
     api: Proc
-    worker: Proc
+    workers: list[Proc]
+
+    @property
+    def worker(self) -> Proc:
+        return self.workers[0]
 
     def restart_worker(self, sig: int = signal.SIGTERM) -> None:
+        live = live_workers(self.servers.redis_url)
         self.worker.stop(sig)
-        self.wait_workers(0)
+        self.wait_workers(live - 1)
         self.worker.start()
-        self.wait_workers(1)
+        self.wait_workers(live)
 
     def wait_workers(self, n: int, timeout: float = 120) -> None:
         wait_for(
             lambda: live_workers(self.servers.redis_url) == n,
             timeout,
             f"{n} live worker(s)",
-            [self.api] + ([self.worker] if n else []),
+            [self.api] + ([w for w in self.workers if w.alive] if n else []),
         )
 
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.api.stop()
 
-@pytest.fixture(scope="session")
-def stack(servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    logs = tmp_path_factory.mktemp("logs")
-    env = _env(servers, model_dir, INFERQ_LIMITS__MAX_TOKENS="6000")
+
+def launch(
+    servers: Servers, model_dir: Path, logs: Path, *, workers: int = 1, max_batch: int = 16, **env_extra: str
+) -> Stack:
+    """Migrate, then start an API and `workers` worker processes against `servers`; wait until all serve."""
+    env = _env(servers, model_dir, **env_extra)
     subprocess.run(
         [sys.executable, "-m", "inferq.cli", "migrate"], env=env, cwd=REPO, check=True, capture_output=True
     )
     port = _free_port()
     api = Proc(["api", "--port", str(port)], env, logs)
-    worker = Proc(["worker", "--max-batch", "16"], env, logs)
+    procs = [Proc(["worker", "--max-batch", str(max_batch)], env, logs) for _ in range(workers)]
     api.start()
-    worker.start()
+    for w in procs:
+        w.start()
     base = f"http://127.0.0.1:{port}"
 
     def api_ready() -> bool:
@@ -213,14 +225,30 @@ def stack(servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFa
             return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
         return False
 
+    s = Stack(servers, base, api, procs)
     try:
         wait_for(api_ready, 120, "the API", [api])
-        s = Stack(servers, base, api, worker)
-        s.wait_workers(1)
+        s.wait_workers(workers)
+    except BaseException:
+        s.stop()
+        raise
+    return s
+
+
+@pytest.fixture(scope="session")
+def stack(servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # A SIGTERMed worker hands its jobs back at once here; draining is tested on a stack of its own.
+    s = launch(
+        servers,
+        model_dir,
+        tmp_path_factory.mktemp("logs"),
+        INFERQ_LIMITS__MAX_TOKENS="6000",
+        INFERQ_WORKER__DRAIN_SECONDS="0",
+    )
+    try:
         yield s
     finally:
-        worker.stop()
-        api.stop()
+        s.stop()
 
 
 @pytest.fixture

@@ -7,11 +7,13 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+from arq.worker import Retry
 from redis.asyncio import Redis
 from sqlalchemy import func, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared import keys
@@ -23,6 +25,10 @@ from worker.engine import Engine, RequestHandle, SamplingOptions
 from worker.publisher import EventBatcher
 
 log = logging.getLogger(__name__)
+
+# Postgres being unreachable: the worker waits for it rather than lose a result.
+DB_DOWN = (OperationalError, DBAPIError, OSError)
+WRITE_BACKOFF_MAX_SECONDS = 5.0
 
 
 @dataclass
@@ -64,7 +70,11 @@ class JobRunner:
         self.running: dict[str, _Run] = {}
 
     async def run(self, job_id: str) -> str:
-        claim = await self._claim(job_id)
+        try:
+            claim = await self._claim(job_id)
+        except DB_DOWN as exc:
+            log.warning("cannot claim job %s, Postgres is unreachable (%s); retrying in 1s", job_id, exc)
+            raise Retry(defer=1) from None
         if claim is None:
             log.info("job %s is not queued any more; skipped", job_id)
             return "skipped"
@@ -190,7 +200,7 @@ class JobRunner:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "peak_batch_size": run.peak_batch or None,
-            "finished_at": func.clock_timestamp(),
+            "finished_at": datetime.now(UTC),
             **timings,
         }
         if not await self._write_final(run, values):
@@ -208,7 +218,8 @@ class JobRunner:
         return status.value
 
     async def _write_final(self, run: _Run, values: dict[str, Any]) -> bool:
-        """The one result write: only the attempt that still owns the running job may make it."""
+        """The one result write: only the attempt that still owns the running job may make it.
+        While Postgres is unreachable it is retried with backoff, for as long as it takes."""
         stmt = (
             update(Job)
             .where(
@@ -216,16 +227,25 @@ class JobRunner:
             )
             .values(**values)
         )
-        async with self.sessions() as session, session.begin():
-            result = await session.execute(stmt)
-        return bool(getattr(result, "rowcount", 0))
+        delay = 0.25
+        while True:
+            try:
+                async with self.sessions() as session, session.begin():
+                    result = await session.execute(stmt)
+                return bool(getattr(result, "rowcount", 0))
+            except DB_DOWN as exc:
+                log.warning(
+                    "result of job %s not written, Postgres unreachable (%s); retrying", run.job_id, exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WRITE_BACKOFF_MAX_SECONDS)
 
     async def _fail(self, run: _Run, error_type: str, message: str) -> None:
         values = {
             "status": JobStatus.FAILED.value,
             "error_type": error_type,
             "error_message": message[:2000],
-            "finished_at": func.clock_timestamp(),
+            "finished_at": datetime.now(UTC),
         }
         with contextlib.suppress(Exception):
             if await self._write_final(run, values):

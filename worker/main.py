@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -15,6 +14,7 @@ from typing import Any
 from arq.connections import RedisSettings
 from arq.worker import Function, Worker, func
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared import keys
 from shared.db import check_schema, create_engine, session_factory
@@ -24,6 +24,7 @@ from worker.engine import Engine
 from worker.jobs import JobRunner
 from worker.model import load_model
 from worker.publisher import EventBatcher
+from worker.registry import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +55,6 @@ async def _listen_for_cancels(redis: Redis, runner: JobRunner) -> None:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-HEARTBEAT_SECONDS = 1.0
-HEARTBEAT_TTL_SECONDS = 5
-
-
-async def _heartbeat(redis: Redis, worker_id: str, settings: Settings, engine: Engine) -> None:
-    """A short-lived key per live worker: who it is, what it serves, how busy its engine is."""
-    started = time.time()
-    while True:
-        info = {
-            "id": worker_id,
-            "host": socket.gethostname(),
-            "device": settings.model.device,
-            "model": settings.served_model_name,
-            "capacity": settings.model.max_batch,
-            "running": engine.stats.active,
-            "steps": engine.stats.steps,
-            "tokens": engine.stats.tokens,
-            "peak_batch_size": engine.stats.peak_batch_size,
-            "started_at": started,
-        }
-        try:
-            await redis.set(keys.worker_key(worker_id), json.dumps(info), ex=HEARTBEAT_TTL_SECONDS)
-        except Exception as exc:
-            log.warning("heartbeat failed: %s", exc)
-        await asyncio.sleep(HEARTBEAT_SECONDS)
-
-
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis: Redis = ctx["redis"]
@@ -107,9 +81,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         worker_id=worker_id,
         default_max_tokens=settings.limits.default_max_tokens,
     )
-    ctx.update(engine=engine, db=db, batcher=batcher, runner=runner, worker_id=worker_id)
+    heartbeat = Heartbeat(redis, worker_id, settings, engine, runner)
+    await heartbeat.beat()
+    heartbeat.start()
+    ctx.update(engine=engine, db=db, batcher=batcher, runner=runner, worker_id=worker_id, heartbeat=heartbeat)
     ctx["cancel_listener"] = asyncio.create_task(_listen_for_cancels(redis, runner))
-    ctx["heartbeat"] = asyncio.create_task(_heartbeat(redis, worker_id, settings, engine))
     log.info(
         "worker %s ready: model %s, capacity %d",
         worker_id,
@@ -119,15 +95,13 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    for name in ("heartbeat", "cancel_listener"):
-        task = ctx.get(name)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if "worker_id" in ctx:
-        with contextlib.suppress(Exception):
-            await ctx["redis"].delete(keys.worker_key(ctx["worker_id"]))
+    task = ctx.get("cancel_listener")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if "heartbeat" in ctx:
+        await ctx["heartbeat"].stop()
     if "batcher" in ctx:
         await ctx["batcher"].stop()
     if "engine" in ctx:
@@ -171,6 +145,16 @@ class InferqWorker(Worker):
         return self.batch_lane
 
     async def _poll_iteration(self) -> None:
+        try:
+            await self._poll_lanes()
+        except (RedisError, OSError) as exc:
+            # Redis is away: the engine keeps generating what it holds; polling resumes when it is back.
+            log.warning("queue poll failed (%s); retrying in 1s", exc)
+            await asyncio.sleep(1.0)
+        if self.job_counter > 0 or (self.batch_lane is not None and self.batch_lane.job_counter > 0):
+            await asyncio.sleep(self.busy_poll_delay)
+
+    async def _poll_lanes(self) -> None:
         await super()._poll_iteration()
         if self.batch_queue is not None and self.batch_capacity > 0:
             lane = self._lane()
@@ -180,8 +164,39 @@ class InferqWorker(Worker):
             if lane.allow_pick_jobs:
                 lane.max_jobs = lane.job_counter + room
             await lane._poll_iteration()
-        if self.job_counter > 0 or (self.batch_lane is not None and self.batch_lane.job_counter > 0):
-            await asyncio.sleep(self.busy_poll_delay)
+
+    def _held(self) -> list[asyncio.Task[Any]]:
+        lanes: list[Worker] = [self] + ([self.batch_lane] if self.batch_lane is not None else [])
+        return [t for lane in lanes for t in lane.tasks.values() if not t.done()]
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        """Drain: take no new job, let the held ones finish until the deadline, then hand the rest back."""
+        if not self.allow_pick_jobs:
+            log.info("second %s: stopping now", Signals(signum).name)
+            self.handle_sig(signum)
+            return
+        self.allow_pick_jobs = False
+        if self.batch_lane is not None:
+            self.batch_lane.allow_pick_jobs = False
+        heartbeat: Heartbeat | None = self.ctx.get("heartbeat")
+        if heartbeat is not None:
+            heartbeat.draining = True
+        log.info(
+            "%s: draining %d job(s) for up to %.0fs",
+            Signals(signum).name,
+            len(self._held()),
+            self._job_completion_wait,
+        )
+        self.loop.create_task(self._drain(signum))
+
+    async def _drain(self, signum: Signals) -> None:
+        deadline = self.loop.time() + self._job_completion_wait
+        while self._held() and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        left = len(self._held())
+        if left:
+            log.info("drain deadline reached: %d job(s) go back to the queue", left)
+        self.handle_sig(signum)
 
     def handle_sig(self, signum: Signals) -> None:
         if self.batch_lane is not None:
@@ -212,6 +227,8 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
         ctx={"settings": settings},
         burst=burst,
         handle_signals=True,
+        # SIGTERM drains (see InferqWorker.handle_sig_wait_for_completion); 0 hands jobs back at once.
+        job_completion_wait=int(settings.worker.drain_seconds),
     )
     worker.busy_poll_delay = settings.worker.busy_poll_delay
     reserve = settings.worker.interactive_reserve

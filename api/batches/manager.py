@@ -1,4 +1,4 @@
-"""The batch manager: one API process at a time (a Redis lease) moves every batch through its states.
+"""The batch manager (a duty: one API process at a time) moves every batch through its states.
 
 Each tick it validates new batches (creating one queued job per good line, enqueued later), marks
 batches past their window as expired, cancels what cancelled or expired batches still have queued
@@ -9,8 +9,6 @@ of every batch whose jobs have all finished. Every step is a guarded UPDATE, saf
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from typing import Any
@@ -20,7 +18,6 @@ from sqlalchemy import func, or_, select, update
 from api.batches.records import job_counts, rejected_line, result_line
 from api.batches.validation import parse_batch_file
 from api.cancellation import signal_cancel
-from api.leader import Lease
 from api.services import Services
 from shared import keys
 from shared.models import Batch, File, Job
@@ -37,26 +34,13 @@ def _jsonl(lines: list[dict[str, Any]]) -> bytes:
 
 
 class BatchManager:
+    name = "batches"
+
     def __init__(self, services: Services) -> None:
         self.services = services
         self.settings = services.settings.batches
-        self.lease = Lease(services.redis, "batches", ttl_seconds=max(30.0, self.settings.tick_seconds * 20))
+        self.interval = self.settings.tick_seconds
         self._signalled: set[str] = set()  # batches whose running jobs this process has told to stop
-
-    async def run(self) -> None:
-        while True:
-            try:
-                if await self.lease.hold():
-                    await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("batch manager tick failed; retrying")
-            await asyncio.sleep(self.settings.tick_seconds)
-
-    async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.lease.release()
 
     async def tick(self) -> None:
         await self._validate_next()

@@ -1,0 +1,142 @@
+"""Reclaiming the jobs of dead workers (a duty: one API process at a time, every second).
+
+A worker is dead when its registry key has expired (it missed `dead_after_missed` heartbeats) and
+stays gone for one more tick. Each of its running jobs is, depending on the job: cancelled (a cancel
+was asked while its worker was dying), failed with `worker_lost` (it has used its `max_attempts`), or
+handed back to the queue with a `status` event that says the next attempt starts over from token 0.
+arq's in-progress lock of the job is removed, so another worker takes it at its next poll instead of
+after arq's job timeout. Every change is guarded by the attempt number, so a slow worker that is in
+fact alive can never overwrite what the reaper decided, nor the reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from sqlalchemy import func, select, update
+
+from api.services import Services
+from api.workers import live_workers
+from shared import keys
+from shared.models import Job
+from shared.states import FinishReason, JobStatus
+
+log = logging.getLogger(__name__)
+
+WORKER_LOST = "worker_lost"
+WORKER_LOST_MESSAGE = "the worker running this job was lost on each of its {n} attempts"
+
+
+def queue_of(services: Services, batch_id: str | None) -> str:
+    return services.settings.queues.batch if batch_id else services.settings.queues.interactive
+
+
+async def ensure_enqueued(services: Services, job_id: str, queue: str) -> None:
+    """Make the job takeable from `queue` now: no in-progress lock, an arq job record, a queue entry."""
+    redis = services.redis
+    await redis.delete(in_progress_key_prefix + job_id)
+    if await redis.enqueue_job(keys.JOB_FUNCTION, job_id, _job_id=job_id, _queue_name=queue) is None:
+        # arq still has the job's record; put it back in the queue if it left it.
+        if await redis.zscore(queue, job_id) is None:
+            await redis.zadd(queue, {job_id: int(time.time() * 1000)})
+
+
+async def _forget(services: Services, job_id: str, queue: str) -> None:
+    async with services.redis.pipeline(transaction=False) as pipe:
+        pipe.delete(in_progress_key_prefix + job_id, job_key_prefix + job_id)
+        pipe.zrem(queue, job_id)
+        await pipe.execute()
+
+
+class Reaper:
+    name = "reaper"
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.interval = services.settings.fleet.reaper_seconds
+        self.max_attempts = services.settings.worker.max_attempts
+        # A missing registry key must stay missing this long: after a Redis restart, live workers need
+        # a beat to write theirs again.
+        self.grace = max(2.0, 2 * self.interval)
+        self._missing_since: dict[str, float] = {}
+
+    async def tick(self) -> None:
+        try:
+            live = {str(w.get("id")) for w in await live_workers(self.services.redis)}
+            async with self.services.sessions() as session:
+                rows = (
+                    await session.execute(
+                        select(Job.id, Job.worker_id, Job.attempts, Job.batch_id, Job.prompt_tokens).where(
+                            Job.status == JobStatus.RUNNING.value
+                        )
+                    )
+                ).all()
+        except Exception:
+            self._missing_since.clear()  # no trustworthy view of the fleet this time
+            raise
+        now = time.monotonic()
+        absent = {r.worker_id for r in rows if r.worker_id not in live}
+        self._missing_since = {w: self._missing_since.get(w, now) for w in absent}
+        dead = {w for w, since in self._missing_since.items() if now - since >= self.grace}
+        for row in rows:
+            if row.worker_id in dead:
+                await self.reclaim(row)
+
+    async def reclaim(self, row: Any) -> None:
+        services = self.services
+        queue = queue_of(services, row.batch_id)
+        guard = (Job.id == row.id, Job.status == JobStatus.RUNNING.value, Job.attempts == row.attempts)
+        cancel_asked = bool(await services.redis.exists(keys.cancel_flag(row.id)))
+        if cancel_asked:
+            values: dict[str, Any] = {
+                "status": JobStatus.CANCELLED.value,
+                "finish_reason": FinishReason.CANCELLED.value,
+                "output": "",
+                "completion_tokens": 0,
+                "finished_at": func.clock_timestamp(),
+            }
+        elif row.attempts >= self.max_attempts:
+            values = {
+                "status": JobStatus.FAILED.value,
+                "error_type": WORKER_LOST,
+                "error_message": WORKER_LOST_MESSAGE.format(n=row.attempts),
+                "finished_at": func.clock_timestamp(),
+            }
+        else:
+            values = {"status": JobStatus.QUEUED.value, "worker_id": None}
+        async with services.sessions() as session, session.begin():
+            result = await session.execute(update(Job).where(*guard).values(**values))
+        if not getattr(result, "rowcount", 0):
+            return  # the job moved on meanwhile (it finished, or was reclaimed already)
+        status = values["status"]
+        log.warning(
+            "job %s: worker %s is dead; job %s (attempt %d)", row.id, row.worker_id, status, row.attempts
+        )
+        if status == JobStatus.QUEUED.value:
+            await services.events.publish(
+                row.id,
+                "status",
+                {
+                    "status": "queued",
+                    "reason": WORKER_LOST,
+                    "worker_id": row.worker_id,
+                    "attempt": row.attempts,
+                    "restart_from_token": 0,
+                },
+            )
+            await ensure_enqueued(services, row.id, queue)
+            return
+        await _forget(services, row.id, queue)
+        if status == JobStatus.CANCELLED.value:
+            prompt = row.prompt_tokens or 0
+            usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+            await services.events.publish(
+                row.id, "done", {"finish_reason": FinishReason.CANCELLED.value, "usage": usage, "timings": {}}
+            )
+        else:
+            await services.events.publish(
+                row.id, "error", {"type": WORKER_LOST, "message": values["error_message"]}
+            )

