@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared import keys
+from shared.db import async_url
 from tests.conftest import REPO, Proc, Servers, Stack, _admin, _free_port, launch
 from tests.helpers import FRANCE, STORY, iter_sse, submit, wait_job
 
@@ -75,7 +76,7 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         admin = str(pg.get_uri())
         asyncio.run(_admin(admin, 'CREATE DATABASE "fleet"'))
-        servers = Servers(valkey.connection_url, str(pg.get_uri("fleet")))
+        servers = Servers(valkey.connection_url, async_url(str(pg.get_uri("fleet"))))
         stack = launch(
             servers,
             model_dir,
@@ -125,7 +126,7 @@ def _events(redis_url: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
         rows = r.xrange(keys.events_stream(job_id))
     finally:
         r.close()
-    return [(f[b"event"].decode(), json.loads(f[b"data"])) for _, f in rows]
+    return [(f[b"e"].decode(), json.loads(f[b"d"])) for _, f in rows]
 
 
 async def test_fleet_registry_lists_live_workers(fleet: Fleet, fc: httpx.AsyncClient) -> None:
@@ -137,14 +138,11 @@ async def test_fleet_registry_lists_live_workers(fleet: Fleet, fc: httpx.AsyncCl
         assert time.time() - w["started_at"] < 3600
     pids = {w.popen.pid for w in fleet.stack.workers if w.popen is not None}
     assert {int(w["id"].split(":")[1]) for w in workers} == pids
-    out = subprocess.run(
-        [sys.executable, "-m", "inferq.cli", "workers", "--url", fleet.stack.base_url],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    cli = [sys.executable, "-m", "inferq.cli", "workers", "--url", fleet.stack.base_url]
+    out = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=60, env={"COLUMNS": "200"})
     assert out.returncode == 0 and "serving" in out.stdout and MODEL in out.stdout
+    out = subprocess.run([*cli, "--json"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert sorted(w["id"] for w in json.loads(out.stdout)) == sorted(w["id"] for w in workers)
 
 
 async def test_fleet_sigterm_drains_held_jobs_and_takes_no_new_ones(
@@ -293,7 +291,7 @@ async def test_fleet_reconciliation_enqueues_a_job_missing_from_redis(
     fleet: Fleet, fc: httpx.AsyncClient
 ) -> None:
     # As if the API had died between its INSERT and its enqueue.
-    request = {"messages": FRANCE, "max_tokens": 4, "temperature": 0, "model": MODEL}
+    request = {"messages": FRANCE, "max_tokens": 12, "temperature": 0, "model": MODEL}
     engine = create_async_engine(fleet.stack.servers.database_url)
     async with engine.begin() as conn:
         await conn.execute(
