@@ -38,7 +38,7 @@ async def cancel_job(services: Services, job_id: str) -> tuple[Job, bool]:
             job.completion_tokens = 0
             job.finished_at = func.clock_timestamp()
     if status is JobStatus.QUEUED:
-        await _drop_from_queue(services, job_id)
+        await _drop_from_queue(services, job_id, job.model)
         usage = {
             "prompt_tokens": job.prompt_tokens or 0,
             "completion_tokens": 0,
@@ -51,12 +51,12 @@ async def cancel_job(services: Services, job_id: str) -> tuple[Job, bool]:
     return await _cancel_running(services, job_id)
 
 
-async def _drop_from_queue(services: Services, job_id: str) -> None:
+async def _drop_from_queue(services: Services, job_id: str, model: str) -> None:
     # Postgres already says cancelled, so a worker that still dequeues it skips it; this just saves the trip.
     with contextlib.suppress(Exception):
         async with services.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(services.settings.queues.interactive, job_id)
-            pipe.zrem(services.settings.queues.batch, job_id)
+            pipe.zrem(services.settings.queues.for_model(model), job_id)
+            pipe.zrem(services.settings.queues.for_model(model, batch=True), job_id)
             pipe.delete(_ARQ_JOB_KEY + job_id)
             await pipe.execute()
 

@@ -30,8 +30,8 @@ WORKER_LOST = "worker_lost"
 WORKER_LOST_MESSAGE = "the worker running this job was lost on each of its {n} attempts"
 
 
-def queue_of(services: Services, batch_id: str | None) -> str:
-    return services.settings.queues.batch if batch_id else services.settings.queues.interactive
+def queue_of(services: Services, model: str, batch_id: str | None) -> str:
+    return services.settings.queues.for_model(model, batch=batch_id is not None)
 
 
 async def ensure_enqueued(services: Services, job_id: str, queue: str) -> None:
@@ -69,9 +69,9 @@ class Reaper:
             async with self.services.sessions() as session:
                 rows = (
                     await session.execute(
-                        select(Job.id, Job.worker_id, Job.attempts, Job.batch_id, Job.prompt_tokens).where(
-                            Job.status == JobStatus.RUNNING.value
-                        )
+                        select(
+                            Job.id, Job.worker_id, Job.attempts, Job.model, Job.batch_id, Job.prompt_tokens
+                        ).where(Job.status == JobStatus.RUNNING.value)
                     )
                 ).all()
         except Exception:
@@ -87,7 +87,7 @@ class Reaper:
 
     async def reclaim(self, row: Any) -> None:
         services = self.services
-        queue = queue_of(services, row.batch_id)
+        queue = queue_of(services, row.model, row.batch_id)
         guard = (Job.id == row.id, Job.status == JobStatus.RUNNING.value, Job.attempts == row.attempts)
         cancel_asked = bool(await services.redis.exists(keys.cancel_flag(row.id)))
         if cancel_asked:

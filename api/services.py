@@ -32,7 +32,8 @@ class Services:
     redis: ArqRedis
     events: EventWriter
     relay: RelayHub
-    model: ModelInfo
+    model: ModelInfo  # the default: the one jobs that name no model run on
+    models: dict[str, ModelInfo]
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -42,14 +43,25 @@ class Services:
         task.add_done_callback(self.background.discard)
 
 
-def _load_model_info(settings: Settings) -> ModelInfo:
+def _load_model_info(name: str, path: str, gguf_file: str | None = None) -> ModelInfo:
     from transformers import AutoConfig, AutoTokenizer
 
-    kwargs = {"gguf_file": settings.model.gguf_file} if settings.model.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_path, **kwargs)
-    config = AutoConfig.from_pretrained(settings.model_path, **kwargs)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path, **kwargs)
     context = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 30
-    return ModelInfo(settings.served_model_name, tokenizer, context)
+    return ModelInfo(name, tokenizer, context)
+
+
+def _load_models(settings: Settings) -> dict[str, ModelInfo]:
+    models = {
+        settings.served_model_name: _load_model_info(
+            settings.served_model_name, settings.model_path, settings.model.gguf_file
+        )
+    }
+    for name, path in settings.extra_models.items():
+        models.setdefault(name, _load_model_info(name, path))
+    return models
 
 
 @contextlib.asynccontextmanager
@@ -61,14 +73,23 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     services: Services | None = None
     try:
         await check_schema(db)
-        model = await asyncio.to_thread(_load_model_info, settings)
+        models = await asyncio.to_thread(_load_models, settings)
         redis = await create_pool(RedisSettings.from_dsn(redis_url), retry=0)
         relay = RelayHub(redis)
         await relay.start()
         events = EventWriter(
             redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
         )
-        services = Services(settings, db, session_factory(db), redis, events, relay, model)
+        services = Services(
+            settings,
+            db,
+            session_factory(db),
+            redis,
+            events,
+            relay,
+            models[settings.served_model_name],
+            models,
+        )
         yield services
     finally:
         if services is not None and services.background:

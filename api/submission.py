@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete
 
 from api.errors import InvalidRequest, ServiceUnavailable
-from api.services import Services
+from api.services import ModelInfo, Services
 from shared import keys
 from shared.models import Job, new_job_id
 from shared.prompts import prompt_token_ids
@@ -22,12 +22,18 @@ log = logging.getLogger(__name__)
 _TOKENIZE_IN_THREAD_CHARS = 20_000
 
 
+def _model(services: Services, req: JobCreateRequest) -> ModelInfo:
+    if req.model is None:
+        return services.model
+    model = services.models.get(req.model)
+    if model is None:
+        available = ", ".join(f"'{m}'" for m in services.models)
+        raise InvalidRequest(f"model '{req.model}' is not served here; available: {available}", param="model")
+    return model
+
+
 def _check_limits(services: Services, req: JobCreateRequest) -> None:
     limits = services.settings.limits
-    if req.model is not None and req.model != services.model.name:
-        raise InvalidRequest(
-            f"model '{req.model}' is not served here; available: '{services.model.name}'", param="model"
-        )
     if req.max_tokens is not None and req.max_tokens > limits.max_tokens:
         raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}", param="max_tokens")
     if req.stop is not None:
@@ -43,8 +49,8 @@ def _check_limits(services: Services, req: JobCreateRequest) -> None:
         )
 
 
-async def _count_prompt_tokens(services: Services, request: dict[str, Any], param: str) -> int:
-    tokenizer = services.model.tokenizer
+async def _count_prompt_tokens(model: ModelInfo, request: dict[str, Any], param: str) -> int:
+    tokenizer = model.tokenizer
     size = len(request.get("prompt") or "") + sum(len(m["content"]) for m in request.get("messages") or [])
     try:
         if size > _TOKENIZE_IN_THREAD_CHARS:
@@ -64,20 +70,21 @@ async def prepare_job(
     endpoint: str | None = None,
 ) -> Job:
     """Check a request against the limits and the model's context; the unsaved job that would run it."""
+    model = _model(services, req)
     _check_limits(services, req)
     limits = services.settings.limits
     max_tokens = req.max_tokens or min(default_max_tokens or limits.default_max_tokens, limits.max_tokens)
     request = req.model_dump(exclude_none=True, exclude={"metadata"})
-    request.update(model=services.model.name, max_tokens=max_tokens)
+    request.update(model=model.name, max_tokens=max_tokens)
     if endpoint is not None:
         request["endpoint"] = endpoint
     param = "messages" if req.messages is not None else "prompt"
-    prompt_tokens = await _count_prompt_tokens(services, request, param)
+    prompt_tokens = await _count_prompt_tokens(model, request, param)
     if prompt_tokens > limits.max_prompt_tokens:
         raise InvalidRequest(
             f"the prompt is {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}", param=param
         )
-    context = services.model.context_length
+    context = model.context_length
     if prompt_tokens + max_tokens > context:
         raise InvalidRequest(
             f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
@@ -87,7 +94,7 @@ async def prepare_job(
     return Job(
         id=new_job_id(),
         status=JobStatus.QUEUED.value,
-        model=services.model.name,
+        model=model.name,
         request=request,
         metadata_=req.metadata,
         prompt_tokens=prompt_tokens,
@@ -109,7 +116,10 @@ async def submit_job(
         session.add(job)
     try:
         await services.redis.enqueue_job(
-            keys.JOB_FUNCTION, job.id, _job_id=job.id, _queue_name=services.settings.queues.interactive
+            keys.JOB_FUNCTION,
+            job.id,
+            _job_id=job.id,
+            _queue_name=services.settings.queues.for_model(job.model),
         )
     except (RedisError, OSError) as exc:
         # Not accepted, so not kept: the client gets 503 and retries.

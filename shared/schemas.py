@@ -116,6 +116,9 @@ class JobResponse(BaseModel):
     )
     error: JobError | None
     metadata: dict[str, Any] | None
+    waiting: str | None = Field(
+        default=None, description="For a queued job that cannot start yet (GET of one job): why."
+    )
     batch_id: str | None = Field(default=None, description="The batch this job runs a line of.")
     custom_id: str | None = Field(default=None, description="That line's custom_id.")
     urls: JobUrls

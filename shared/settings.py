@@ -44,8 +44,13 @@ class LimitSettings(BaseModel):
 
 
 class QueueSettings(BaseModel):
+    """Base names; every model has its own pair of queues, so a worker only ever sees its model's jobs."""
+
     interactive: str = "inferq:queue:interactive"
     batch: str = "inferq:queue:batch"
+
+    def for_model(self, model: str, *, batch: bool = False) -> str:
+        return f"{self.batch if batch else self.interactive}:{model}"
 
 
 class WorkerSettings(BaseModel):
@@ -111,6 +116,11 @@ class Settings(BaseSettings):
     )
 
     model: ModelSettings = Field(default_factory=ModelSettings)
+    extra_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="More models jobs may name (served name -> Hugging Face id or directory of its "
+        "tokenizer), for fleets where workers serve several models; the API counts their tokens.",
+    )
     limits: LimitSettings = Field(default_factory=LimitSettings)
     queues: QueueSettings = Field(default_factory=QueueSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

@@ -88,6 +88,8 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             INFERQ_WORKER__DRAIN_SECONDS="30",
             INFERQ_FLEET__RECONCILE_SECONDS="2",
             INFERQ_FLEET__RECONCILE_GRACE_SECONDS="1",
+            # A second model name the API accepts; only a worker started by a test serves it.
+            INFERQ_EXTRA_MODELS=json.dumps({"smol-b": str(model_dir)}),
         )
         yield Fleet(stack, valkey, pg)
     finally:
@@ -305,3 +307,29 @@ async def test_fleet_reconciliation_enqueues_a_job_missing_from_redis(
     await engine.dispose()
     job = await wait_job(fc, "job_reconciled", timeout=30)
     assert job["status"] == "succeeded" and "Paris" in job["output"]
+
+
+async def test_fleet_jobs_go_only_to_workers_of_their_model(fleet: Fleet, fc: httpx.AsyncClient) -> None:
+    created = await submit(fc, model="smol-b", messages=FRANCE, max_tokens=12, temperature=0)
+    await asyncio.sleep(1.5)
+    job = (await fc.get(f"/v1/jobs/{created['id']}")).json()
+    assert job["status"] == "queued" and job["model"] == "smol-b"
+    assert "no live worker serves model 'smol-b'" in job["waiting"]
+    api = fleet.stack.api
+    other = Proc(
+        ["worker", "--max-batch", "4"], {**api.env, "INFERQ_MODEL__SERVED_NAME": "smol-b"}, api.log_dir
+    )
+    other.start()
+    try:
+        done = await wait_job(fc, created["id"], timeout=120)
+        assert done["status"] == "succeeded" and "Paris" in done["output"]
+        assert int(done["worker_id"].split(":")[1]) == other.popen.pid  # type: ignore[union-attr]
+        models = [m["id"] for m in (await fc.get("/v1/models")).json()["data"]]
+        assert models == sorted([MODEL, "smol-b"])
+        # Jobs of the default model still never reach the smol-b worker.
+        plain = await wait_job(fc, (await submit(fc, messages=FRANCE, max_tokens=4))["id"])
+        assert int(plain["worker_id"].split(":")[1]) != other.popen.pid  # type: ignore[union-attr]
+    finally:
+        other.stop()
+    bad = await fc.post("/v1/jobs", json={"model": "nope", "messages": FRANCE})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"

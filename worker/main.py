@@ -216,7 +216,7 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
     redis_url, _ = settings.require_urls()
     worker = InferqWorker(
         functions=[func(run_job, name=keys.JOB_FUNCTION, max_tries=settings.worker.max_tries)],
-        queue_name=settings.queues.interactive,
+        queue_name=settings.queues.for_model(settings.served_model_name),
         redis_settings=RedisSettings.from_dsn(redis_url),
         max_jobs=settings.model.max_batch,
         poll_delay=settings.worker.poll_delay,
@@ -234,7 +234,7 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
     reserve = settings.worker.interactive_reserve
     if reserve is None:
         reserve = max(1, settings.model.max_batch // 4)
-    worker.batch_queue = settings.queues.batch
+    worker.batch_queue = settings.queues.for_model(settings.served_model_name, batch=True)
     worker.batch_capacity = max(settings.model.max_batch - reserve, 0)
     return worker
 

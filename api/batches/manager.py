@@ -142,22 +142,20 @@ class BatchManager:
             )
             if not batch_ids:
                 return
-            dropped = list(
-                (
-                    await session.execute(
-                        update(Job)
-                        .where(Job.batch_id.in_(batch_ids), Job.status == JobStatus.QUEUED.value)
-                        .values(
-                            status=JobStatus.CANCELLED.value,
-                            finish_reason=FinishReason.CANCELLED.value,
-                            output="",
-                            completion_tokens=0,
-                            finished_at=func.clock_timestamp(),
-                        )
-                        .returning(Job.id)
+            dropped = (
+                await session.execute(
+                    update(Job)
+                    .where(Job.batch_id.in_(batch_ids), Job.status == JobStatus.QUEUED.value)
+                    .values(
+                        status=JobStatus.CANCELLED.value,
+                        finish_reason=FinishReason.CANCELLED.value,
+                        output="",
+                        completion_tokens=0,
+                        finished_at=func.clock_timestamp(),
                     )
-                ).scalars()
-            )
+                    .returning(Job.id, Job.model)
+                )
+            ).all()
             to_signal = [b for b in batch_ids if b not in self._signalled]
             running: list[str] = []
             if to_signal:
@@ -171,7 +169,10 @@ class BatchManager:
                     ).scalars()
                 )
         if dropped:
-            await self.services.redis.zrem(self.services.settings.queues.batch, *dropped)
+            async with self.services.redis.pipeline(transaction=False) as pipe:
+                for job_id, model in dropped:
+                    pipe.zrem(self.services.settings.queues.for_model(model, batch=True), job_id)
+                await pipe.execute()
         if running:
             await signal_cancel(self.services, running)
         self._signalled.update(to_signal)
@@ -179,7 +180,7 @@ class BatchManager:
     # feeding the batch queue -------------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        queue = self.services.settings.queues.batch
+        queues = self.services.settings.queues
         async with self.services.sessions() as session:
             batches = list(
                 (
@@ -196,14 +197,18 @@ class BatchManager:
             running = await session.scalar(
                 select(func.count()).where(Job.status == JobStatus.RUNNING.value, Job.batch_id.isnot(None))
             )
-        room = self.settings.queue_target - (await self.services.redis.zcard(queue) - int(running or 0))
+        async with self.services.redis.pipeline(transaction=False) as pipe:
+            for model in self.services.models:
+                pipe.zcard(queues.for_model(model, batch=True))
+            queued = sum(await pipe.execute())
+        room = self.settings.queue_target - (queued - int(running or 0))
         for batch_id, fed in batches:
             if room <= 0:
                 return
             async with self.services.sessions() as session:
                 rows = (
                     await session.execute(
-                        select(Job.id, Job.batch_line)
+                        select(Job.id, Job.model, Job.batch_line)
                         .where(
                             Job.batch_id == batch_id,
                             Job.batch_line > fed,
@@ -215,9 +220,9 @@ class BatchManager:
                 ).all()
             if not rows:
                 continue
-            for job_id, _ in rows:
+            for job_id, model, _ in rows:
                 await self.services.redis.enqueue_job(
-                    keys.JOB_FUNCTION, job_id, _job_id=job_id, _queue_name=queue
+                    keys.JOB_FUNCTION, job_id, _job_id=job_id, _queue_name=queues.for_model(model, batch=True)
                 )
             async with self.services.sessions() as session, session.begin():
                 await session.execute(

@@ -13,11 +13,14 @@ from api.deps import ServicesDep, SessionDep
 from api.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
 from api.submission import submit_job
 from api.views import job_response, job_urls
+from api.workers import live_workers
 from shared.models import Job
 from shared.schemas import JobCreatedResponse, JobCreateRequest, JobListResponse, JobResponse
 from shared.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NO_WORKER = "no live worker serves model '{model}'; the job waits until one does"
 
 
 @router.post(
@@ -38,11 +41,16 @@ async def create_job(
 
 
 @router.get("/{job_id}", response_model=JobResponse, summary="Get a job: status, output, usage, timings")
-async def get_job(job_id: str, session: SessionDep) -> JobResponse:
+async def get_job(job_id: str, session: SessionDep, services: ServicesDep) -> JobResponse:
     job = await session.get(Job, job_id)
     if job is None:
         raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
-    return job_response(job)
+    response = job_response(job)
+    if job.status == JobStatus.QUEUED.value:
+        serving = {w.get("model") for w in await live_workers(services.redis) if not w.get("draining")}
+        if job.model not in serving:
+            response.waiting = NO_WORKER.format(model=job.model)
+    return response
 
 
 @router.get("", response_model=JobListResponse, summary="List jobs, newest first")
