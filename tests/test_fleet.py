@@ -210,7 +210,9 @@ async def test_fleet_cancel_of_a_job_whose_worker_died_applies_at_reclaim(
     assert (await fc.get(f"/v1/jobs/{created['id']}")).json()["status"] == "cancelled"
 
 
-async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(fleet: Fleet, fc: httpx.AsyncClient) -> None:
+async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(
+    fleet: Fleet, fc: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
     ids = []
     for i in range(100):
         body = {"messages": [{"role": "user", "content": f"Count from 1 to {i % 9 + 3}."}], "max_tokens": 24}
@@ -238,7 +240,10 @@ async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(fleet: Fleet, fc: 
             restarts.append(_started(job) - killed_at)
         reclaims.append(max(restarts))
     finals = [await wait_job(fc, job_id, timeout=300) for job_id in ids]
-    print(f"\nreclaim time (death -> running again), per kill: {', '.join(f'{r:.1f}s' for r in reclaims)}")
+    with capsys.disabled():
+        print(
+            f"\nreclaim time (SIGKILL -> running again), per kill: {', '.join(f'{r:.1f}s' for r in reclaims)}"
+        )
     assert [j["status"] for j in finals] == ["succeeded"] * 100
     assert all(j["usage"]["completion_tokens"] > 0 for j in finals)
     assert not (await fc.get("/v1/jobs", params={"status": "running"})).json()["data"]
