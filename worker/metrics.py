@@ -1,0 +1,132 @@
+"""The worker's Prometheus metrics (vLLM's names, `inferq:` prefix), served on `--metrics-port`.
+
+Each worker exposes its own: Prometheus scrapes every worker (and the API for the fleet and queue
+figures), as it does vLLM's servers. Buckets are sized for LLM latencies, from milliseconds (a token
+on a GPU) to minutes (a long generation on a CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_TTFT = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL = (
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+_E2E = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+)
+_QUEUE = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+)
+_BATCH = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+LABELS = ("model_name",)
+
+queue_time = Histogram(
+    "inferq:request_queue_time_seconds", "From job creation to a worker starting it.", LABELS, buckets=_QUEUE
+)
+ttft = Histogram(
+    "inferq:time_to_first_token_seconds",
+    "From job creation to its first generated token.",
+    LABELS,
+    buckets=_TTFT,
+)
+itl = Histogram(
+    "inferq:inter_token_latency_seconds", "Time between two generated tokens of a job.", LABELS, buckets=_ITL
+)
+e2e = Histogram("inferq:e2e_request_latency_seconds", "From job creation to its end.", LABELS, buckets=_E2E)
+prompt_tokens = Counter("inferq:prompt_tokens", "Prompt tokens of the jobs run.", LABELS)
+generation_tokens = Counter("inferq:generation_tokens", "Tokens generated.", LABELS)
+success = Counter(
+    "inferq:request_success", "Jobs that ended, by finish reason.", (*LABELS, "finished_reason")
+)
+failures = Counter("inferq:request_failure", "Jobs that failed, by error type.", (*LABELS, "error_type"))
+running = Gauge("inferq:num_requests_running", "Jobs this worker holds.", LABELS)
+batch_size = Histogram(
+    "inferq:engine_batch_size",
+    "Requests that shared an engine step (one sample per step).",
+    LABELS,
+    buckets=_BATCH,
+)
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)
+        log.info("metrics on :%d/metrics", port)
