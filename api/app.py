@@ -7,14 +7,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from api import errors
+from api import errors, openapi
+from api import metrics as api_metrics
+from api.auth import authenticate
 from api.batches.manager import BatchManager
 from api.duties import Duty, run_duty
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, NulGuard
+from api.metrics import ApiMetrics, HttpMetrics
+from api.ratelimit import RateLimitHeaders
 from api.reaper import Reaper
 from api.reconcile import Reconciler
+from api.requestid import RequestId
 from api.routes import batches, events, files, health, jobs, openai, workers
 from api.services import open_services
 from shared import __version__
@@ -24,10 +29,11 @@ from shared.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with open_services(settings) as services:
+        async with open_services(settings, metrics) as services:
             duties: list[Duty] = [BatchManager(services), Reaper(services), Reconciler(services)]
             tasks = [asyncio.create_task(run_duty(services, d), name=f"inferq-{d.name}") for d in duties]
             try:
@@ -44,23 +50,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         responses={
             400: {"model": ErrorResponse},
+            401: {"model": ErrorResponse},
             404: {"model": ErrorResponse},
             413: {"model": ErrorResponse},
+            429: {"model": ErrorResponse},
             503: {"model": ErrorResponse},
         },
     )
     errors.install(app)
+    app.add_middleware(NulGuard)  # inside BodySizeLimit (added next): reads only size-checked bodies
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.limits.max_body_bytes,
         # Uploads may be far larger than a request body; room for the multipart framing too.
         overrides={"/v1/files": settings.batches.max_file_bytes + 1_000_000},
     )
-    app.include_router(health.router)
-    app.include_router(jobs.router)
-    app.include_router(events.router)
-    app.include_router(openai.router)
-    app.include_router(files.router)
-    app.include_router(batches.router)
-    app.include_router(workers.router)
+    app.add_middleware(RateLimitHeaders)
+    app.add_middleware(HttpMetrics, metrics=metrics)
+    app.add_middleware(RequestId)  # outermost: every response and log line of a request has its id
+    app.include_router(health.router)  # open: probes and scrapers carry no key
+    app.include_router(api_metrics.router)
+    secured = [Depends(authenticate)]
+    for module in (jobs, events, openai, files, batches, workers):
+        app.include_router(module.router, dependencies=secured)
+    openapi.install(app)
     return app

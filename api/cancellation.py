@@ -8,6 +8,7 @@ import logging
 
 from sqlalchemy import func, select
 
+from api.auth import OPEN, Principal
 from api.errors import JOB_FINISHED, JOB_NOT_FOUND, Conflict, NotFound
 from api.services import Services
 from shared import keys
@@ -20,13 +21,13 @@ CANCEL_WAIT_SECONDS = 5.0
 _ARQ_JOB_KEY = "arq:job:"
 
 
-async def cancel_job(services: Services, job_id: str) -> tuple[Job, bool]:
+async def cancel_job(services: Services, job_id: str, principal: Principal = OPEN) -> tuple[Job, bool]:
     """Returns the job and whether it has reached a final state."""
     async with services.sessions() as session, session.begin():
         job = (
             await session.execute(select(Job).where(Job.id == job_id).with_for_update())
         ).scalar_one_or_none()
-        if job is None:
+        if job is None or not principal.owns(job.tenant):
             raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
         status = JobStatus(job.status)
         if status in TERMINAL:

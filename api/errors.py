@@ -13,14 +13,22 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared import logs
+
 log = logging.getLogger(__name__)
 
 INVALID_JSON = "request body is not valid JSON"
 JOB_NOT_FOUND = "no job with id '{job_id}'"
 JOB_FINISHED = "job '{job_id}' is already {status} and cannot be cancelled"
 BODY_TOO_LARGE = "request body is larger than the limit of {limit} bytes"
+NUL_CHARACTER = "NUL characters (\\u0000) are not allowed in the URL or in request strings"
 UNAVAILABLE = "a backing service ({service}) is unreachable; retry shortly"
 INTERNAL = "internal server error"
+MISSING_KEY = "an API key is required: send 'Authorization: Bearer <key>'"
+INVALID_KEY = "the API key is not valid (unknown, malformed or revoked)"
+RATE_LIMITED = "rate limit reached: {limit} requests per {window}s for this key; retry in {retry}s"
+QUOTA_EXHAUSTED = "daily token quota of {limit} tokens used up for this key; it resets at 00:00 UTC"
+QUEUE_FULL = "the queue is {seconds:.0f}s deep, over the {limit:.0f}s limit; retry later"
 
 
 class ApiError(Exception):
@@ -61,6 +69,16 @@ class PayloadTooLarge(ApiError):
     type = "invalid_request_error"
 
 
+class Unauthorized(ApiError):
+    status_code = 401
+    type = "authentication_error"
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
+    type = "rate_limit_error"
+
+
 class ServiceUnavailable(ApiError):
     status_code = 503
     type = "service_unavailable_error"
@@ -77,8 +95,19 @@ def envelope(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The envelope; `request_id` is the id the request-id middleware gave the request being served."""
+    error = {
+        "message": message,
+        "type": type_,
+        "param": param,
+        "code": code,
+        "request_id": logs.request_id.get(),
+    }
+    return {"error": error}
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from sqlalchemy import func, select, update
 
+from api.enqueue import enqueue
 from api.services import Services
 from api.workers import live_workers
 from shared import keys
@@ -34,11 +35,11 @@ def queue_of(services: Services, model: str, batch_id: str | None) -> str:
     return services.settings.queues.for_model(model, batch=batch_id is not None)
 
 
-async def ensure_enqueued(services: Services, job_id: str, queue: str) -> None:
+async def ensure_enqueued(services: Services, job_id: str, queue: str, tenant: str | None) -> None:
     """Make the job takeable from `queue` now: no in-progress lock, an arq job record, a queue entry."""
     redis = services.redis
     await redis.delete(in_progress_key_prefix + job_id)
-    if await redis.enqueue_job(keys.JOB_FUNCTION, job_id, _job_id=job_id, _queue_name=queue) is None:
+    if not await enqueue(redis, queue, job_id, tenant):
         # arq still has the job's record; put it back in the queue if it left it.
         if await redis.zscore(queue, job_id) is None:
             await redis.zadd(queue, {job_id: int(time.time() * 1000)})
@@ -70,7 +71,13 @@ class Reaper:
                 rows = (
                     await session.execute(
                         select(
-                            Job.id, Job.worker_id, Job.attempts, Job.model, Job.batch_id, Job.prompt_tokens
+                            Job.id,
+                            Job.worker_id,
+                            Job.attempts,
+                            Job.model,
+                            Job.batch_id,
+                            Job.prompt_tokens,
+                            Job.tenant,
                         ).where(Job.status == JobStatus.RUNNING.value)
                     )
                 ).all()
@@ -127,7 +134,7 @@ class Reaper:
                     "restart_from_token": 0,
                 },
             )
-            await ensure_enqueued(services, row.id, queue)
+            await ensure_enqueued(services, row.id, queue, row.tenant)
             return
         await _forget(services, row.id, queue)
         if status == JobStatus.CANCELLED.value:

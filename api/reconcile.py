@@ -31,7 +31,7 @@ class Reconciler:
 
     async def tick(self) -> None:
         stmt = (
-            select(Job.id, Job.model, Job.batch_id)
+            select(Job.id, Job.model, Job.batch_id, Job.tenant)
             .outerjoin(Batch, Batch.id == Job.batch_id)
             .where(
                 Job.status == JobStatus.QUEUED.value,
@@ -46,13 +46,14 @@ class Reconciler:
             async for chunk in result.partitions(_CHUNK):
                 await self._check(list(chunk))
 
-    async def _check(self, rows: list[tuple[str, str, str | None]]) -> None:
+    async def _check(self, rows: list[tuple[str, str, str | None, str | None]]) -> None:
         async with self.services.redis.pipeline(transaction=False) as pipe:
-            for job_id, _, _ in rows:
+            for job_id, *_ in rows:
                 pipe.exists(job_key_prefix + job_id)
             present = await pipe.execute()
-        for (job_id, model, batch_id), found in zip(rows, present, strict=True):
+        for (job_id, model, batch_id, tenant), found in zip(rows, present, strict=True):
             if not found:
-                await ensure_enqueued(self.services, job_id, queue_of(self.services, model, batch_id))
+                queue = queue_of(self.services, model, batch_id)
+                await ensure_enqueued(self.services, job_id, queue, tenant)
                 self.requeued += 1
                 log.warning("job %s was queued in Postgres but missing from Redis: enqueued again", job_id)

@@ -6,15 +6,20 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.keystore import KeyStore
 from api.relay import RelayHub
 from shared.db import check_schema, create_engine, session_factory
 from shared.events import EventWriter
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from api.admission import Admission
+    from api.metrics import ApiMetrics
 
 
 @dataclass
@@ -34,6 +39,9 @@ class Services:
     relay: RelayHub
     model: ModelInfo  # the default: the one jobs that name no model run on
     models: dict[str, ModelInfo]
+    auth: KeyStore
+    admission: Admission = field(init=False)
+    metrics: ApiMetrics = field(init=False)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -65,7 +73,7 @@ def _load_models(settings: Settings) -> dict[str, ModelInfo]:
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
+async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterator[Services]:
     redis_url, database_url = settings.require_urls()
     db = create_engine(database_url)
     redis: ArqRedis | None = None
@@ -80,16 +88,22 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         events = EventWriter(
             redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
         )
+        sessions = session_factory(db)
         services = Services(
             settings,
             db,
-            session_factory(db),
+            sessions,
             redis,
             events,
             relay,
             models[settings.served_model_name],
             models,
+            KeyStore(settings, sessions),
         )
+        from api.admission import Admission  # it needs Services itself
+
+        services.admission = Admission(services)
+        services.metrics = metrics
         yield services
     finally:
         if services is not None and services.background:

@@ -9,9 +9,11 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy import delete
 
+from api.auth import Principal
+from api.enqueue import enqueue
 from api.errors import InvalidRequest, ServiceUnavailable
+from api.ratelimit import quota_key
 from api.services import ModelInfo, Services
-from shared import keys
 from shared.models import Job, new_job_id
 from shared.prompts import prompt_token_ids
 from shared.schemas import JobCreateRequest
@@ -65,6 +67,7 @@ async def _count_prompt_tokens(model: ModelInfo, request: dict[str, Any], param:
 async def prepare_job(
     services: Services,
     req: JobCreateRequest,
+    principal: Principal,
     *,
     default_max_tokens: int | None = None,
     endpoint: str | None = None,
@@ -78,6 +81,8 @@ async def prepare_job(
     request.update(model=model.name, max_tokens=max_tokens)
     if endpoint is not None:
         request["endpoint"] = endpoint
+    if principal.key_id is not None and principal.tokens_per_day is not None:
+        request["quota_key"] = quota_key(principal.key_id)  # the worker adds the tokens it generates
     param = "messages" if req.messages is not None else "prompt"
     prompt_tokens = await _count_prompt_tokens(model, request, param)
     if prompt_tokens > limits.max_prompt_tokens:
@@ -99,28 +104,31 @@ async def prepare_job(
         metadata_=req.metadata,
         prompt_tokens=prompt_tokens,
         attempts=0,
+        tenant=principal.tenant,
+        api_key_id=principal.key_id,
     )
 
 
 async def submit_job(
     services: Services,
     req: JobCreateRequest,
+    principal: Principal,
     *,
     default_max_tokens: int | None = None,
     endpoint: str | None = None,
+    request_id: str | None = None,
 ) -> Job:
-    """Admit an interactive job: stored in Postgres first, then enqueued; 503 (and nothing kept) if
-    Redis refuses it."""
-    job = await prepare_job(services, req, default_max_tokens=default_max_tokens, endpoint=endpoint)
+    """Admit an interactive job: checked against the backlog, stored in Postgres first, then enqueued;
+    503 (and nothing kept) if Redis refuses it."""
+    job = await prepare_job(
+        services, req, principal, default_max_tokens=default_max_tokens, endpoint=endpoint
+    )
+    job.request_id = request_id
+    await services.admission.admit(job.model, (job.prompt_tokens or 0) + int(job.request["max_tokens"]))
     async with services.sessions() as session, session.begin():
         session.add(job)
     try:
-        await services.redis.enqueue_job(
-            keys.JOB_FUNCTION,
-            job.id,
-            _job_id=job.id,
-            _queue_name=services.settings.queues.for_model(job.model),
-        )
+        await enqueue(services.redis, services.settings.queues.for_model(job.model), job.id, job.tenant)
     except (RedisError, OSError) as exc:
         # Not accepted, so not kept: the client gets 503 and retries.
         log.warning("enqueue of %s failed: %s", job.id, exc)

@@ -40,6 +40,7 @@ def job_response(job: Job) -> JobResponse:
         peak_batch_size=job.peak_batch_size,
         error=error,
         metadata=job.metadata_,
+        request_id=job.request_id,
         batch_id=job.batch_id,
         custom_id=job.custom_id,
         urls=job_urls(job.id),

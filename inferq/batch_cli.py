@@ -52,6 +52,18 @@ err = Console(stderr=True, highlight=False)
 
 # The same option as cli.UrlOpt; repeated here because cli.py imports this module, not the other way round.
 UrlOpt = Annotated[str, typer.Option("--url", envvar="INFERQ_URL", help="Base URL of a running inferq API.")]
+# Shared with cli.py's client commands. No default is shown, and the key is never printed.
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="INFERQ_API_KEY", show_default=False, help="API key (from `inferq keys create`)."
+    ),
+]
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The headers that carry `api_key` (none without one)."""
+    return {"Authorization": f"Bearer {api_key.strip()}"} if api_key and api_key.strip() else {}
 
 
 class BatchInputError(ValueError):
@@ -183,8 +195,8 @@ def _usage_error(message: str) -> NoReturn:
 
 
 @contextmanager
-def _client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=httpx.Timeout(60.0)) as client:
+def _client(url: str, api_key: str | None) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, headers=auth_headers(api_key), timeout=httpx.Timeout(60.0)) as client:
         yield client
 
 
@@ -286,6 +298,7 @@ def _run(
     metadata: dict[str, str],
     wait: bool,
     url: str,
+    api_key: str | None,
 ) -> NoReturn:
     if not path.is_file():
         _usage_error(f"no such file: {path}")
@@ -294,7 +307,7 @@ def _run(
         if target is not None and not target.parent.is_dir():
             _usage_error(f"directory {target.parent} does not exist")
     text = path.read_text(encoding="utf-8")
-    with _client(url) as client:
+    with _client(url, api_key) as client:
         try:
             batch_input = build_batch_input(text, endpoint, lambda: model or _first_model(client))
         except BatchInputError as exc:
@@ -328,8 +341,8 @@ def _when(ts: Any) -> str:
     return datetime.fromtimestamp(float(ts)).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
-def _status(batch_id: str, as_json: bool, url: str) -> None:
-    with _client(url) as client:
+def _status(batch_id: str, as_json: bool, url: str, api_key: str | None) -> None:
+    with _client(url, api_key) as client:
         batch = _json(client.get(f"/v1/batches/{batch_id}"))
     if as_json:
         sys.stdout.write(json.dumps(batch, indent=2) + "\n")
@@ -358,8 +371,8 @@ def _status(batch_id: str, as_json: bool, url: str) -> None:
     console.print(table)
 
 
-def _cancel(batch_id: str, url: str) -> None:
-    with _client(url) as client:
+def _cancel(batch_id: str, url: str, api_key: str | None) -> None:
+    with _client(url, api_key) as client:
         batch = _json(client.post(f"/v1/batches/{batch_id}/cancel"))
     console.print(f"{batch['id']}: {batch['status']}", markup=False)
 
@@ -391,6 +404,7 @@ def batch(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="status: print the raw batch object.")] = False,
     url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Run a JSONL file of requests as one batch (OpenAI Batch API), or look at one.
 
@@ -409,12 +423,14 @@ def batch(
         if batch_id is None:
             raise typer.BadParameter(f"`inferq batch {target}` needs a BATCH_ID", param_hint="BATCH_ID")
         if target == "status":
-            _status(batch_id, as_json, url)
+            _status(batch_id, as_json, url, api_key)
         else:
-            _cancel(batch_id, url)
+            _cancel(batch_id, url, api_key)
         return
     if batch_id is not None:
         raise typer.BadParameter(f"unexpected extra argument {batch_id!r}", param_hint="BATCH_ID")
     if out is None:
         raise typer.BadParameter("a batch file needs --out RESULTS.jsonl", param_hint="--out")
-    _run(Path(target), out, errors, endpoint, model, parse_metadata(metadata or []), not no_wait, url)
+    _run(
+        Path(target), out, errors, endpoint, model, parse_metadata(metadata or []), not no_wait, url, api_key
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -14,23 +13,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from inferq import batch_cli
+from inferq import batch_cli, keys_cli
+from inferq.batch_cli import ApiKeyOpt, auth_headers
 from shared.settings import Settings, get_settings
 
 app = typer.Typer(help="inferq: queue-backed LLM inference jobs.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Manage the model files.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(keys_cli.app, name="keys")
 console = Console(highlight=False)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="INFERQ_URL", help="Base URL of a running inferq API.")]
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from shared import logs
+
+    logs.configure(settings.log_level, settings.log_format)
 
 
 @app.command()
@@ -71,6 +70,7 @@ def api(
         port=port,
         workers=processes,
         log_level=settings.log_level.lower(),
+        log_config=None,  # our handlers (text or JSON) for uvicorn's loggers too
         timeout_graceful_shutdown=5,
     )
 
@@ -79,6 +79,9 @@ def api(
 def worker(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps.")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Requests per engine step.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (0: off).")
+    ] = None,
 ) -> None:
     """Run one GPU worker: one model on one device, continuous batching."""
     from worker.main import run
@@ -88,6 +91,8 @@ def worker(
         settings.model.device = device
     if max_batch:
         settings.model.max_batch = max_batch
+    if metrics_port is not None:
+        settings.worker.metrics_port = metrics_port
     settings.require_urls()
     _logging(settings)
     run(settings)
@@ -132,13 +137,16 @@ def submit(
     temperature: Annotated[float, typer.Option()] = 0.0,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Submit a chat job; print its answer (streamed with --stream)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}
     ]
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-    with httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=None)) as client:
+    with httpx.Client(
+        base_url=url, headers=auth_headers(api_key), timeout=httpx.Timeout(10, read=None)
+    ) as client:
         resp = client.post("/v1/jobs", json=body)
         if resp.status_code != 202:
             _fail(resp)
@@ -182,10 +190,11 @@ def jobs(
     status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
     url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """List recent jobs, newest first."""
     params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
-    resp = httpx.get(f"{url}/v1/jobs", params=params, timeout=10)
+    resp = httpx.get(f"{url}/v1/jobs", params=params, headers=auth_headers(api_key), timeout=10)
     if resp.status_code != 200:
         _fail(resp)
     table = Table("id", "status", "created", "tokens", "ttft ms", "output")
@@ -207,9 +216,10 @@ def jobs(
 def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw registry entries.")] = False,
     url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """List live workers: device, model, load and throughput."""
-    resp = httpx.get(f"{url}/v1/workers", timeout=10)
+    resp = httpx.get(f"{url}/v1/workers", headers=auth_headers(api_key), timeout=10)
     if resp.status_code != 200:
         _fail(resp)
     data = resp.json()["data"]

@@ -16,11 +16,42 @@ from types import FrameType
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from shared.settings import Settings
 
 console = Console(stderr=True, highlight=False)
 _PR_SET_PDEATHSIG = 1
+
+
+def stack_file(settings: Settings) -> Path:
+    """Where a running `inferq up` leaves its URLs, for `inferq keys` and other local tools."""
+    return Path(settings.data_dir).expanduser().resolve() / "stack.json"
+
+
+def _write_stack_file(path: Path, urls: dict[str, str]) -> None:
+    # 0600 from the first byte (the URLs may hold a password), and replaced whole so no reader sees half.
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        json.dump(urls, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def auth_line(mode: str, active_keys: int | None) -> str:
+    """The banner's word on API keys; `active_keys` is None when they could not be counted."""
+    hint = "create one with `inferq keys create --tenant NAME`"
+    if mode == "off":
+        return "auth: open (INFERQ_AUTH=off)"
+    if active_keys == 0:
+        if mode == "auto":
+            return f"auth: open (no API keys; {hint})"
+        return f"auth: API keys required, and none exists yet: {hint}"
+    if active_keys is None and mode == "auto":
+        return "auth: API keys required as soon as one exists (`inferq keys list`)"
+    return "auth: API keys required (clients send them with --api-key or INFERQ_API_KEY)"
 
 
 def _die_with_parent() -> None:
@@ -120,7 +151,7 @@ def _stop_children(procs: list[subprocess.Popen[bytes]], drain: float) -> None:
             p.wait()
 
 
-def _banner(url: str, stack_env: dict[str, str]) -> None:
+def _banner(url: str, stack_env: dict[str, str], auth_mode: str, active_keys: int | None) -> None:
     body = json.dumps(
         {
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -129,10 +160,24 @@ def _banner(url: str, stack_env: dict[str, str]) -> None:
         }
     )
     console.print(f"\n[bold green]inferq is up[/] — API docs: [link]{url}/docs[/]")
+    console.print(escape(auth_line(auth_mode, active_keys)), soft_wrap=True)
+    required = auth_mode == "on" or (auth_mode == "auto" and bool(active_keys))
+    bearer = ' -H "authorization: Bearer $INFERQ_API_KEY"' if required else ""
     console.print("Try it:")
-    console.print(f"  curl -s {url}/v1/jobs -H 'content-type: application/json' -d '{body}'", soft_wrap=True)
+    console.print(
+        f"  curl -s {url}/v1/jobs{bearer} -H 'content-type: application/json' -d '{body}'", soft_wrap=True
+    )
     console.print("  inferq submit 'What is the capital of France?' --stream")
     console.print(f"[dim]data: {stack_env['INFERQ_DATA_DIR']} · Ctrl-C stops everything[/]\n")
+
+
+def _count_keys(database_url: str) -> int | None:
+    from inferq.keys_cli import active_key_count
+
+    try:
+        return active_key_count(database_url)
+    except Exception:  # the banner is no reason to stop a stack that is up
+        return None
 
 
 def up(settings: Settings, host: str, port: int, workers: int, device: str | None) -> int:
@@ -143,6 +188,7 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
     data_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _raise_stop)
     procs: list[subprocess.Popen[bytes]] = []
+    urls_file: Path | None = None
     with contextlib.ExitStack() as stack:
         try:
             redis_url = settings.redis_url
@@ -174,7 +220,11 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
                 for dev in _devices(workers, device):
                     procs.append(_spawn(["worker", "--device", dev], env))
                 _wait_ready(url, env, workers, procs)
-            _banner(url, env)
+            urls_file = stack_file(settings)
+            _write_stack_file(
+                urls_file, {"redis_url": redis_url, "database_url": database_url, "api_url": url}
+            )
+            _banner(url, env, settings.auth, _count_keys(database_url))
             while all(p.poll() is None for p in procs):
                 time.sleep(0.5)
             console.print("[red]a child process exited; stopping the stack[/]")
@@ -183,4 +233,7 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
             console.print("\n[bold]stopping…[/]")
             return 0
         finally:
+            # Only the file this run wrote: a second `inferq up` that failed to start leaves the first's.
+            if urls_file is not None:
+                urls_file.unlink(missing_ok=True)
             _stop_children(procs, drain=settings.worker.drain_seconds)

@@ -23,3 +23,17 @@ WORKER_PREFIX = "inferq:worker:"
 
 def worker_key(worker_id: str) -> str:
     return WORKER_PREFIX + worker_id
+
+
+def token_quota(key_id: str, day: str) -> str:
+    """Tokens generated under an API key on one UTC day (YYYYMMDD); the worker adds each job's."""
+    return f"inferq:quota:{key_id}:{day}"
+
+
+def request_window(key_id: str, window: int) -> str:
+    return f"inferq:rate:{key_id}:{window}"
+
+
+def fair_clock(queue: str) -> str:
+    """Per-tenant virtual start times of one queue (fair queuing between tenants)."""
+    return f"{queue}:fair"

@@ -81,6 +81,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     # Set for the jobs of a batch: which batch, which input line, and the line's custom_id.
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
+    request_id: Mapped[str | None] = mapped_column(String(128))
     batch_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("batches.id"))
     batch_line: Mapped[int | None] = mapped_column(Integer)
     custom_id: Mapped[str | None] = mapped_column(String(512))
@@ -102,6 +105,7 @@ class File(Base):
     size: Mapped[int] = mapped_column("bytes", BigInteger)
     lines: Mapped[int] = mapped_column(Integer)
     content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -121,6 +125,8 @@ class Batch(Base):
     completion_window: Mapped[str] = mapped_column(String(16))
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB, nullable=True)
     model: Mapped[str | None] = mapped_column(String(200))
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
 
     total: Mapped[int] = mapped_column(Integer, default=0)
     # Lines refused at validation: they count as failed and go to the error file.
@@ -140,3 +146,37 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(6)
+
+
+class ApiKey(Base):
+    """An API key: Postgres keeps only its SHA-256 hash; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+    __mapper_args__ = {"eager_defaults": True}
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_key_id)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyRecord(Base):
+    """The first response to a request made with an Idempotency-Key, replayed for its retries."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None while the first request runs
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -24,7 +24,9 @@ class SamplingParams(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1, description="Sample among the k most likely tokens.")
+    top_k: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Sample among the k most likely tokens."
+    )
     stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the generation.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
@@ -116,9 +118,14 @@ class JobResponse(BaseModel):
     )
     error: JobError | None
     metadata: dict[str, Any] | None
+    request_id: str | None = Field(default=None, description="x-request-id of the request that made it.")
     waiting: str | None = Field(
         default=None, description="For a queued job that cannot start yet (GET of one job): why."
     )
+    queue_position: int | None = Field(
+        default=None, description="For a queued interactive job (GET of one job): 1 means it starts next."
+    )
+    eta_seconds: float | None = Field(default=None, description="When it should start, at the fleet's rate.")
     batch_id: str | None = Field(default=None, description="The batch this job runs a line of.")
     custom_id: str | None = Field(default=None, description="That line's custom_id.")
     urls: JobUrls
@@ -136,6 +143,7 @@ class ErrorBody(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = Field(default=None, description="The request's x-request-id, for support.")
 
 
 class ErrorResponse(BaseModel):

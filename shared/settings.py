@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +68,9 @@ class WorkerSettings(BaseModel):
         default=60.0, ge=0, description="On SIGTERM, how long held jobs may run before they are requeued."
     )
     heartbeat_seconds: float = Field(default=1.0, gt=0)
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."
+    )
     dead_after_missed: int = Field(default=3, ge=1, description="Missed heartbeats that make a worker dead.")
     interactive_reserve: int | None = Field(
         default=None,
@@ -111,6 +115,22 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     environment: str = Field(default="development", description="development or production.")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
+    auth: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto: API keys are required as soon as one exists."
+    )
+    auth_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long an API process trusts what it read of a key (revocations)."
+    )
+    rate_window_seconds: int = Field(
+        default=60, ge=1, description="Window of the per-key request limit (`--rate` requests per window)."
+    )
+    max_queue_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Admission control: interactive jobs get 429 when the queued work would take longer.",
+    )
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=1, description="How long Idempotency-Keys hold.")
     cancel_on_disconnect: bool = Field(
         default=True, description="Cancel the job when an OpenAI-route client disconnects before the end."
     )

@@ -214,7 +214,10 @@ def launch(
     )
     port = _free_port()
     api = Proc(["api", "--port", str(port)], env, logs)
-    procs = [Proc(["worker", "--max-batch", str(max_batch)], env, logs) for _ in range(workers)]
+    procs = [
+        Proc(["worker", "--max-batch", str(max_batch), "--metrics-port", str(_free_port())], env, logs)
+        for _ in range(workers)
+    ]
     api.start()
     for w in procs:
         w.start()

@@ -32,6 +32,7 @@ from tests.conftest import REPO, Proc, Servers, Stack, _admin, _free_port, launc
 from tests.helpers import FRANCE, STORY, iter_sse, submit, wait_job
 
 MODEL = "SmolLM2-135M-Instruct"
+MAX_ATTEMPTS = 4
 
 
 @dataclass
@@ -88,6 +89,9 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             INFERQ_WORKER__DRAIN_SECONDS="30",
             INFERQ_FLEET__RECONCILE_SECONDS="2",
             INFERQ_FLEET__RECONCILE_GRACE_SECONDS="1",
+            INFERQ_MAX_QUEUE_SECONDS="100000",  # the chaos run queues 100 jobs at once
+            # Above the chaos run's 3 kills, which may all hit one job; the poison test kills 4 times.
+            INFERQ_WORKER__MAX_ATTEMPTS=str(MAX_ATTEMPTS),
             # A second model name the API accepts; only a worker started by a test serves it.
             INFERQ_EXTRA_MODELS=json.dumps({"smol-b": str(model_dir)}),
         )
@@ -171,7 +175,7 @@ async def test_fleet_poison_job_fails_with_worker_lost_after_max_attempts(
     fleet: Fleet, fc: httpx.AsyncClient
 ) -> None:
     created = await submit(fc, messages=STORY, max_tokens=3000, temperature=0)
-    for attempt in (1, 2, 3):
+    for attempt in range(1, MAX_ATTEMPTS + 1):
         job = await _poll(
             fc,
             created["id"],
@@ -183,11 +187,11 @@ async def test_fleet_poison_job_fails_with_worker_lost_after_max_attempts(
         await asyncio.to_thread(proc.popen.wait)  # type: ignore[union-attr]
         proc.start()
     final = await wait_job(fc, created["id"], timeout=60)
-    assert final["status"] == "failed" and final["attempts"] == 3
+    assert final["status"] == "failed" and final["attempts"] == MAX_ATTEMPTS
     assert final["error"]["type"] == "worker_lost"
     events = [e async for e in iter_sse(fc, created["id"])]
     requeues = [e.data for e in events if e.event == "status" and e.data["status"] == "queued"]
-    assert [r["reason"] for r in requeues] == ["worker_lost", "worker_lost"]
+    assert [r["reason"] for r in requeues] == ["worker_lost"] * (MAX_ATTEMPTS - 1)
     assert events[-1].event == "error" and events[-1].data["type"] == "worker_lost"
 
 
@@ -219,6 +223,8 @@ async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(
         ids.append((await submit(fc, **body, temperature=0))["id"])
     reclaims: list[float] = []
     for _ in range(3):
+        # Kill only while the other worker is up: reclaim is measured, not the restart of a process.
+        await asyncio.to_thread(fleet.stack.wait_workers, 2)
         await asyncio.sleep(3)
         running = (await fc.get("/v1/jobs", params={"status": "running", "limit": 100})).json()["data"]
         assert running, "jobs should be running when a worker is killed"

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from shared.db import async_url
 from shared.models import Job
 from tests.conftest import Stack
-from tests.helpers import FRANCE
+from tests.helpers import FRANCE, wait_job
 
 
 async def _count_jobs(stack: Stack) -> int:
@@ -26,7 +26,7 @@ async def _count_jobs(stack: Stack) -> int:
 def _assert_envelope(resp: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     error: dict[str, Any] = resp.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     assert error["message"]
     if param is not None:
         assert error["param"] == param
@@ -114,3 +114,42 @@ async def test_bad_list_parameters_are_400(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route_uses_the_envelope(client: httpx.AsyncClient) -> None:
     _assert_envelope(await client.get("/v1/nothing-here"), 404)
+
+
+async def test_nul_characters_are_400_not_a_storage_error(client: httpx.AsyncClient, stack: Stack) -> None:
+    before = await _count_jobs(stack)
+    for body in (
+        {"prompt": "hi\u0000there"},
+        {"messages": FRANCE, "stop": ["a\u0000"]},
+        {"messages": FRANCE, "metadata": {"k": "\u0000"}},
+    ):
+        error = _assert_envelope(await client.post("/v1/jobs", json=body), 400)
+        assert error["code"] == "invalid_characters"
+    _assert_envelope(await client.get("/v1/jobs/a%00b"), 400)
+    _assert_envelope(await client.get("/v1/jobs", params={"after": "x\u0000"}), 400)
+    # An escaped backslash followed by "u0000" is ordinary text.
+    ok = await client.post("/v1/jobs", json={"prompt": "a \\u0000 b", "max_tokens": 1})
+    assert ok.status_code == 202, ok.text
+    assert await _count_jobs(stack) == before + 1
+
+
+async def test_event_ids_out_of_range_are_400(client: httpx.AsyncClient) -> None:
+    job = (await client.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 1})).json()
+    url = f"/v1/jobs/{job['id']}/events"
+    _assert_envelope(await client.get(url, params={"after": 2**64}), 400, "after")
+    for header in ("²".encode("latin-1"), "1¹".encode("latin-1"), str(2**64).encode(), b"-1"):
+        _assert_envelope(await client.get(url, headers={"Last-Event-ID": header}), 400, "Last-Event-ID")
+
+
+async def test_extreme_sampling_values_neither_fail_nor_break_the_worker(client: httpx.AsyncClient) -> None:
+    _assert_envelope(await client.post("/v1/jobs", json={"prompt": "hi", "top_k": 10**30}), 400, "top_k")
+    for body in (
+        {"messages": FRANCE, "max_tokens": 4, "temperature": 1e-300},  # runs greedy
+        {"messages": FRANCE, "max_tokens": 4, "top_k": 2**31 - 1, "temperature": 0.5},
+        {"messages": FRANCE, "max_tokens": 8, "temperature": 0},  # the engine still works after them
+    ):
+        resp = await client.post("/v1/jobs", json=body)
+        assert resp.status_code == 202, resp.text
+        job = await wait_job(client, resp.json()["id"])
+        assert job["status"] == "succeeded", job
+    assert "Paris" in job["output"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,9 @@ from worker.sampling import use_fast_processors
 
 log = logging.getLogger(__name__)
 
+# Below this, dividing the logits by the temperature overflows them: such requests run greedy (as in vLLM).
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingOptions:
@@ -31,14 +35,15 @@ class SamplingOptions:
     top_k: int | None
 
     def processor_kwargs(self, vocab_size: int) -> dict[str, Any]:
-        if self.temperature == 0.0:
+        if self.temperature < GREEDY_BELOW:
             # Greedy inside a sampling batch: top_k=1 reproduces generate(do_sample=False) token for token.
             # temperature=0 would divide by zero, so it stays 1.
             return {"top_k": 1, "temperature": 1.0, "top_p": 1.0}
         return {
             "temperature": float(self.temperature),
             "top_p": float(self.top_p),
-            "top_k": int(self.top_k) if self.top_k else int(vocab_size),
+            # Past the vocabulary, top-k changes nothing; the engine packs it into int32.
+            "top_k": min(int(self.top_k), int(vocab_size)) if self.top_k else int(vocab_size),
         }
 
 
@@ -113,6 +118,7 @@ class Engine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._handles: dict[str, RequestHandle] = {}
         self._manager: Any = None
+        self.step_observer: Callable[[int], None] | None = None  # sees each step's batch size
 
     def start(self) -> None:
         """Build the manager and start its thread; call from the event loop that will consume outputs."""
@@ -201,6 +207,8 @@ class Engine:
         self.stats.steps += 1
         self.stats.last_batch_size = size
         self.stats.peak_batch_size = max(self.stats.peak_batch_size, size)
+        if self.step_observer is not None:
+            self.step_observer(size)
         for output in outputs:
             handle = self._handles.get(output.request_id)
             if handle is None:

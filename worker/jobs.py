@@ -16,15 +16,21 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared import keys
+from shared import keys, logs
 from shared.models import Job
 from shared.prompts import prompt_token_ids
 from shared.states import FinishReason, JobStatus
+from worker import metrics
 from worker.detok import IncrementalDecoder
 from worker.engine import Engine, RequestHandle, SamplingOptions
 from worker.publisher import EventBatcher
 
 log = logging.getLogger(__name__)
+
+
+def _ms(delta: Any) -> float:
+    return float(delta.total_seconds() * 1000)
+
 
 # Postgres being unreachable: the worker waits for it rather than lose a result.
 DB_DOWN = (OperationalError, DBAPIError, OSError)
@@ -37,6 +43,7 @@ class _Claim:
     attempt: int
     created_at: datetime
     started_at: datetime
+    request_id: str | None
 
 
 @dataclass
@@ -60,6 +67,7 @@ class JobRunner:
         events: EventBatcher,
         worker_id: str,
         default_max_tokens: int,
+        model_name: str = "",
     ) -> None:
         self.engine = engine
         self.sessions = sessions
@@ -67,9 +75,11 @@ class JobRunner:
         self.events = events
         self.worker_id = worker_id
         self.default_max_tokens = default_max_tokens
+        self.model_name = model_name
         self.running: dict[str, _Run] = {}
 
     async def run(self, job_id: str) -> str:
+        logs.job_id.set(job_id)  # this task's log lines name the job (and, once claimed, its request)
         try:
             claim = await self._claim(job_id)
         except DB_DOWN as exc:
@@ -78,8 +88,16 @@ class JobRunner:
         if claim is None:
             log.info("job %s is not queued any more; skipped", job_id)
             return "skipped"
+        logs.request_id.set(claim.request_id)
+        log.info(
+            "job started (attempt %d, queued %.0f ms)",
+            claim.attempt,
+            _ms(claim.started_at - claim.created_at),
+        )
         run = _Run(job_id, claim)
         self.running[job_id] = run
+        metrics.queue_time.labels(self.model_name).observe(_ms(claim.started_at - claim.created_at) / 1000)
+        metrics.running.labels(self.model_name).inc()
         self.events.emit(
             job_id, "status", {"status": "running", "worker_id": self.worker_id, "attempt": claim.attempt}
         )
@@ -91,9 +109,11 @@ class JobRunner:
             raise
         except Exception as exc:
             log.exception("job %s failed", job_id)
+            metrics.failures.labels(self.model_name, "engine_error").inc()
             await self._fail(run, "engine_error", str(exc) or type(exc).__name__)
             return "failed"
         finally:
+            metrics.running.labels(self.model_name).dec()
             self.running.pop(job_id, None)
             if run.handle is not None and not run.handle.closed:
                 self.engine.cancel(run.handle.request_id)
@@ -118,13 +138,13 @@ class JobRunner:
                 worker_id=self.worker_id,
                 started_at=func.clock_timestamp(),
             )
-            .returning(Job.request, Job.attempts, Job.created_at, Job.started_at)
+            .returning(Job.request, Job.attempts, Job.created_at, Job.started_at, Job.request_id)
         )
         async with self.sessions() as session, session.begin():
             row = (await session.execute(stmt)).one_or_none()
         if row is None:
             return None
-        return _Claim(dict(row.request), int(row.attempts), row.created_at, row.started_at)
+        return _Claim(dict(row.request), int(row.attempts), row.created_at, row.started_at, row.request_id)
 
     async def _generate(self, run: _Run) -> str:
         request = run.claim.request
@@ -141,12 +161,22 @@ class JobRunner:
         else:
             run.handle = self.engine.submit(f"{run.job_id}#{run.claim.attempt}", input_ids, options)
         index = 0
+        itl = metrics.itl.labels(self.model_name)
+        last_token_at = 0.0
         while run.handle is not None and not run.cancelled:
             update_ = await run.handle.next()
             if update_.error:
                 raise RuntimeError(update_.error)
-            if update_.new_tokens and run.t_first is None:
-                run.t_first = time.monotonic()
+            if update_.new_tokens:
+                now = time.monotonic()
+                if run.t_first is None:
+                    run.t_first = now
+                    queued = _ms(run.claim.started_at - run.claim.created_at) / 1000
+                    metrics.ttft.labels(self.model_name).observe(queued + now - run.t_start)
+                else:
+                    for _ in update_.new_tokens:
+                        itl.observe((now - last_token_at) / len(update_.new_tokens))
+                last_token_at = now
             run.peak_batch = max(run.peak_batch, update_.batch_size)
             text = decoder.push(update_.new_tokens)
             if text:
@@ -206,6 +236,8 @@ class JobRunner:
         if not await self._write_final(run, values):
             log.info("job %s attempt %d lost the race for its result; dropped", run.job_id, run.claim.attempt)
             return "superseded"
+        await self._count_tokens(run, completion)
+        self._observe(timings, prompt_tokens, completion, reason)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
@@ -216,6 +248,32 @@ class JobRunner:
         )
         await self.events.flush()
         return status.value
+
+    def _observe(self, timings: dict[str, Any], prompt: int, completion: int, reason: FinishReason) -> None:
+        name = self.model_name
+        metrics.e2e.labels(name).observe(timings["total_ms"] / 1000)
+        metrics.prompt_tokens.labels(name).inc(prompt)
+        metrics.generation_tokens.labels(name).inc(completion)
+        metrics.success.labels(name, reason.value).inc()
+        log.info(
+            "job ended: %s, %d tokens",
+            reason.value,
+            completion,
+            extra={k: v for k, v in timings.items() if v is not None},
+        )
+
+    async def _count_tokens(self, run: _Run, tokens: int) -> None:
+        """Add the job's generated tokens to its API key's daily quota counter (if the key has a quota)."""
+        quota_key = run.claim.request.get("quota_key")
+        if not quota_key or not tokens:
+            return
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incrby(quota_key, tokens)
+                pipe.expire(quota_key, 2 * 86_400)
+                await pipe.execute()
+        except Exception as exc:
+            log.warning("job %s: could not count %d tokens against its quota: %s", run.job_id, tokens, exc)
 
     async def _write_final(self, run: _Run, values: dict[str, Any]) -> bool:
         """The one result write: only the attempt that still owns the running job may make it.

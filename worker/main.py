@@ -16,10 +16,11 @@ from arq.worker import Function, Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import keys
+from shared import keys, logs
 from shared.db import check_schema, create_engine, session_factory
 from shared.events import EventWriter
 from shared.settings import Settings
+from worker import metrics
 from worker.engine import Engine
 from worker.jobs import JobRunner
 from worker.model import load_model
@@ -73,6 +74,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     batcher.start()
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{settings.model.device}"
+    logs.worker_id.set(worker_id)  # inherited by every job task started after this
     runner = JobRunner(
         engine=engine,
         sessions=session_factory(db),
@@ -80,7 +82,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         events=batcher,
         worker_id=worker_id,
         default_max_tokens=settings.limits.default_max_tokens,
+        model_name=settings.served_model_name,
     )
+    engine.step_observer = metrics.batch_size.labels(settings.served_model_name).observe
+    metrics.serve(settings.worker.metrics_port)
     heartbeat = Heartbeat(redis, worker_id, settings, engine, runner)
     await heartbeat.beat()
     heartbeat.start()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import socket
 import time
 from typing import Any
@@ -33,15 +35,25 @@ class Heartbeat:
         self.draining = False
         self._last: tuple[float, int] = (time.monotonic(), engine.stats.tokens)
         self._rate = 0.0
+        self._busy_rate = 0.0
+        self._peak = 0.0
+        self._was_busy = False
         self._task: asyncio.Task[None] | None = None
 
     def info(self) -> dict[str, Any]:
         now, tokens = time.monotonic(), self.engine.stats.tokens
         then, before = self._last
+        busy = self.engine.stats.active > 0
         if now > then:
+            rate = (tokens - before) / (now - then)
             # Smoothed over a few beats: a steady figure, not one step's burst.
-            self._rate = 0.7 * self._rate + 0.3 * (tokens - before) / (now - then)
+            self._rate = 0.7 * self._rate + 0.3 * rate
+            if busy and self._was_busy:
+                # Only beats the engine spent working tell what it can do; idle ones would dilute it.
+                self._busy_rate = rate if self._busy_rate == 0 else 0.7 * self._busy_rate + 0.3 * rate
+                self._peak = max(self._peak, self._busy_rate)
         self._last = (now, tokens)
+        self._was_busy = busy
         return {
             "id": self.worker_id,
             "host": socket.gethostname(),
@@ -51,6 +63,8 @@ class Heartbeat:
             "running": len(self.runner.running),
             "jobs": sorted(self.runner.running),
             "tokens_per_s": round(self._rate, 2),
+            # The best rate seen: what the API's admission control expects this worker can do.
+            "tokens_per_s_peak": round(self._peak, 2),
             "tokens": tokens,
             "steps": self.engine.stats.steps,
             "peak_batch_size": self.engine.stats.peak_batch_size,
@@ -65,6 +79,12 @@ class Heartbeat:
 
     async def _run(self) -> None:
         while True:
+            if not self.engine.healthy and not self.draining:
+                # The engine's thread died: this worker can run nothing more. Stop taking jobs and leave,
+                # so that the process supervisor starts a fresh one.
+                log.error("the engine stopped working; the worker shuts down")
+                os.kill(os.getpid(), signal.SIGTERM)
+                self.draining = True
             try:
                 await self.beat()
             except Exception as exc:

@@ -15,12 +15,13 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
+from api.auth import Principal
 from api.batches.records import job_counts, rejected_line, result_line
 from api.batches.validation import parse_batch_file
 from api.cancellation import signal_cancel
+from api.enqueue import enqueue
 from api.services import Services
-from shared import keys
-from shared.models import Batch, File, Job
+from shared.models import ApiKey, Batch, File, Job
 from shared.states import BatchStatus, FinishReason, JobStatus
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,13 @@ class BatchManager:
             if batch is None:
                 return
             content = await session.scalar(select(File.content).where(File.id == batch.input_file_id))
-        parsed = await parse_batch_file(self.services, content or b"", batch.endpoint)
+            quota = None
+            if batch.api_key_id is not None:
+                quota = await session.scalar(
+                    select(ApiKey.tokens_per_day).where(ApiKey.id == batch.api_key_id)
+                )
+        principal = Principal(batch.tenant, batch.api_key_id, tokens_per_day=quota)
+        parsed = await parse_batch_file(self.services, content or b"", batch.endpoint, principal)
         guard = (Batch.id == batch.id, Batch.status == BatchStatus.VALIDATING.value)
         async with self.services.sessions() as session, session.begin():
             if parsed.errors:
@@ -208,7 +215,7 @@ class BatchManager:
             async with self.services.sessions() as session:
                 rows = (
                     await session.execute(
-                        select(Job.id, Job.model, Job.batch_line)
+                        select(Job.id, Job.model, Job.batch_line, Job.tenant)
                         .where(
                             Job.batch_id == batch_id,
                             Job.batch_line > fed,
@@ -220,10 +227,8 @@ class BatchManager:
                 ).all()
             if not rows:
                 continue
-            for job_id, model, _ in rows:
-                await self.services.redis.enqueue_job(
-                    keys.JOB_FUNCTION, job_id, _job_id=job_id, _queue_name=queues.for_model(model, batch=True)
-                )
+            for job_id, model, _, tenant in rows:
+                await enqueue(self.services.redis, queues.for_model(model, batch=True), job_id, tenant)
             async with self.services.sessions() as session, session.begin():
                 await session.execute(
                     update(Batch).where(Batch.id == batch_id).values(fed=rows[-1].batch_line)
@@ -290,6 +295,7 @@ class BatchManager:
                 if lines:
                     content = _jsonl(lines)
                     file = File(
+                        tenant=batch.tenant,
                         purpose="batch_output",
                         filename=f"{batch_id}_{suffix}.jsonl",
                         size=len(content),

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from api.auth import Principal
 from api.errors import ApiError, describe_validation
 from api.openai.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -75,6 +76,9 @@ def _structure(content: bytes, endpoint: str, max_lines: int) -> tuple[list[_Lin
         except ValueError:
             bad("invalid_json", "the line is not valid JSON")
             continue
+        if "\x00" in json.dumps(item, ensure_ascii=False):
+            bad("invalid_characters", "NUL characters (\\u0000) are not allowed")
+            continue
         if not isinstance(item, dict):
             bad("invalid_request", "each line must be a JSON object")
             continue
@@ -113,16 +117,18 @@ def _refusal(line: _Line, message: str, param: str | None) -> dict[str, Any]:
     return {"custom_id": line.custom_id, "line": line.number, "status_code": 400, "error": error}
 
 
-async def _job_for(services: Services, line: _Line, endpoint: str) -> Job:
+async def _job_for(services: Services, line: _Line, endpoint: str, principal: Principal) -> Job:
     model = ChatCompletionRequest if endpoint == "/v1/chat/completions" else CompletionRequest
     body = model.model_validate(line.body)
     if body.stream:
         raise ValueError("stream is not available in a batch")
     default = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == "/v1/completions" else None
-    return await prepare_job(services, body.to_job(), default_max_tokens=default, endpoint=endpoint)
+    return await prepare_job(
+        services, body.to_job(), principal, default_max_tokens=default, endpoint=endpoint
+    )
 
 
-async def parse_batch_file(services: Services, content: bytes, endpoint: str) -> Parsed:
+async def parse_batch_file(services: Services, content: bytes, endpoint: str, principal: Principal) -> Parsed:
     settings = services.settings.batches
     lines, errors = _structure(content, endpoint, settings.max_lines)
     parsed = Parsed(errors=errors[: settings.max_errors_listed])
@@ -132,7 +138,7 @@ async def parse_batch_file(services: Services, content: bytes, endpoint: str) ->
         if i % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)
         try:
-            job = await _job_for(services, line, endpoint)
+            job = await _job_for(services, line, endpoint, principal)
         except ValidationError as exc:
             parsed.rejected.append(_refusal(line, *describe_validation(exc.errors())))
             continue

@@ -78,7 +78,9 @@ class _GenerationRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1, description="Extension (as in vLLM): top-k sampling.")
+    top_k: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Extension (as in vLLM): top-k sampling."
+    )
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int | None = Field(default=None, ge=1)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from api.auth import Principal
 from api.cancellation import cancel_job
 from api.errors import ApiError, InvalidRequest, describe_validation
 from api.openai.protocol import (
@@ -33,6 +34,7 @@ from api.openai.protocol import (
 from api.services import Services
 from api.streams import job_events, load_job
 from api.submission import submit_job
+from shared import logs
 from shared.models import Job
 from shared.schemas import Usage
 from shared.states import FinishReason, JobStatus
@@ -56,7 +58,7 @@ class JobCancelled(ApiError):
 
 
 async def submit_openai(
-    services: Services, body: ChatCompletionRequest | CompletionRequest, kind: Kind
+    services: Services, body: ChatCompletionRequest | CompletionRequest, kind: Kind, principal: Principal
 ) -> Job:
     ignored = body.ignored_fields()
     if ignored:
@@ -67,7 +69,14 @@ async def submit_openai(
         message, param = describe_validation(exc.errors())
         raise InvalidRequest(message, param=param) from None
     default = COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "completion" else None
-    return await submit_job(services, req, default_max_tokens=default, endpoint=ENDPOINTS[kind])
+    return await submit_job(
+        services,
+        req,
+        principal,
+        default_max_tokens=default,
+        endpoint=ENDPOINTS[kind],
+        request_id=logs.request_id.get(),
+    )
 
 
 def response_id(kind: Kind, job_id: str) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.auth import PrincipalDep
 from api.deps import ServicesDep
 from api.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
 from api.services import Services
@@ -16,6 +18,8 @@ from api.streams import load_job
 from shared.events import Event, dumps
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
+
+MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids: 64-bit
 
 
 def _sse(event: Event) -> ServerSentEvent:
@@ -38,18 +42,23 @@ async def _sse_stream(services: Services, job_id: str, after: int) -> AsyncItera
 async def job_events(
     job_id: str,
     services: ServicesDep,
-    after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
+    principal: PrincipalDep,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Resume after this event id.")
+    ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
-    if await load_job(services, job_id) is None:
+    job = await load_job(services, job_id)
+    if job is None or not principal.owns(job.tenant):
         raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
     start = after or 0
     if last_event_id is not None and after is None:
-        if not last_event_id.strip().isdigit():
+        text = last_event_id.strip()
+        if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) > MAX_EVENT_ID:
             raise InvalidRequest(
                 "Last-Event-ID must be an event id (a non-negative integer)", param="Last-Event-ID"
             )
-        start = int(last_event_id)
+        start = int(text)
     return EventSourceResponse(
         _sse_stream(services, job_id, start),
         ping=int(services.settings.events.ping_seconds),

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from sqlalchemy import exists, select, tuple_
 from sqlalchemy.orm import undefer
 
+from api.auth import Principal, PrincipalDep
 from api.batches.records import file_object
 from api.deps import ServicesDep, SessionDep
 from api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
@@ -23,8 +24,8 @@ FILE_IN_USE = "file '{file_id}' is the input of batch '{batch_id}' and cannot be
 PURPOSES = ("batch",)
 
 
-async def _get(session: SessionDep, file_id: str, *, content: bool = False) -> File:
-    stmt = select(File).where(File.id == file_id)
+async def _get(session: SessionDep, principal: Principal, file_id: str, *, content: bool = False) -> File:
+    stmt = principal.scope(select(File).where(File.id == file_id), File.tenant)
     if content:
         stmt = stmt.options(undefer(File.content))
     file = (await session.execute(stmt)).scalar_one_or_none()
@@ -37,6 +38,7 @@ async def _get(session: SessionDep, file_id: str, *, content: bool = False) -> F
 async def upload_file(
     services: ServicesDep,
     session: SessionDep,
+    principal: PrincipalDep,
     file: Annotated[UploadFile, FileParam(description="JSONL, one batch request per line.")],
     purpose: Annotated[str, Form(description="Only 'batch' is supported.")],
 ) -> FileObject:
@@ -54,8 +56,9 @@ async def upload_file(
             f"a batch file holds at most {limits.max_lines} lines; this one has {lines}", param="file"
         )
     record = File(
+        tenant=principal.tenant,
         purpose=purpose,
-        filename=(file.filename or "upload.jsonl")[:255],
+        filename=(file.filename or "upload.jsonl").replace("\x00", "")[:255] or "upload.jsonl",
         size=len(content),
         lines=lines,
         content=content,
@@ -68,16 +71,19 @@ async def upload_file(
 @router.get("", response_model=FileList, summary="List files, newest first")
 async def list_files(
     session: SessionDep,
+    principal: PrincipalDep,
     purpose: Annotated[str | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     after: Annotated[str | None, Query(description="Id of the last file of the previous page.")] = None,
 ) -> FileList:
-    stmt = select(File)
+    stmt = principal.scope(select(File), File.tenant)
     if purpose is not None:
         stmt = stmt.where(File.purpose == purpose)
     if after is not None:
         cursor = (
-            await session.execute(select(File.created_at, File.id).where(File.id == after))
+            await session.execute(
+                principal.scope(select(File.created_at, File.id).where(File.id == after), File.tenant)
+            )
         ).one_or_none()
         if cursor is None:
             raise InvalidRequest(f"'after' names no file: '{after}'", param="after")
@@ -97,8 +103,8 @@ async def list_files(
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="Get a file's description")
-async def get_file(file_id: str, session: SessionDep) -> FileObject:
-    return file_object(await _get(session, file_id))
+async def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FileObject:
+    return file_object(await _get(session, principal, file_id))
 
 
 @router.get(
@@ -107,8 +113,8 @@ async def get_file(file_id: str, session: SessionDep) -> FileObject:
     responses={200: {"content": {"application/jsonl": {}}}},
     summary="Download a file",
 )
-async def file_content(file_id: str, session: SessionDep) -> Response:
-    file = await _get(session, file_id, content=True)
+async def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
+    file = await _get(session, principal, file_id, content=True)
     return Response(
         file.content,
         media_type="application/jsonl",
@@ -117,9 +123,9 @@ async def file_content(file_id: str, session: SessionDep) -> Response:
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file no batch reads")
-async def delete_file(file_id: str, session: SessionDep) -> FileDeleted:
+async def delete_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FileDeleted:
     async with session.begin():
-        file = await _get(session, file_id)
+        file = await _get(session, principal, file_id)
         user = await session.scalar(select(Batch.id).where(Batch.input_file_id == file_id).limit(1))
         if user is not None:
             raise Conflict(FILE_IN_USE.format(file_id=file_id, batch_id=user), param="file_id")

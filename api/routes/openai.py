@@ -8,8 +8,10 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
+from api.auth import Principal, PrincipalDep, QuotaDep
 from api.deps import ServicesDep
 from api.errors import NotFound
+from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -20,6 +22,7 @@ from api.openai.protocol import (
 )
 from api.openai.serving import Kind, render, stream_job, submit_openai, wait_for_job
 from api.services import Services
+from api.streams import load_job
 from api.workers import live_workers
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -28,21 +31,43 @@ JOB_HEADER = "x-inferq-job-id"
 MODEL_NOT_FOUND = "no live worker serves model '{model}'"
 
 
+class _ClientGone(Exception):
+    pass
+
+
 async def _serve(
-    services: Services, body: ChatCompletionRequest | CompletionRequest, kind: Kind, request: Request
+    services: Services,
+    body: ChatCompletionRequest | CompletionRequest,
+    kind: Kind,
+    request: Request,
+    principal: Principal,
 ) -> Response:
-    job = await submit_openai(services, body, kind)
-    headers = {JOB_HEADER: job.id}
+    async def create() -> Outcome:
+        job = await submit_openai(services, body, kind, principal)
+        if body.stream:
+            return Outcome(200, None, job.id)  # the response is the job's stream; a replay streams it again
+        finished = await wait_for_job(services, job, request)
+        if finished is None:
+            raise _ClientGone
+        return Outcome(200, render(finished, kind).model_dump(mode="json"), job.id)
+
+    try:
+        outcome = await run_idempotent(services, principal, request, create)
+    except _ClientGone:
+        return Response(status_code=499)  # nobody is listening any more
+    assert outcome.job_id is not None
+    headers = {JOB_HEADER: outcome.job_id}
+    if outcome.replayed:
+        headers[REPLAYED_HEADER] = "true"
     if body.stream:
+        job = await load_job(services, outcome.job_id)
+        assert job is not None
         return EventSourceResponse(
             stream_job(services, job, kind, body.include_usage),
             ping=int(services.settings.events.ping_seconds),
             headers={**headers, "X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
         )
-    finished = await wait_for_job(services, job, request)
-    if finished is None:
-        return Response(status_code=499, headers=headers)  # nobody is listening any more
-    return JSONResponse(render(finished, kind).model_dump(mode="json"), headers=headers)
+    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
 
 
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
@@ -57,9 +82,13 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     summary="Create a chat completion (OpenAI-compatible)",
 )
 async def chat_completions(
-    body: Annotated[ChatCompletionRequest, Body()], services: ServicesDep, request: Request
+    body: Annotated[ChatCompletionRequest, Body()],
+    services: ServicesDep,
+    request: Request,
+    principal: PrincipalDep,
+    _quota: QuotaDep,
 ) -> Response:
-    return await _serve(services, body, "chat", request)
+    return await _serve(services, body, "chat", request, principal)
 
 
 @router.post(
@@ -69,9 +98,13 @@ async def chat_completions(
     summary="Create a text completion (OpenAI-compatible)",
 )
 async def completions(
-    body: Annotated[CompletionRequest, Body()], services: ServicesDep, request: Request
+    body: Annotated[CompletionRequest, Body()],
+    services: ServicesDep,
+    request: Request,
+    principal: PrincipalDep,
+    _quota: QuotaDep,
 ) -> Response:
-    return await _serve(services, body, "completion", request)
+    return await _serve(services, body, "completion", request, principal)
 
 
 async def _models(services: Services) -> list[Model]:

@@ -1,0 +1,72 @@
+"""API keys on every route (but health, readiness and metrics), and the tenant each key acts for.
+
+Auth is `auto` by default: open while no key exists (local use), required as soon as one does.
+What a process read about keys is trusted for `auth_cache_seconds`, so a request costs no Postgres
+round trip; a revoked key stops working within that time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol, Self, TypeVar
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import InstrumentedAttribute
+
+from api.deps import ServicesDep
+from api.errors import INVALID_KEY, MISSING_KEY, Unauthorized
+from api.ratelimit import check_token_quota, limit_requests
+from shared.apikeys import key_id_of, matches
+
+
+class _Filterable(Protocol):
+    def where(self, *criteria: Any) -> Self: ...
+
+
+S = TypeVar("S", bound=_Filterable)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a key and its tenant, or nobody in particular when auth is off."""
+
+    tenant: str | None
+    key_id: str | None = None
+    rate_per_minute: int | None = None
+    tokens_per_day: int | None = None
+
+    def owns(self, tenant: str | None) -> bool:
+        return self.tenant is None or tenant == self.tenant
+
+    def scope(self, stmt: S, column: InstrumentedAttribute[str | None]) -> S:
+        return stmt if self.tenant is None else stmt.where(column == self.tenant)
+
+
+OPEN = Principal(tenant=None)
+
+
+async def authenticate(request: Request, services: ServicesDep) -> Principal:
+    if not await services.auth.required():
+        return OPEN
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(MISSING_KEY, code="invalid_api_key")
+    key_id = key_id_of(token)
+    key = await services.auth.lookup(key_id) if key_id else None
+    if key is None or key.revoked or not matches(token, key.key_hash):
+        raise Unauthorized(INVALID_KEY, code="invalid_api_key")
+    principal = Principal(key.tenant, key.id, key.rate_per_minute, key.tokens_per_day)
+    await limit_requests(services, principal.key_id, principal.rate_per_minute, request)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+async def check_quota(request: Request, services: ServicesDep, principal: PrincipalDep) -> None:
+    """For routes that start generation: refuse once the key's daily token quota is used up."""
+    await check_token_quota(services, principal.key_id, principal.tokens_per_day, request)
+
+
+QuotaDep = Annotated[None, Depends(check_quota)]
