@@ -238,6 +238,22 @@ def launch(
     return s
 
 
+def start_api(stack: Stack, **env: str) -> tuple[str, Proc]:
+    """Another API process on the stack's servers (with its own settings); returns its URL and process."""
+    port = _free_port()
+    api = Proc(["api", "--port", str(port)], {**stack.api.env, **env}, stack.api.log_dir)
+    api.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        return False
+
+    wait_for(ready, 120, "an extra API", [api])
+    return url, api
+
+
 @pytest.fixture(scope="session")
 def stack(servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A SIGTERMed worker hands its jobs back at once here; draining is tested on a stack of its own.

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared import keys
 from shared.db import async_url
-from tests.conftest import REPO, Proc, Servers, Stack, _admin, _free_port, launch
+from tests.conftest import REPO, Proc, Servers, Stack, _admin, _free_port, launch, start_api
 from tests.helpers import FRANCE, STORY, iter_sse, submit, wait_job
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -344,3 +344,33 @@ async def test_fleet_jobs_go_only_to_workers_of_their_model(fleet: Fleet, fc: ht
         other.stop()
     bad = await fc.post("/v1/jobs", json={"model": "nope", "messages": FRANCE})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+
+
+async def test_fleet_two_apis_relay_each_others_jobs(fleet: Fleet, fc: httpx.AsyncClient) -> None:
+    """Jobs submitted to either of two API processes stream correctly from the other one: the SSE relay
+    depends only on Redis, not on which process accepted the job."""
+    url, second = start_api(fleet.stack)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0)) as other:
+            apis = [fc, other]
+
+            async def one(i: int) -> tuple[str, str]:
+                body = {
+                    "messages": [{"role": "user", "content": f"Name {i % 5 + 2} fruits."}],
+                    "max_tokens": 16,
+                }
+                job = await submit(apis[i % 2], **body, temperature=0)
+                text = ""
+                async for event in iter_sse(apis[(i + 1) % 2], job["id"]):
+                    if event.event == "token":
+                        text += event.data["text"]
+                    if event.event in ("done", "error"):
+                        assert event.event == "done", event.data
+                return job["id"], text
+
+            results = await asyncio.gather(*(one(i) for i in range(24)))
+        for job_id, streamed in results:
+            stored = (await fc.get(f"/v1/jobs/{job_id}")).json()
+            assert stored["status"] == "succeeded" and streamed == stored["output"]
+    finally:
+        second.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Proc, Stack, _free_port, wait_for
+from tests.conftest import Stack, start_api
 from tests.helpers import FRANCE, submit, wait_job
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -99,20 +98,9 @@ async def test_request_id_travels_to_the_job_the_worker_log_and_errors(
 
 
 def test_logs_json_lines_carry_ids(stack: Stack) -> None:
-    port = _free_port()
-    api = Proc(
-        ["api", "--port", str(port)], {**stack.api.env, "INFERQ_LOG_FORMAT": "json"}, stack.api.log_dir
-    )
-    api.start()
+    url, api = start_api(stack, INFERQ_LOG_FORMAT="json")
     try:
-
-        def ready() -> bool:
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            return False
-
-        wait_for(ready, 120, "the JSON-logging API", [api])
-        httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers={"x-request-id": "json-req-1"}, timeout=10)
+        httpx.get(f"{url}/v1/jobs", headers={"x-request-id": "json-req-1"}, timeout=10)
         time.sleep(0.5)
     finally:
         api.stop()

@@ -4,7 +4,6 @@ process of their own (auth on) that shares the session's servers and worker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import io
 import re
@@ -23,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from shared.apikeys import hash_key, key_id_of, matches, new_key
 from shared.models import ApiKey, Job, new_key_id
-from tests.conftest import Proc, Stack, _free_port, wait_for
+from tests.conftest import Proc, Stack, start_api
 from tests.helpers import FRANCE, STORY, wait_job
 
 SECRET_PROMPT = "Describe the zebra-violet-unicorn-4242 in one word."
@@ -49,21 +48,6 @@ class Secure:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0))
 
 
-def _start_api(stack: Stack, **env: str) -> tuple[str, Proc]:
-    port = _free_port()
-    api = Proc(["api", "--port", str(port)], {**stack.api.env, **env}, stack.api.log_dir)
-    api.start()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-        return False
-
-    wait_for(ready, 120, "the secure API", [api])
-    return url, api
-
-
 async def _revoke_all(db: AsyncEngine) -> None:
     async with db.begin() as conn:
         await conn.execute(update(ApiKey).where(ApiKey.revoked_at.is_(None)).values(revoked_at=func.now()))
@@ -71,7 +55,7 @@ async def _revoke_all(db: AsyncEngine) -> None:
 
 @pytest.fixture(scope="module")
 def secure(stack: Stack) -> Iterator[Secure]:
-    url, api = _start_api(
+    url, api = start_api(
         stack,
         INFERQ_AUTH="on",
         INFERQ_AUTH_CACHE_SECONDS="0.5",
@@ -269,7 +253,7 @@ async def _cancel_all(c: httpx.AsyncClient, responses: list[httpx.Response]) -> 
 
 
 async def test_admission_control_refuses_work_past_the_queue_limit(stack: Stack, secure: Secure) -> None:
-    url, api = _start_api(stack, INFERQ_AUTH="off", INFERQ_MAX_QUEUE_SECONDS="5")
+    url, api = start_api(stack, INFERQ_AUTH="off", INFERQ_MAX_QUEUE_SECONDS="5")
     responses: list[httpx.Response] = []
     try:
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
