@@ -82,6 +82,16 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (0: off).")
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="transformers (the model runs here) or openai-http (forward to a server)."),
+    ] = None,
+    upstream_url: Annotated[
+        str | None, typer.Option(help="openai-http: base URL, e.g. http://vllm:8000/v1.")
+    ] = None,
+    upstream_model: Annotated[
+        str | None, typer.Option(help="openai-http: the upstream's model name.")
+    ] = None,
 ) -> None:
     """Run one GPU worker: one model on one device, continuous batching."""
     from worker.main import run
@@ -93,6 +103,16 @@ def worker(
         settings.model.max_batch = max_batch
     if metrics_port is not None:
         settings.worker.metrics_port = metrics_port
+    if engine is not None:
+        if engine not in ("transformers", "openai-http"):
+            raise typer.BadParameter("must be transformers or openai-http", param_hint="--engine")
+        settings.worker.engine = engine  # type: ignore[assignment]
+    if upstream_url is not None:
+        settings.worker.upstream_url = upstream_url
+    if upstream_model is not None:
+        settings.worker.upstream_model = upstream_model
+    if settings.worker.engine == "openai-http" and not settings.worker.upstream_url:
+        raise typer.BadParameter("openai-http needs --upstream-url", param_hint="--upstream-url")
     settings.require_urls()
     _logging(settings)
     run(settings)

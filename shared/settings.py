@@ -67,6 +67,15 @@ class WorkerSettings(BaseModel):
     drain_seconds: float = Field(
         default=60.0, ge=0, description="On SIGTERM, how long held jobs may run before they are requeued."
     )
+    engine: Literal["transformers", "openai-http"] = Field(
+        default="transformers",
+        description="transformers: the model runs here; openai-http: jobs go to an OpenAI-compatible server.",
+    )
+    upstream_url: str | None = Field(
+        default=None, description="openai-http: base URL of the server, e.g. http://vllm:8000/v1."
+    )
+    upstream_model: str | None = Field(default=None, description="openai-http: the model name it expects.")
+    upstream_api_key: str | None = Field(default=None, description="openai-http: its API key, if any.")
     heartbeat_seconds: float = Field(default=1.0, gt=0)
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."

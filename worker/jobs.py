@@ -44,6 +44,7 @@ class _Claim:
     created_at: datetime
     started_at: datetime
     request_id: str | None
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -115,8 +116,7 @@ class JobRunner:
         finally:
             metrics.running.labels(self.model_name).dec()
             self.running.pop(job_id, None)
-            if run.handle is not None and not run.handle.closed:
-                self.engine.cancel(run.handle.request_id)
+            self._stop(run)
 
     def cancel(self, job_id: str) -> bool:
         """Stop a running job mid-generation; its tokens so far are kept."""
@@ -124,9 +124,13 @@ class JobRunner:
         if run is None:
             return False
         run.cancelled = True
-        if run.handle is not None:
-            self.engine.cancel(run.handle.request_id)
+        self._stop(run)
         return True
+
+    def _stop(self, run: _Run) -> None:
+        """Make the engine drop the job's request, if it still runs."""
+        if run.handle is not None and not run.handle.closed:
+            self.engine.cancel(run.handle.request_id)
 
     async def _claim(self, job_id: str) -> _Claim | None:
         stmt = (
@@ -138,13 +142,22 @@ class JobRunner:
                 worker_id=self.worker_id,
                 started_at=func.clock_timestamp(),
             )
-            .returning(Job.request, Job.attempts, Job.created_at, Job.started_at, Job.request_id)
+            .returning(
+                Job.request, Job.attempts, Job.created_at, Job.started_at, Job.request_id, Job.prompt_tokens
+            )
         )
         async with self.sessions() as session, session.begin():
             row = (await session.execute(stmt)).one_or_none()
         if row is None:
             return None
-        return _Claim(dict(row.request), int(row.attempts), row.created_at, row.started_at, row.request_id)
+        return _Claim(
+            dict(row.request),
+            int(row.attempts),
+            row.created_at,
+            row.started_at,
+            row.request_id,
+            row.prompt_tokens,
+        )
 
     async def _generate(self, run: _Run) -> str:
         request = run.claim.request
@@ -192,7 +205,7 @@ class JobRunner:
             self.events.emit(run.job_id, "token", {"index": index, "text": tail})
         reason = self._finish_reason(run, decoder, options.max_tokens)
         status = JobStatus.CANCELLED if run.cancelled else JobStatus.SUCCEEDED
-        return await self._complete(run, status, decoder, reason, len(input_ids))
+        return await self._complete(run, status, decoder.text, len(decoder.token_ids), reason, len(input_ids))
 
     def _finish_reason(self, run: _Run, decoder: IncrementalDecoder, max_tokens: int) -> FinishReason:
         if run.cancelled:
@@ -209,14 +222,14 @@ class JobRunner:
         self,
         run: _Run,
         status: JobStatus,
-        decoder: IncrementalDecoder,
+        output: str,
+        completion: int,
         reason: FinishReason,
         prompt_tokens: int,
     ) -> str:
         now = time.monotonic()
         queue_ms = (run.claim.started_at - run.claim.created_at).total_seconds() * 1000
         running_s = now - run.t_start
-        completion = len(decoder.token_ids)
         timings = {
             "queue_ms": round(queue_ms, 3),
             "ttft_ms": round(queue_ms + (run.t_first - run.t_start) * 1000, 3) if run.t_first else None,
@@ -225,7 +238,7 @@ class JobRunner:
         }
         values = {
             "status": status.value,
-            "output": decoder.text,
+            "output": output,
             "finish_reason": reason.value,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,

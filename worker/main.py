@@ -26,6 +26,7 @@ from worker.jobs import JobRunner
 from worker.model import load_model
 from worker.publisher import EventBatcher
 from worker.registry import Heartbeat
+from worker.upstream import UpstreamEngine, UpstreamRunner
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,27 @@ async def _listen_for_cancels(redis: Redis, runner: JobRunner) -> None:
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis: Redis = ctx["redis"]
-    t0 = time.monotonic()
-    model, tokenizer = await asyncio.to_thread(load_model, settings.model_path, settings.model)
-    log.info(
-        "model %s loaded on %s in %.2fs", settings.model_path, settings.model.device, time.monotonic() - t0
-    )
-    engine = Engine(model, tokenizer, settings.model)
-    engine.start()
-    await engine.warmup()
+    upstream = settings.worker.engine == "openai-http"
+    engine: Any
+    if upstream:
+        engine = UpstreamEngine(
+            settings.worker.upstream_url or "", settings.worker.upstream_api_key, settings.worker.job_timeout
+        )
+        await engine.warmup()  # fails start-up if the upstream server is not there
+        log.info("forwarding jobs to %s", settings.worker.upstream_url)
+    else:
+        t0 = time.monotonic()
+        model, tokenizer = await asyncio.to_thread(load_model, settings.model_path, settings.model)
+        log.info(
+            "model %s loaded on %s in %.2fs",
+            settings.model_path,
+            settings.model.device,
+            time.monotonic() - t0,
+        )
+        engine = Engine(model, tokenizer, settings.model)
+        engine.start()
+        await engine.warmup()
+        engine.step_observer = metrics.batch_size.labels(settings.served_model_name).observe
     db = create_engine(settings.require_urls()[1], pool_size=4)
     await check_schema(db)
     batcher = EventBatcher(
@@ -75,16 +89,20 @@ async def startup(ctx: dict[str, Any]) -> None:
     batcher.start()
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{settings.model.device}"
     logs.worker_id.set(worker_id)  # inherited by every job task started after this
-    runner = JobRunner(
-        engine=engine,
-        sessions=session_factory(db),
-        redis=redis,
-        events=batcher,
-        worker_id=worker_id,
-        default_max_tokens=settings.limits.default_max_tokens,
-        model_name=settings.served_model_name,
-    )
-    engine.step_observer = metrics.batch_size.labels(settings.served_model_name).observe
+    common: dict[str, Any] = {
+        "sessions": session_factory(db),
+        "redis": redis,
+        "events": batcher,
+        "worker_id": worker_id,
+        "default_max_tokens": settings.limits.default_max_tokens,
+        "model_name": settings.served_model_name,
+    }
+    runner: JobRunner
+    if upstream:
+        model_name = settings.worker.upstream_model or settings.served_model_name
+        runner = UpstreamRunner(upstream=engine, upstream_model=model_name, **common)
+    else:
+        runner = JobRunner(engine=engine, **common)
     metrics.serve(settings.worker.metrics_port)
     heartbeat = Heartbeat(redis, worker_id, settings, engine, runner)
     await heartbeat.beat()
@@ -111,6 +129,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["batcher"].stop()
     if "engine" in ctx:
         await asyncio.to_thread(ctx["engine"].stop)
+        if isinstance(ctx["engine"], UpstreamEngine):
+            await ctx["engine"].aclose()
     if "db" in ctx:
         await ctx["db"].dispose()
 
