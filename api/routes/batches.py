@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, select, update
 
 from api.auth import Principal, PrincipalDep, QuotaDep
 from api.batches.records import batch_object, job_counts
@@ -15,6 +15,7 @@ from api.deps import ServicesDep, SessionDep
 from api.errors import Conflict, InvalidRequest, NotFound
 from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from api.openai.protocol import BatchCreateRequest, BatchList, BatchObject
+from api.pagination import newest_first
 from shared.models import Batch, File
 from shared.states import BATCH_TERMINAL, BatchStatus
 
@@ -86,28 +87,15 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="Id of the last batch of the previous page.")] = None,
 ) -> BatchList:
-    stmt = principal.scope(select(Batch), Batch.tenant)
-    if after is not None:
-        cursor = (
-            await session.execute(
-                principal.scope(select(Batch.created_at, Batch.id).where(Batch.id == after), Batch.tenant)
-            )
-        ).one_or_none()
-        if cursor is None:
-            raise InvalidRequest(f"'after' names no batch: '{after}'", param="after")
-        stmt = stmt.where(tuple_(Batch.created_at, Batch.id) < tuple_(cursor.created_at, cursor.id))
-    batches = list(
-        (
-            await session.execute(stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
-        ).scalars()
+    page, has_more = await newest_first(
+        session, principal, Batch, select(Batch), after=after, limit=limit, noun="batch"
     )
-    page = batches[:limit]
     counts = await job_counts(session, [b.id for b in page])
     return BatchList(
         data=[batch_object(b, counts.get(b.id, {})) for b in page],
         first_id=page[0].id if page else None,
         last_id=page[-1].id if page else None,
-        has_more=len(batches) > limit,
+        has_more=has_more,
     )
 
 

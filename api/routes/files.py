@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi import File as FileParam
 from fastapi.responses import Response
-from sqlalchemy import exists, select, tuple_
+from sqlalchemy import exists, select
 from sqlalchemy.orm import undefer
 
 from api.auth import Principal, PrincipalDep
@@ -15,6 +15,7 @@ from api.batches.records import file_object
 from api.deps import ServicesDep, SessionDep
 from api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from api.openai.protocol import FileDeleted, FileList, FileObject
+from api.pagination import newest_first
 from shared.models import Batch, File
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -76,29 +77,15 @@ async def list_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     after: Annotated[str | None, Query(description="Id of the last file of the previous page.")] = None,
 ) -> FileList:
-    stmt = principal.scope(select(File), File.tenant)
+    stmt = select(File)
     if purpose is not None:
         stmt = stmt.where(File.purpose == purpose)
-    if after is not None:
-        cursor = (
-            await session.execute(
-                principal.scope(select(File.created_at, File.id).where(File.id == after), File.tenant)
-            )
-        ).one_or_none()
-        if cursor is None:
-            raise InvalidRequest(f"'after' names no file: '{after}'", param="after")
-        stmt = stmt.where(tuple_(File.created_at, File.id) < tuple_(cursor.created_at, cursor.id))
-    files = list(
-        (
-            await session.execute(stmt.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1))
-        ).scalars()
-    )
-    page = files[:limit]
+    page, has_more = await newest_first(session, principal, File, stmt, after=after, limit=limit, noun="file")
     return FileList(
         data=[file_object(f) for f in page],
         first_id=page[0].id if page else None,
         last_id=page[-1].id if page else None,
-        has_more=len(files) > limit,
+        has_more=has_more,
     )
 
 

@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, status
 from fastapi.responses import JSONResponse
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 
 from api.auth import PrincipalDep, QuotaDep
 from api.cancellation import cancel_job
 from api.deps import ServicesDep, SessionDep
-from api.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
+from api.errors import JOB_NOT_FOUND, NotFound
 from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
+from api.pagination import newest_first
 from api.submission import submit_job
 from api.views import job_response, job_urls
 from api.workers import live_workers
@@ -83,24 +84,12 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
 ) -> JobListResponse:
-    stmt = principal.scope(select(Job), Job.tenant)
+    stmt = select(Job)
     if status_ is not None:
         stmt = stmt.where(Job.status == status_.value)
     if batch_id is not None:
         stmt = stmt.where(Job.batch_id == batch_id)
-    if after is not None:
-        cursor = (
-            await session.execute(
-                principal.scope(select(Job.created_at, Job.id).where(Job.id == after), Job.tenant)
-            )
-        ).one_or_none()
-        if cursor is None:
-            raise InvalidRequest(f"'after' names no job: '{after}'", param="after")
-        stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
-    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = list((await session.execute(stmt)).scalars())
-    has_more = len(jobs) > limit
-    jobs = jobs[:limit]
+    jobs, has_more = await newest_first(session, principal, Job, stmt, after=after, limit=limit, noun="job")
     return JobListResponse(
         data=[job_response(j) for j in jobs], has_more=has_more, next_after=jobs[-1].id if has_more else None
     )
