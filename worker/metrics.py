@@ -117,7 +117,7 @@ success = Counter(
     "inferq:request_success", "Jobs that ended, by finish reason.", (*LABELS, "finished_reason")
 )
 failures = Counter("inferq:request_failure", "Jobs that failed, by error type.", (*LABELS, "error_type"))
-running = Gauge("inferq:num_requests_running", "Jobs this worker holds.", LABELS)
+running = Gauge("inferq:engine_requests_running", "Jobs this worker holds.", LABELS)
 batch_size = Histogram(
     "inferq:engine_batch_size",
     "Requests that shared an engine step (one sample per step).",
