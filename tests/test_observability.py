@@ -118,7 +118,13 @@ def test_logs_json_lines_carry_ids(stack: Stack) -> None:
 async def test_grafana_dashboard_uses_only_exported_metrics(client: httpx.AsyncClient, stack: Stack) -> None:
     await wait_job(client, (await submit(client, messages=FRANCE, max_tokens=2))["id"])
     exported = (await client.get("/metrics")).text + _worker_metrics(stack)
-    names = {line.split("{")[0].split(" ")[0] for line in exported.splitlines() if line.startswith("inferq:")}
+    names = set()
+    for line in exported.splitlines():
+        if line.startswith("# TYPE inferq:"):  # declared, even with no sample yet (a labelled counter)
+            _, _, name, kind = line.split()
+            names |= (
+                {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+            )
     dashboard = json.loads(
         (Path(__file__).parent.parent / "deploy/grafana/inferq-dashboard.json").read_text()
     )
@@ -126,6 +132,6 @@ async def test_grafana_dashboard_uses_only_exported_metrics(client: httpx.AsyncC
         name
         for panel in dashboard["panels"]
         for target in panel["targets"]
-        for name in re.findall(r"inferq:[a-z_:]+", target["expr"])
+        for name in re.findall(r"inferq:[a-z0-9_:]+", target["expr"])
     }
     assert used and used <= names, sorted(used - names)
