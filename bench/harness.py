@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +13,12 @@ from pathlib import Path
 import httpx
 import redis
 
+from bench.procs import free_port, spawn, stop, wait_until
 from inferq import embedded
 from shared import keys
 from shared.db import upgrade
+
+SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
 @dataclass
@@ -26,12 +26,18 @@ class RunningStack:
     base_url: str
     redis_url: str
     database_url: str
+    api_pid: int = 0
+    worker_pid: int | None = None
+    log_dir: Path | None = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ready(base: str, redis_url: str, want_worker: bool) -> bool:
+    if httpx.get(f"{base}/readyz", timeout=1).status_code != 200:
+        return False
+    if not want_worker:
+        return True
+    with redis.Redis.from_url(redis_url) as r:
+        return bool(list(r.scan_iter(match=keys.WORKER_PREFIX + "*")))
 
 
 @contextlib.contextmanager
@@ -41,8 +47,10 @@ def running_stack(
     max_batch: int = 32,
     log_dir: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    worker: bool = True,
 ) -> Iterator[RunningStack]:
-    """Embedded Valkey + PostgreSQL in a temporary directory, then `inferq api` and `inferq worker`."""
+    """Embedded Valkey + PostgreSQL in a temporary directory, then `inferq api` and (unless `worker` is
+    false) `inferq worker`; every process is stopped on exit, and dies with the benchmark."""
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-")))
         redis_url = stack.enter_context(embedded.valkey(None))
@@ -53,41 +61,37 @@ def running_stack(
             "INFERQ_REDIS_URL": redis_url,
             "INFERQ_DATABASE_URL": database_url,
             "INFERQ_MODEL__NAME": str(model_dir),
-            "INFERQ_MODEL__SERVED_NAME": "SmolLM2-135M-Instruct",
+            "INFERQ_MODEL__SERVED_NAME": SERVED_NAME,
             "INFERQ_LOG_LEVEL": "WARNING",
             **(extra_env or {}),
         }
         logs = log_dir or tmp
-        port = _free_port()
+        logs.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        commands = [["api", "--port", str(port)]]
+        if worker:
+            commands.append(["worker", "--max-batch", str(max_batch)])
         procs = []
-        for args in (["api", "--port", str(port)], ["worker", "--max-batch", str(max_batch)]):
-            out = (logs / f"{args[0]}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "inferq.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-                )
-            )
         try:
+            for args in commands:
+                procs.append(
+                    spawn([sys.executable, "-m", "inferq.cli", *args], env=env, log=logs / f"{args[0]}.log")
+                )
             base = f"http://127.0.0.1:{port}"
-            r = redis.Redis.from_url(redis_url)
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                if any(p.poll() is not None for p in procs):
-                    raise RuntimeError(f"a stack process exited; logs in {logs}")
-                with contextlib.suppress(httpx.HTTPError):
-                    ready = httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-                    if ready and list(r.scan_iter(match=keys.WORKER_PREFIX + "*")):
-                        break
-                time.sleep(0.2)
-            else:
-                raise RuntimeError("the stack did not start in time")
-            r.close()
-            yield RunningStack(base, redis_url, database_url)
+            wait_until(
+                lambda: _ready(base, redis_url, worker),
+                procs,
+                timeout=180,
+                what=f"inferq stack (logs in {logs})",
+            )
+            yield RunningStack(
+                base,
+                redis_url,
+                database_url,
+                api_pid=procs[0].pid,
+                worker_pid=procs[1].pid if worker else None,
+                log_dir=logs,
+            )
         finally:
             for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+                stop(p, timeout=30)

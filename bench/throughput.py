@@ -76,17 +76,28 @@ def in_process_generate(model_dir: Path, n: int, max_tokens: int) -> dict[str, f
 
 async def in_process_engine_ttft(model_dir: Path) -> float:
     """TTFT of the same continuous-batching engine the worker runs, called in-process (no queue)."""
+    samples = await engine_ttft_samples(model_dir, 8)
+    return statistics.median(samples[1:])
+
+
+async def engine_ttft_samples(
+    model_dir: Path, n: int, settings: ModelSettings | None = None, gap_s: float = 0.0
+) -> list[float]:
+    """`n` TTFTs (ms) of the worker's engine called in-process, one request at a time (`gap_s` idle
+    seconds before each), after warm-up."""
     from worker.engine import Engine, SamplingOptions
     from worker.model import load_model
 
-    model, tok = load_model(str(model_dir), ModelSettings())
-    engine = Engine(model, tok, ModelSettings())
+    settings = settings or ModelSettings()
+    model, tok = load_model(str(model_dir), settings)
+    engine = Engine(model, tok, settings)
     engine.start()
     await engine.warmup()
     ids = tok.apply_chat_template(_chat(TTFT_PROMPT), add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     samples = []
-    for i in range(8):
+    for i in range(n):
+        await asyncio.sleep(gap_s)
         t = time.perf_counter()
         handle = engine.submit(f"ttft-{i}", ids, SamplingOptions(1, 0.0, 1.0, None))
         while not (await handle.next()).new_tokens:
@@ -95,7 +106,7 @@ async def in_process_engine_ttft(model_dir: Path) -> float:
         while not handle.closed:
             await handle.next()
     await asyncio.to_thread(engine.stop)
-    return statistics.median(samples[1:])
+    return samples
 
 
 async def _stream_job(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[str, float, float]:

@@ -1,0 +1,41 @@
+"""One entry point for every benchmark: `python -m bench NAME [options]` (`python -m bench NAME -h`).
+
+throughput  inferq vs `transformers serve --continuous-batching` vs a naive server, tokens/s and TTFT
+submit      jobs/s one API process accepts (POST /v1/jobs) vs a bare FastAPI route, same client
+sse         added latency of 1,000 concurrent SSE streams relayed by one API process
+overhead    idle TTFT through inferq minus the same engine's TTFT in-process
+all         all of the above, then `chart`; results in bench/results.json
+chart       bench/throughput.png from the throughput results
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from bench.procs import terminate_on_sigterm
+
+COMMANDS = {
+    "throughput": "bench.peers",
+    "submit": "bench.submit",
+    "sse": "bench.sse",
+    "overhead": "bench.overhead",
+    "all": "bench.run_all",
+    "chart": "bench.chart",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown benchmark {argv[0]!r}; one of: {', '.join(COMMANDS)}")
+            sys.exit(2)
+        return
+    terminate_on_sigterm()
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
