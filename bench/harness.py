@@ -21,6 +21,18 @@ from shared.db import upgrade
 SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
+def demo_model() -> Path:
+    """The configured model directory, fetched (and converted) first when it is not there yet."""
+    from shared.settings import Settings
+    from worker.model import fetch_demo_model, is_fetched
+
+    target = Path(Settings().model_path)
+    if not is_fetched(target):
+        print(f"fetching the demo model into {target}…", flush=True)
+        fetch_demo_model(target, progress=lambda m: print(f"  {m}", flush=True))
+    return target
+
+
 @dataclass
 class RunningStack:
     base_url: str

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import aio, profiling
 from bench.chat_stream import chat_body, stream_chat
-from bench.harness import SERVED_NAME, running_stack
+from bench.harness import SERVED_NAME, demo_model, running_stack
 from bench.machine import (
     CpuByProcess,
     add_quiet_arguments,
@@ -31,7 +31,7 @@ from bench.machine import (
 from bench.rawhttp import Connection
 from bench.stats import summarize
 from bench.throughput import TTFT_PROMPT, engine_ttft_samples
-from shared.settings import ModelSettings, Settings
+from shared.settings import ModelSettings
 
 
 async def native_ttft(base_url: str, n: int, gap: float) -> list[dict[str, float]]:
@@ -105,7 +105,7 @@ def _ttft_part(values: list[float]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(Settings().model_path)
+    model_dir = demo_model()
     n = args.samples + args.warmup
     print(f"overhead: in-process engine TTFT, {args.samples} requests…", flush=True)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from bench import aio, profiling, systems
 from bench.chat_stream import StreamResult, chat_body, stream_chat
+from bench.harness import demo_model
 from bench.machine import (
     CpuByProcess,
     CpuMeter,
@@ -29,7 +30,6 @@ from bench.machine import (
 from bench.rawhttp import Connection
 from bench.stats import summarize
 from bench.throughput import PROMPTS
-from shared.settings import Settings
 
 
 async def run_level(
@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    model_dir = Path(Settings().model_path)
+    model_dir = demo_model()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     args.profile = [s for s in args.profile.split(",") if s]
     args.log_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from sqlalchemy import insert, update
 
 from bench import aio, profiling
-from bench.harness import SERVED_NAME, RunningStack, running_stack
+from bench.harness import SERVED_NAME, RunningStack, demo_model, running_stack
 from bench.machine import (
     CpuByProcess,
     CpuMeter,
@@ -227,7 +227,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(Settings().model_path)
+    model_dir = demo_model()
     print(
         f"sse: {args.streams} streams × {args.events_per_stream} token events at {args.rate:.0f} events/s…",
         flush=True,

@@ -21,7 +21,7 @@ import redis
 from sqlalchemy import text
 
 from bench import aio, loadgen, profiling
-from bench.harness import running_stack
+from bench.harness import demo_model, running_stack
 from bench.machine import (
     CpuByProcess,
     CpuMeter,
@@ -34,7 +34,6 @@ from bench.machine import (
 )
 from bench.procs import free_port, server
 from shared.db import create_engine
-from shared.settings import Settings
 
 JOB = {"messages": [{"role": "user", "content": "Say hello in French."}], "max_tokens": 16}
 
@@ -136,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(Settings().model_path)
+    model_dir = demo_model()
     print(f"submit: inferq POST /v1/jobs, {args.concurrency} clients, {args.seconds:.0f} s…", flush=True)
     ours = run_inferq(args, model_dir)
     print(f"submit: bare FastAPI hello, {args.concurrency} clients, {args.seconds:.0f} s…", flush=True)

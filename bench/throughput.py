@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from bench.harness import running_stack
-from shared.settings import ModelSettings, Settings
+from bench.harness import demo_model, running_stack
+from shared.settings import ModelSettings
 
 PROMPTS = [
     "Write a long story about a dragon who learns to cook.",
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--worker-threads", type=int, help="INFERQ_MODEL__THREADS for the worker.")
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
-    model_dir = Path(Settings().model_path)
+    model_dir = demo_model()
 
     print(f"in-process model.generate, {args.baseline_requests} sequential requests…", flush=True)
     if args.skip_baseline:
