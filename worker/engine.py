@@ -19,7 +19,7 @@ from transformers.generation.continuous_batching.continuous_api import OutputRou
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from shared.settings import ModelSettings
-from worker.sampling import use_fast_processors
+from worker import sampling
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ class Engine:
         )
         init = self.model.init_continuous_batching
         manager = init(generation_config=gen, continuous_batching_config=cb)
-        if not str(self.model.device).startswith("cuda"):
-            use_fast_processors(manager.logit_processor)
         manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
+        if not str(self.model.device).startswith("cuda"):
+            sampling.install(manager)
         manager.start()
         self._manager = manager
 

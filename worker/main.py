@@ -11,6 +11,7 @@ import time
 from signal import Signals
 from typing import Any
 
+import uvloop
 from arq.connections import RedisSettings
 from arq.worker import Function, Worker, func
 from redis.asyncio import Redis
@@ -265,4 +266,7 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
 
 
 def run(settings: Settings) -> None:
+    # uvloop: the loop wakes once per engine step and once per poll; the C loop costs the model's
+    # threads less CPU than asyncio's pure-Python one.
+    asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()
