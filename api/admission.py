@@ -8,6 +8,7 @@ While no worker has measured a rate yet, nothing is refused.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -59,20 +60,33 @@ class Admission:
     def __init__(self, services: Services) -> None:
         self.services = services
         self._cache: dict[str, _Backlog] = {}
+        self._refreshing: dict[str, asyncio.Task[_Backlog]] = {}
 
     async def _backlog(self, model: str) -> _Backlog:
         cached = self._cache.get(model)
         if cached is not None and time.monotonic() - cached.at < _CACHE_SECONDS:
             return cached
-        async with self.services.sessions() as session:
-            jobs, tokens = (
-                await session.execute(
-                    select(func.count(), func.coalesce(func.sum(_budget()), 0)).where(
-                        Job.status == JobStatus.QUEUED.value, Job.batch_id.is_(None), Job.model == model
-                    )
-                )
-            ).one()
+        # One refresh at a time per model: under load, every request that finds the figure stale
+        # would otherwise run the same count over the queued jobs at once.
+        task = self._refreshing.get(model)
+        if task is None:
+            task = asyncio.create_task(self._refresh(model))
+            self._refreshing[model] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(model, None))
+        return await asyncio.shield(task)
+
+    async def _refresh(self, model: str) -> _Backlog:
         rate, free = await fleet_capacity(self.services, model)
+        jobs = tokens = 0
+        if rate > 0:  # with no measured rate nothing is refused, so the backlog is not needed
+            async with self.services.sessions() as session:
+                jobs, tokens = (
+                    await session.execute(
+                        select(func.count(), func.coalesce(func.sum(_budget()), 0)).where(
+                            Job.status == JobStatus.QUEUED.value, Job.batch_id.is_(None), Job.model == model
+                        )
+                    )
+                ).one()
         backlog = _Backlog(time.monotonic(), int(tokens), int(jobs), rate, free)
         self._cache[model] = backlog
         return backlog

@@ -23,6 +23,7 @@ from api.requestid import RequestId
 from api.routes import batches, events, files, health, jobs, openai, workers
 from api.services import open_services
 from shared import __version__
+from shared.runtime import freeze_startup_objects
 from shared.schemas import ErrorResponse
 from shared.settings import Settings, get_settings
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with open_services(settings, metrics) as services:
             duties: list[Duty] = [BatchManager(services), Reaper(services), Reconciler(services)]
             tasks = [asyncio.create_task(run_duty(services, d), name=f"inferq-{d.name}") for d in duties]
+            freeze_startup_objects()
             try:
                 yield {"services": services}
             finally:

@@ -10,11 +10,16 @@ arq job record and the queue entry are written in the same Lua call, the way arq
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from shared import keys
 
@@ -37,21 +42,51 @@ return score
 """
 
 
-async def enqueue(redis: Redis, queue: str, job_id: str, tenant: str | None) -> bool:
-    """False when arq already holds a record of this job (it is queued or running)."""
-    now_ms = int(time.time() * 1000)
-    payload = serialize_job(keys.JOB_FUNCTION, (job_id,), {}, None, now_ms)
-    result = await redis.eval(  # type: ignore[misc]
-        _ENQUEUE,
+_SHA = hashlib.sha1(_ENQUEUE.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    queue: str
+    job_id: str
+    tenant: str | None
+
+
+def _args(item: Enqueue, now_ms: int) -> tuple[Any, ...]:
+    payload = serialize_job(keys.JOB_FUNCTION, (item.job_id,), {}, None, now_ms)
+    return (
         3,
-        queue,
-        keys.fair_clock(queue),
-        job_key_prefix + job_id,
-        tenant or "-",
+        item.queue,
+        keys.fair_clock(item.queue),
+        job_key_prefix + item.job_id,
+        item.tenant or "-",
         str(now_ms),
         str(STEP_MS),
-        payload,  # type: ignore[arg-type]  # bytes are sent as they are
+        payload,  # bytes are sent as they are
         str(JOB_TTL_MS),
-        job_id,
+        item.job_id,
     )
-    return result is not None
+
+
+async def enqueue_many(redis: Redis, items: Sequence[Enqueue]) -> list[bool | BaseException]:
+    """Enqueue every item in one pipelined round trip (EVALSHA, loading the script once if the
+    server lacks it). Per item: False when arq already holds a record of that job, or its error."""
+    now_ms = int(time.time() * 1000)
+    results: list[Any] = []
+    for _ in range(2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.evalsha(_SHA, *_args(item, now_ms))
+            results = await pipe.execute(raise_on_error=False)
+        if not any(isinstance(r, NoScriptError) for r in results):
+            break
+        await redis.script_load(_ENQUEUE)
+    return [r if isinstance(r, BaseException) else r is not None for r in results]
+
+
+async def enqueue(redis: Redis, queue: str, job_id: str, tenant: str | None) -> bool:
+    """False when arq already holds a record of this job (it is queued or running)."""
+    (result,) = await enqueue_many(redis, [Enqueue(queue, job_id, tenant)])
+    if isinstance(result, BaseException):
+        raise result
+    return result

@@ -6,11 +6,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.enqueue import Enqueue, enqueue_many
+from api.grouped import Grouped
+from api.inserts import insert_jobs
 from api.keystore import KeyStore
 from api.relay import RelayHub
 from shared.db import check_schema, create_engine, session_factory
@@ -41,6 +46,8 @@ class Services:
     models: dict[str, ModelInfo]
     auth: KeyStore
     admission: Admission = field(init=False)
+    insert_job: Grouped[dict[str, Any], datetime] = field(init=False)  # group commit of new jobs
+    enqueue_job: Grouped[Enqueue, bool] = field(init=False)  # pipelined enqueues
     metrics: ApiMetrics = field(init=False)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -103,6 +110,8 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
         from api.admission import Admission  # it needs Services itself
 
         services.admission = Admission(services)
+        services.insert_job = Grouped(partial(insert_jobs, db))
+        services.enqueue_job = Grouped(partial(enqueue_many, redis))
         services.metrics = metrics
         yield services
     finally:

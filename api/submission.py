@@ -10,8 +10,9 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete
 
 from api.auth import Principal
-from api.enqueue import enqueue
+from api.enqueue import Enqueue
 from api.errors import InvalidRequest, ServiceUnavailable
+from api.inserts import job_row
 from api.ratelimit import quota_key
 from api.services import ModelInfo, Services
 from shared.models import Job, new_job_id
@@ -125,10 +126,10 @@ async def submit_job(
     )
     job.request_id = request_id
     await services.admission.admit(job.model, (job.prompt_tokens or 0) + int(job.request["max_tokens"]))
-    async with services.sessions() as session, session.begin():
-        session.add(job)
+    # Concurrent submissions share one INSERT + commit, then one Redis pipeline (api/grouped.py).
+    job.created_at = await services.insert_job(job_row(job))
     try:
-        await enqueue(services.redis, services.settings.queues.for_model(job.model), job.id, job.tenant)
+        await services.enqueue_job(Enqueue(services.settings.queues.for_model(job.model), job.id, job.tenant))
     except (RedisError, OSError) as exc:
         # Not accepted, so not kept: the client gets 503 and retries.
         log.warning("enqueue of %s failed: %s", job.id, exc)

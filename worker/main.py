@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from shared import keys, logs
 from shared.db import check_schema, create_engine, session_factory
 from shared.events import EventWriter
+from shared.runtime import freeze_startup_objects
 from shared.settings import Settings
 from worker import metrics
 from worker.engine import Engine
@@ -108,6 +109,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     heartbeat = Heartbeat(redis, worker_id, settings, engine, runner)
     await heartbeat.beat()
     heartbeat.start()
+    freeze_startup_objects()
     ctx.update(engine=engine, db=db, batcher=batcher, runner=runner, worker_id=worker_id, heartbeat=heartbeat)
     ctx["cancel_listener"] = asyncio.create_task(_listen_for_cancels(redis, runner))
     log.info(
