@@ -5,7 +5,8 @@ arq takes the lowest score first. A plain enqueue scores a job by its arrival ti
 virtual clock per queue (start-time fair queuing): a job's score is the later of the tenant's clock
 and the queue head's score, plus a small step, and the clock moves to it. A tenant's burst is spread
 behind the head one step apart, and a newcomer lands right behind the head, ahead of that burst. The
-arq job record and the queue entry are written in the same Lua call, the way arq's own enqueue does.
+arq job record and the queue entry are written in the same Lua call, the way arq's own enqueue does,
+and the queue's wake channel is told, so that idle workers poll at once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ redis.call('HSET', KEYS[2], ARGV[1], score)
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PSETEX', KEYS[3], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[1], score, ARGV[6])
+redis.call('PUBLISH', ARGV[7], '1')
 return score
 """
 
@@ -65,6 +67,7 @@ def _args(item: Enqueue, now_ms: int) -> tuple[Any, ...]:
         payload,  # bytes are sent as they are
         str(JOB_TTL_MS),
         item.job_id,
+        keys.wake_channel(item.queue),
     )
 
 

@@ -43,6 +43,7 @@ async def ensure_enqueued(services: Services, job_id: str, queue: str, tenant: s
         # arq still has the job's record; put it back in the queue if it left it.
         if await redis.zscore(queue, job_id) is None:
             await redis.zadd(queue, {job_id: int(time.time() * 1000)})
+        await redis.publish(keys.wake_channel(queue), "1")  # takeable again: workers need not wait to poll
 
 
 async def _forget(services: Services, job_id: str, queue: str) -> None:

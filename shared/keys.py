@@ -34,6 +34,11 @@ def request_window(key_id: str, window: int) -> str:
     return f"inferq:rate:{key_id}:{window}"
 
 
+def wake_channel(queue: str) -> str:
+    """Published to on every enqueue: idle workers of the queue wake at once instead of polling."""
+    return f"{queue}:wake"
+
+
 def fair_clock(queue: str) -> str:
     """Per-tenant virtual start times of one queue (fair queuing between tenants)."""
     return f"{queue}:fair"

@@ -55,8 +55,11 @@ class QueueSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    poll_delay: float = Field(default=0.005, gt=0, description="Seconds between queue polls when idle.")
+    poll_delay: float = Field(default=0.005, gt=0, description="Shortest time between queue polls when idle.")
     busy_poll_delay: float = Field(default=0.05, ge=0, description="Extra wait between polls while jobs run.")
+    poll_fallback: float = Field(
+        default=1.0, gt=0, description="Longest wait between polls when no enqueue wakes the worker."
+    )
     job_timeout: int = Field(default=3600, ge=1)
     max_tries: int = Field(
         default=50, ge=1, description="arq's own cap on starts of one job; max_attempts is the real limit."

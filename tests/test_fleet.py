@@ -327,14 +327,19 @@ async def test_fleet_jobs_go_only_to_workers_of_their_model(fleet: Fleet, fc: ht
     assert job["status"] == "queued" and job["model"] == "smol-b"
     assert "no live worker serves model 'smol-b'" in job["waiting"]
     api = fleet.stack.api
-    other = Proc(
-        ["worker", "--max-batch", "4"], {**api.env, "INFERQ_MODEL__SERVED_NAME": "smol-b"}, api.log_dir
-    )
+    # Without the enqueue notification this worker would look at its queue once a minute.
+    env = {**api.env, "INFERQ_MODEL__SERVED_NAME": "smol-b", "INFERQ_WORKER__POLL_FALLBACK": "60"}
+    other = Proc(["worker", "--max-batch", "4"], env, api.log_dir)
     other.start()
     try:
         done = await wait_job(fc, created["id"], timeout=120)
         assert done["status"] == "succeeded" and "Paris" in done["output"]
         assert int(done["worker_id"].split(":")[1]) == other.popen.pid  # type: ignore[union-attr]
+        await asyncio.sleep(2)  # idle now, waiting on its wake channel
+        woken = await wait_job(
+            fc, (await submit(fc, model="smol-b", prompt="Hi", max_tokens=2))["id"], timeout=30
+        )
+        assert woken["timings"]["queue_ms"] < 5000, woken["timings"]
         models = [m["id"] for m in (await fc.get("/v1/models")).json()["data"]]
         assert models == sorted([MODEL, "smol-b"])
         # Jobs of the default model still never reach the smol-b worker.

@@ -35,24 +35,34 @@ log = logging.getLogger(__name__)
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> str:
     runner: JobRunner = ctx["runner"]
-    return await runner.run(job_id)
+    try:
+        return await runner.run(job_id)
+    finally:
+        ctx["wake"].set()  # a slot is free: poll for queued jobs now
 
 
-async def _listen_for_cancels(redis: Redis, runner: JobRunner) -> None:
-    """One pub/sub connection per worker; a cancel for a job held here stops it in the engine."""
+async def _listen(redis: Redis, runner: JobRunner, wake: asyncio.Event, queues: list[str]) -> None:
+    """One pub/sub connection per worker: a cancel for a job held here stops it in the engine, and an
+    enqueue on one of this worker's queues wakes its poll loop."""
+    wake_channels = {keys.wake_channel(q).encode() for q in queues}
     while True:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(keys.CANCEL_CHANNEL)
+            await pubsub.subscribe(keys.CANCEL_CHANNEL, *wake_channels)
+            wake.set()  # anything enqueued while not subscribed is found by this poll
             async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    job_id = message["data"].decode()
-                    if runner.cancel(job_id):
-                        log.info("job %s cancelled mid-generation", job_id)
+                if message.get("type") != "message":
+                    continue
+                if message["channel"] in wake_channels:
+                    wake.set()
+                    continue
+                job_id = message["data"].decode()
+                if runner.cancel(job_id):
+                    log.info("job %s cancelled mid-generation", job_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("cancel listener lost Redis (%s); reconnecting", exc)
+            log.warning("pub/sub listener lost Redis (%s); reconnecting", exc)
             await asyncio.sleep(0.5)
         finally:
             with contextlib.suppress(Exception):
@@ -111,7 +121,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     heartbeat.start()
     freeze_startup_objects()
     ctx.update(engine=engine, db=db, batcher=batcher, runner=runner, worker_id=worker_id, heartbeat=heartbeat)
-    ctx["cancel_listener"] = asyncio.create_task(_listen_for_cancels(redis, runner))
+    queues = [settings.queues.for_model(settings.served_model_name)]
+    queues.append(settings.queues.for_model(settings.served_model_name, batch=True))
+    ctx["listener"] = asyncio.create_task(_listen(redis, runner, ctx["wake"], queues))
     log.info(
         "worker %s ready: model %s, capacity %d",
         worker_id,
@@ -121,7 +133,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    task = ctx.get("cancel_listener")
+    task = ctx.get("listener")
     if task is not None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -147,11 +159,15 @@ class InferqWorker(Worker):
     leaves `interactive_reserve` engine slots free, so an interactive job arriving while a batch runs
     joins the engine at its next step instead of waiting for batch jobs to finish.
 
-    It polls fast when idle (a job starts within milliseconds) and slower while the engine is busy,
-    where each poll would only take CPU from the model and an engine step is far longer anyway.
+    Between polls it waits for a reason to poll: an enqueue on one of its queues (the API publishes
+    on the queue's wake channel), one of its jobs ending (a free slot), or `poll_fallback` seconds
+    (a missed notification, a deferred retry). Idle, it polls at most every `poll_delay`; while the
+    engine is busy at most every `busy_poll_delay`, where each poll would only take CPU from the model
+    and an engine step is far longer anyway.
     """
 
     busy_poll_delay: float = 0.05
+    poll_fallback: float = 1.0
     batch_queue: str | None = None
     batch_capacity: int = 0
     batch_lane: Worker | None = None
@@ -172,7 +188,13 @@ class InferqWorker(Worker):
             )
         return self.batch_lane
 
+    @property
+    def wake(self) -> asyncio.Event:
+        event: asyncio.Event = self.ctx["wake"]
+        return event
+
     async def _poll_iteration(self) -> None:
+        self.wake.clear()  # before the poll: a wake-up during it means poll again
         try:
             await self._poll_lanes()
         except (RedisError, OSError) as exc:
@@ -181,6 +203,8 @@ class InferqWorker(Worker):
             await asyncio.sleep(1.0)
         if self.job_counter > 0 or (self.batch_lane is not None and self.batch_lane.job_counter > 0):
             await asyncio.sleep(self.busy_poll_delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), self.poll_fallback)
 
     async def _poll_lanes(self) -> None:
         await super()._poll_iteration()
@@ -252,13 +276,14 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
         keep_result=0,
         on_startup=startup,
         on_shutdown=shutdown,
-        ctx={"settings": settings},
+        ctx={"settings": settings, "wake": asyncio.Event()},
         burst=burst,
         handle_signals=True,
         # SIGTERM drains (see InferqWorker.handle_sig_wait_for_completion); 0 hands jobs back at once.
         job_completion_wait=int(settings.worker.drain_seconds),
     )
     worker.busy_poll_delay = settings.worker.busy_poll_delay
+    worker.poll_fallback = settings.worker.poll_fallback
     reserve = settings.worker.interactive_reserve
     if reserve is None:
         reserve = max(1, settings.model.max_batch // 4)

@@ -22,7 +22,7 @@ from api.cancellation import signal_cancel
 from api.enqueue import enqueue
 from api.services import Services
 from shared.models import ApiKey, Batch, File, Job
-from shared.states import BatchStatus, FinishReason, JobStatus
+from shared.states import BATCH_TERMINAL, BatchStatus, FinishReason, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,19 @@ class BatchManager:
         self._signalled: set[str] = set()  # batches whose running jobs this process has told to stop
 
     async def tick(self) -> None:
+        if not await self._any_open():
+            return  # the usual case: one indexed look instead of five statements, 4 times a second
         await self._validate_next()
         await self._expire()
         await self._cancel()
         await self._feed()
         await self._finalize()
+
+    async def _any_open(self) -> bool:
+        open_ = [s.value for s in BatchStatus if s not in BATCH_TERMINAL]
+        async with self.services.sessions() as session:
+            found = await session.scalar(select(Batch.id).where(Batch.status.in_(open_)).limit(1))
+        return found is not None
 
     # validating -> in_progress | failed ------------------------------------------------------------
 
