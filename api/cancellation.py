@@ -18,7 +18,6 @@ from shared.states import TERMINAL, FinishReason, JobStatus
 log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 5.0
-_ARQ_JOB_KEY = "arq:job:"
 
 
 async def cancel_job(services: Services, job_id: str, principal: Principal = OPEN) -> tuple[Job, bool]:
@@ -58,7 +57,7 @@ async def _drop_from_queue(services: Services, job_id: str, model: str) -> None:
         async with services.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(services.settings.queues.for_model(model), job_id)
             pipe.zrem(services.settings.queues.for_model(model, batch=True), job_id)
-            pipe.delete(_ARQ_JOB_KEY + job_id)
+            pipe.delete(keys.ARQ_JOB_PREFIX + job_id)
             await pipe.execute()
 
 

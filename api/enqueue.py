@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
@@ -60,7 +59,7 @@ def _args(item: Enqueue, now_ms: int) -> tuple[Any, ...]:
         3,
         item.queue,
         keys.fair_clock(item.queue),
-        job_key_prefix + item.job_id,
+        keys.ARQ_JOB_PREFIX + item.job_id,
         item.tenant or "-",
         str(now_ms),
         str(STEP_MS),

@@ -15,7 +15,6 @@ import logging
 import time
 from typing import Any
 
-from arq.constants import in_progress_key_prefix, job_key_prefix
 from sqlalchemy import func, select, update
 
 from api.enqueue import enqueue
@@ -38,7 +37,7 @@ def queue_of(services: Services, model: str, batch_id: str | None) -> str:
 async def ensure_enqueued(services: Services, job_id: str, queue: str, tenant: str | None) -> None:
     """Make the job takeable from `queue` now: no in-progress lock, an arq job record, a queue entry."""
     redis = services.redis
-    await redis.delete(in_progress_key_prefix + job_id)
+    await redis.delete(keys.ARQ_IN_PROGRESS_PREFIX + job_id)
     if not await enqueue(redis, queue, job_id, tenant):
         # arq still has the job's record; put it back in the queue if it left it.
         if await redis.zscore(queue, job_id) is None:
@@ -48,7 +47,7 @@ async def ensure_enqueued(services: Services, job_id: str, queue: str, tenant: s
 
 async def _forget(services: Services, job_id: str, queue: str) -> None:
     async with services.redis.pipeline(transaction=False) as pipe:
-        pipe.delete(in_progress_key_prefix + job_id, job_key_prefix + job_id)
+        pipe.delete(keys.ARQ_IN_PROGRESS_PREFIX + job_id, keys.ARQ_JOB_PREFIX + job_id)
         pipe.zrem(queue, job_id)
         await pipe.execute()
 

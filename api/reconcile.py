@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from arq.constants import job_key_prefix
 from sqlalchemy import func, or_, select
 
 from api.reaper import ensure_enqueued, queue_of
 from api.services import Services
+from shared import keys
 from shared.models import Batch, Job
 from shared.states import JobStatus
 
@@ -49,7 +49,7 @@ class Reconciler:
     async def _check(self, rows: list[tuple[str, str, str | None, str | None]]) -> None:
         async with self.services.redis.pipeline(transaction=False) as pipe:
             for job_id, *_ in rows:
-                pipe.exists(job_key_prefix + job_id)
+                pipe.exists(keys.ARQ_JOB_PREFIX + job_id)
             present = await pipe.execute()
         for (job_id, model, batch_id, tenant), found in zip(rows, present, strict=True):
             if not found:

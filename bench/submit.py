@@ -70,7 +70,7 @@ def measure(
 def _clean(redis_url: str, database_url: str) -> dict[str, int]:
     """How many jobs were stored and queued; then empty the queue and the jobs table."""
     with redis.Redis.from_url(redis_url) as r:
-        queued = sum(int(r.zcard(k)) for k in r.scan_iter(match="inferq:queue:*") if r.type(k) == b"zset")
+        queued = sum(int(r.zcard(k)) for k in r.scan_iter(match="{inferq}:queue:*") if r.type(k) == b"zset")
         r.flushdb()
 
     async def truncate() -> int:

@@ -1,9 +1,43 @@
-"""Redis key and channel names. Per-job keys share a `{job_id}` hash tag so they live on one cluster slot."""
+"""Redis key and channel names, laid out for Redis Cluster: every command or script that touches
+several keys touches keys of one hash slot (the part of a key between its first `{` and `}`).
+
+- Queue state, `{inferq}`: the queues of every model, their fair-queuing clocks and all of arq's keys
+  (job records, in-progress locks, retries, results, the abort set). arq moves a job between these in
+  MULTI/EXEC transactions, and arq's abort set is one key for all queues, so they share one tag.
+- Per job, `{<job_id>}`: its event stream and cancel flag, spread over the cluster by job id. They carry
+  nearly all of the traffic (one script call per generated token).
+- Workers, `{workers}`: the registry entries the API reads together with one MGET.
+"""
 
 from __future__ import annotations
 
+import arq.connections
+import arq.constants
+import arq.jobs
+import arq.worker
+
 CANCEL_CHANNEL = "inferq:cancel"
 JOB_FUNCTION = "run_job"  # the arq function the API enqueues and the worker registers
+
+QUEUE_TAG = "{inferq}"
+ARQ_JOB_PREFIX = f"{QUEUE_TAG}:arq:job:"
+ARQ_IN_PROGRESS_PREFIX = f"{QUEUE_TAG}:arq:in-progress:"
+
+# arq names its keys with module constants and has no setting for them; these put them under the
+# queues' tag, in every arq module that reads them (arq reads them at call time, so this holds for
+# every process that imports this module, which the API and the worker both do before using arq).
+_ARQ_KEYS = {
+    "job_key_prefix": ARQ_JOB_PREFIX,
+    "in_progress_key_prefix": ARQ_IN_PROGRESS_PREFIX,
+    "retry_key_prefix": f"{QUEUE_TAG}:arq:retry:",
+    "result_key_prefix": f"{QUEUE_TAG}:arq:result:",
+    "abort_jobs_ss": f"{QUEUE_TAG}:arq:abort",
+    "default_queue_name": f"{QUEUE_TAG}:arq:queue",
+}
+for _module in (arq.constants, arq.connections, arq.jobs, arq.worker):
+    for _name, _value in _ARQ_KEYS.items():
+        if hasattr(_module, _name):
+            setattr(_module, _name, _value)
 
 
 def events_stream(job_id: str) -> str:
@@ -18,7 +52,7 @@ def cancel_flag(job_id: str) -> str:
     return f"inferq:{{{job_id}}}:cancel"
 
 
-WORKER_PREFIX = "inferq:worker:"
+WORKER_PREFIX = "inferq:{workers}:"
 
 
 def worker_key(worker_id: str) -> str:

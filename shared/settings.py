@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared import keys
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -47,8 +49,16 @@ class LimitSettings(BaseModel):
 class QueueSettings(BaseModel):
     """Base names; every model has its own pair of queues, so a worker only ever sees its model's jobs."""
 
-    interactive: str = "inferq:queue:interactive"
-    batch: str = "inferq:queue:batch"
+    interactive: str = "{inferq}:queue:interactive"
+    batch: str = "{inferq}:queue:batch"
+
+    @field_validator("interactive", "batch")
+    @classmethod
+    def _tagged(cls, name: str) -> str:
+        # arq moves jobs between a queue and its own keys in transactions: one hash slot for all.
+        if not name.startswith(keys.QUEUE_TAG + ":"):
+            raise ValueError(f"queue names must start with '{keys.QUEUE_TAG}:' (Redis Cluster hash tag)")
+        return name
 
     def for_model(self, model: str, *, batch: bool = False) -> str:
         return f"{self.batch if batch else self.interactive}:{model}"
