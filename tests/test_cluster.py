@@ -39,6 +39,8 @@ def cluster_stack(
 
     data = Path(tempfile.mkdtemp(prefix="inferq-cluster-"))
     port = _free_port()
+    while port > 55535:  # cluster mode also listens on port + 10000
+        port = _free_port()
     node = ValkeyServer(
         port=port,
         data_dir=data,
