@@ -29,7 +29,7 @@ from bench.machine import (
     stack_markers,
 )
 from bench.rawhttp import Connection
-from bench.stats import summarize
+from bench.stats import summarize, write_json
 from bench.throughput import TTFT_PROMPT, engine_ttft_samples
 from shared.settings import ModelSettings
 
@@ -169,9 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"(+{result['overhead_openai_p50_ms']:.1f})"
     )
     print(f"  native breakdown (p50 ms): {result['native_breakdown_p50_ms']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from bench.machine import (
     run_clean,
 )
 from bench.rawhttp import Connection
-from bench.stats import summarize
+from bench.stats import summarize, write_json
 from bench.throughput import PROMPTS
 
 
@@ -216,9 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["ratios"] = ratios(result)
     result["same_output_as_inferq_c1"] = same_outputs(result)
     print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

@@ -35,7 +35,7 @@ from bench.machine import (
     stack_markers,
 )
 from bench.procs import die_with_parent
-from bench.stats import summarize
+from bench.stats import summarize, write_json
 from shared import keys
 from shared.db import create_engine
 from shared.events import EventWriter
@@ -252,9 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"published {pub['events_per_s']:.0f} events/s; API {pub['api_cpu_cores']:.2f} cores"
     )
     print(f"  CPU cores by process: {pub['cpu_cores_by_process']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -29,3 +32,11 @@ def summarize(values: Sequence[float], *, digits: int = 2) -> dict[str, float]:
         "p99": round(percentile(values, 99), digits),
         "max": round(max(values), digits),
     }
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's result as indented JSON (nothing when no path was given)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import resource
 import sys
 import time
@@ -33,6 +32,7 @@ from bench.machine import (
     stack_markers,
 )
 from bench.procs import free_port, server
+from bench.stats import write_json
 from shared.db import create_engine
 
 JOB = {"messages": [{"role": "user", "content": "Say hello in French."}], "max_tokens": 16}
@@ -155,9 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"    CPU cores by process: {r['cpu_cores_by_process']}")
     print(f"  ratio inferq / hello: {result['ratio_vs_hello']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 
