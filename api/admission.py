@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Integer, func, select
 
 from api.errors import QUEUE_FULL, TooManyRequests
 from api.services import Services
-from api.workers import live_workers
+from shared.fleet import live_workers
 from shared.models import Job
 from shared.states import JobStatus
 

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ServicesDep
-from api.workers import live_workers
+from shared.fleet import live_workers
 from shared.models import Job
 from shared.states import JobStatus
 

@@ -19,8 +19,8 @@ from sqlalchemy import func, select, update
 
 from api.enqueue import enqueue
 from api.services import Services
-from api.workers import live_workers
 from shared import keys
+from shared.fleet import live_workers
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
 

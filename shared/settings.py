@@ -93,6 +93,12 @@ class WorkerSettings(BaseModel):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."
     )
+    metrics_host: str = Field(default="0.0.0.0", description="Interface the worker's /metrics listens on.")
+    advertise_host: str | None = Field(
+        default=None,
+        description="Host name in the worker's registry entry (`metrics_url`); default: the metrics "
+        "interface when it is a single address, else this machine's host name.",
+    )
     dead_after_missed: int = Field(default=3, ge=1, description="Missed heartbeats that make a worker dead.")
     interactive_reserve: int | None = Field(
         default=None,

@@ -105,8 +105,10 @@ class JobRunner:
         try:
             return await self._generate(run)
         except asyncio.CancelledError:
-            # The worker is shutting down: hand the job back to the queue for another worker.
-            await asyncio.shield(self._requeue(run))
+            # The worker is shutting down: hand the job back to the queue for another worker. Bounded:
+            # with Postgres away the reaper hands it back once this worker's heartbeat is gone.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wait_for(self._requeue(run), 5))
             raise
         except Exception as exc:
             log.exception("job %s failed", job_id)

@@ -7,9 +7,11 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from signal import Signals
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 from arq.connections import RedisSettings
@@ -31,6 +33,9 @@ from worker.registry import Heartbeat
 from worker.upstream import UpstreamEngine, UpstreamRunner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Idle threads of the event loop's default executor: they end at interpreter exit on their own.
+_POOL_THREADS = ("uvloop_", "asyncio_", "ThreadPoolExecutor")
 
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> str:
@@ -78,11 +83,13 @@ async def startup(ctx: dict[str, Any]) -> None:
         engine = UpstreamEngine(
             settings.worker.upstream_url or "", settings.worker.upstream_api_key, settings.worker.job_timeout
         )
+        ctx["engine"] = engine
         await engine.warmup()  # fails start-up if the upstream server is not there
         log.info("forwarding jobs to %s", settings.worker.upstream_url)
     else:
         t0 = time.monotonic()
-        model, tokenizer = await asyncio.to_thread(load_model, settings.model_path, settings.model)
+        log.info("loading model %s on %s", settings.model_path, settings.model.device)
+        model, tokenizer = await _in_daemon_thread(load_model, settings.model_path, settings.model)
         log.info(
             "model %s loaded on %s in %.2fs",
             settings.model_path,
@@ -90,15 +97,19 @@ async def startup(ctx: dict[str, Any]) -> None:
             time.monotonic() - t0,
         )
         engine = Engine(model, tokenizer, settings.model)
+        ctx["engine"] = engine  # from here on, a stop at any moment stops the engine's thread too
         engine.start()
+        log.info("engine started; warming up")
         await engine.warmup()
         engine.step_observer = metrics.batch_size.labels(settings.served_model_name).observe
     db = create_engine(settings.require_urls()[1], pool_size=4)
+    ctx["db"] = db
     await check_schema(db)
     batcher = EventBatcher(
         EventWriter(redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds)
     )
     batcher.start()
+    ctx["batcher"] = batcher
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{settings.model.device}"
     logs.worker_id.set(worker_id)  # inherited by every job task started after this
     common: dict[str, Any] = {
@@ -115,8 +126,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         runner = UpstreamRunner(upstream=engine, upstream_model=model_name, **common)
     else:
         runner = JobRunner(engine=engine, **common)
-    metrics.serve(settings.worker.metrics_port)
+    metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host)
     heartbeat = Heartbeat(redis, worker_id, settings, engine, runner)
+    ctx["heartbeat"] = heartbeat
     await heartbeat.beat()
     heartbeat.start()
     freeze_startup_objects()
@@ -132,6 +144,42 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
 
 
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` in a daemon thread: unlike `asyncio.to_thread`, a worker stopped while it runs (a model
+    load of many seconds) exits at once instead of waiting at interpreter exit for the load to end."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if future.done():  # cancelled: the worker is stopping and nobody wants the result
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker has stopped
+                loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name=f"inferq-{fn.__name__}", daemon=True).start()
+    return await future
+
+
+async def _bounded(what: str, step: Awaitable[Any], seconds: float) -> None:
+    """One shutdown step, given at most `seconds`: Redis or Postgres being away never stops a stop."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except Exception as exc:
+        log.warning("shutdown: %s did not finish (%s)", what, type(exc).__name__)
+
+
 async def shutdown(ctx: dict[str, Any]) -> None:
     task = ctx.get("listener")
     if task is not None:
@@ -139,15 +187,15 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     if "heartbeat" in ctx:
-        await ctx["heartbeat"].stop()
+        await _bounded("removing the registry entry", ctx["heartbeat"].stop(), 3)
     if "batcher" in ctx:
-        await ctx["batcher"].stop()
+        await _bounded("publishing the last events", ctx["batcher"].stop(), 3)
     if "engine" in ctx:
-        await asyncio.to_thread(ctx["engine"].stop)
+        await _bounded("stopping the engine", asyncio.to_thread(ctx["engine"].stop), 15)
         if isinstance(ctx["engine"], UpstreamEngine):
-            await ctx["engine"].aclose()
+            await _bounded("closing the upstream client", ctx["engine"].aclose(), 3)
     if "db" in ctx:
-        await ctx["db"].dispose()
+        await _bounded("closing the database pool", ctx["db"].dispose(), 3)
 
 
 class InferqWorker(Worker):
@@ -259,9 +307,18 @@ class InferqWorker(Worker):
         super().handle_sig(signum)
 
     async def close(self) -> None:
+        """arq's close, except that an unreachable Redis does not skip `on_shutdown` (which stops the
+        engine's thread: skipped, the process would never exit)."""
         if self.batch_lane is not None:
             await asyncio.gather(*self.batch_lane.tasks.values(), return_exceptions=True)
-        await super().close()
+        if self._pool is None:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await _bounded("removing the health-check key", self.pool.delete(self.health_check_key), 2)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await _bounded("closing the Redis pool", self.pool.close(close_connection_pool=True), 2)
+        self._pool = None
 
 
 def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
@@ -297,3 +354,14 @@ def run(settings: Settings) -> None:
     # threads less CPU than asyncio's pure-Python one.
     asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()
+    # The engine's thread was asked to stop and given its time; a thread still alive now would hold
+    # the interpreter at exit for ever, and a supervisor would have to SIGKILL the worker.
+    stuck = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and not t.name.startswith(_POOL_THREADS)
+    ]
+    if stuck:
+        log.warning("threads still running after shutdown (%s); exiting anyway", ", ".join(stuck))
+        logging.shutdown()
+        os._exit(0)

@@ -8,6 +8,7 @@ on a GPU) to minutes (a long generation on a CPU).
 from __future__ import annotations
 
 import logging
+import socket
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -126,7 +127,17 @@ batch_size = Histogram(
 )
 
 
-def serve(port: int) -> None:
+def serve(port: int, host: str = "0.0.0.0") -> None:
     if port:
-        start_http_server(port)
-        log.info("metrics on :%d/metrics", port)
+        start_http_server(port, addr=host)
+        log.info("metrics on %s:%d/metrics", host, port)
+
+
+def public_url(port: int, host: str, advertise: str | None) -> str | None:
+    """Where Prometheus (or a person) reaches this worker's /metrics; None when it serves none."""
+    if not port:
+        return None
+    name = advertise or (host if host not in ("", "0.0.0.0", "::") else socket.gethostname())
+    if ":" in name:
+        name = f"[{name}]"
+    return f"http://{name}:{port}/metrics"

@@ -35,6 +35,10 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # The engine logs set-up advice at INFO (flash attention, CUDA graphs, cache sizes) that is noise in
+    # a worker's log, and on a CPU wrong; its warnings and errors still come through.
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 
 
 def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from shared import __version__, keys
 from shared.settings import Settings
+from worker import metrics
 from worker.engine import Engine
 from worker.jobs import JobRunner
 
@@ -31,6 +32,10 @@ class Heartbeat:
         self.settings = settings
         self.engine = engine
         self.runner = runner
+        # Where this worker's /metrics is, for Prometheus and people reading `GET /v1/workers`.
+        self.metrics_url = metrics.public_url(
+            settings.worker.metrics_port, settings.worker.metrics_host, settings.worker.advertise_host
+        )
         self.started_at = time.time()
         self.draining = False
         self._last: tuple[float, int] = (time.monotonic(), engine.stats.tokens)
@@ -57,6 +62,7 @@ class Heartbeat:
         return {
             "id": self.worker_id,
             "host": socket.gethostname(),
+            "pid": os.getpid(),
             "device": self.settings.model.device,
             "model": self.settings.served_model_name,
             "capacity": self.settings.model.max_batch,
@@ -71,6 +77,7 @@ class Heartbeat:
             "draining": self.draining,
             "started_at": self.started_at,
             "version": __version__,
+            "metrics_url": self.metrics_url,
         }
 
     async def beat(self) -> None:

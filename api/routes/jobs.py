@@ -16,8 +16,8 @@ from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from api.pagination import newest_first
 from api.submission import submit_job
 from api.views import job_response, job_urls
-from api.workers import live_workers
 from shared import logs
+from shared.fleet import live_workers
 from shared.models import Job
 from shared.schemas import JobCreatedResponse, JobCreateRequest, JobListResponse, JobResponse
 from shared.states import JobStatus

@@ -23,7 +23,7 @@ from api.openai.protocol import (
 from api.openai.serving import Kind, render, stream_job, submit_openai, wait_for_job
 from api.services import Services
 from api.streams import load_job
-from api.workers import live_workers
+from shared.fleet import live_workers
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import ServicesDep
-from api.workers import live_workers
+from shared.fleet import live_workers
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
@@ -27,6 +27,10 @@ class WorkerInfo(BaseModel):
     draining: bool = Field(description="Finishing its jobs before it stops; it takes no new ones.")
     started_at: float = Field(description="Unix time it started.")
     version: str
+    pid: int | None = Field(default=None, description="Its process id on its host.")
+    metrics_url: str | None = Field(
+        default=None, description="Its Prometheus /metrics (TTFT, ITL, queue time, e2e); null when off."
+    )
 
 
 class WorkerList(BaseModel):

@@ -1,4 +1,5 @@
-"""The live worker fleet, as its heartbeat keys in Redis describe it."""
+"""The live worker fleet, as its heartbeat keys in Redis describe it: the one reader of the registry
+(the API, `inferq up` and the tests all count workers through it)."""
 
 from __future__ import annotations
 
