@@ -16,7 +16,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from api.deps import ServicesDep
 from api.errors import INVALID_KEY, MISSING_KEY, Unauthorized
 from api.ratelimit import check_token_quota, limit_requests
-from shared.apikeys import key_id_of, matches
+from shared.apikeys import DEFAULT_TENANT, key_id_of, matches
 
 
 class _Filterable(Protocol):
@@ -28,12 +28,18 @@ S = TypeVar("S", bound=_Filterable)
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is asking: a key and its tenant, or nobody in particular when auth is off."""
+    """Who is asking: a key and its tenant, or nobody in particular while the API is open (who then
+    sees every tenant's work and creates work for the `default` tenant)."""
 
     tenant: str | None
     key_id: str | None = None
     rate_per_minute: int | None = None
     tokens_per_day: int | None = None
+
+    @property
+    def owner(self) -> str:
+        """The tenant what this principal creates belongs to."""
+        return self.tenant or DEFAULT_TENANT
 
     def owns(self, tenant: str | None) -> bool:
         return self.tenant is None or tenant == self.tenant

@@ -24,7 +24,10 @@ BODY_TOO_LARGE = "request body is larger than the limit of {limit} bytes"
 NUL_CHARACTER = "NUL characters (\\u0000) are not allowed in the URL or in request strings"
 UNAVAILABLE = "a backing service ({service}) is unreachable; retry shortly"
 INTERNAL = "internal server error"
-MISSING_KEY = "an API key is required: send 'Authorization: Bearer <key>'"
+MISSING_KEY = (
+    "an API key is required: send 'Authorization: Bearer <key>' (the inferq CLI sends INFERQ_API_KEY); "
+    "make one with `inferq keys create --tenant NAME`"
+)
 INVALID_KEY = "the API key is not valid (unknown, malformed or revoked)"
 RATE_LIMITED = "rate limit reached: {limit} requests per {window}s for this key; retry in {retry}s"
 QUOTA_EXHAUSTED = "daily token quota of {limit} tokens used up for this key; it resets at 00:00 UTC"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,6 +51,7 @@ class Services:
     enqueue_job: Grouped[Enqueue, bool] = field(init=False)  # pipelined enqueues
     metrics: ApiMetrics = field(init=False)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    started_at: int = field(default_factory=lambda: int(time.time()))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` past the request that started it (e.g. a cancel after the client left)."""

@@ -105,7 +105,7 @@ async def prepare_job(
         metadata_=req.metadata,
         prompt_tokens=prompt_tokens,
         attempts=0,
-        tenant=principal.tenant,
+        tenant=principal.owner,
         api_key_id=principal.key_id,
     )
 

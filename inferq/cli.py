@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -217,17 +218,25 @@ def jobs(
     resp = httpx.get(f"{url}/v1/jobs", params=params, headers=auth_headers(api_key), timeout=10)
     if resp.status_code != 200:
         _fail(resp)
-    table = Table("id", "status", "created", "tokens", "ttft ms", "output")
-    for j in resp.json()["data"]:
+    jobs = resp.json()["data"]
+    # The id is what a user copies: never cut or wrapped; the output column takes what is left.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("id", no_wrap=True, min_width=max((len(j["id"]) for j in jobs), default=2))
+    table.add_column("status", no_wrap=True, min_width=9)
+    table.add_column("created UTC", no_wrap=True, min_width=11)
+    table.add_column("tokens", justify="right", no_wrap=True, min_width=6)
+    table.add_column("ttft ms", justify="right", no_wrap=True, min_width=7)
+    table.add_column("output", no_wrap=True, overflow="ellipsis", min_width=6, ratio=1)
+    for j in jobs:
         usage = j.get("usage") or {}
         ttft = j["timings"].get("ttft_ms")
         table.add_row(
             j["id"],
             j["status"],
-            j["created_at"][:19],
+            j["created_at"][5:16].replace("T", " "),
             str(usage.get("completion_tokens", "")),
             f"{ttft:.0f}" if ttft else "",
-            (j.get("output") or "")[:40].replace("\n", " "),
+            (j.get("output") or "")[:200].replace("\n", " "),
         )
     console.print(table)
 
@@ -246,7 +255,13 @@ def workers(
     if as_json:
         console.print_json(json.dumps(data))
         return
-    table = Table("id", "model", "device", "running", "tokens/s", "state", "up")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for name, width in (("id", 0), ("model", 0), ("device", 6), ("running", 7), ("tokens/s", 8)):
+        # Ids and model names are what a user copies: shown whole.
+        longest = max((len(str(w.get(name, ""))) for w in data), default=0)
+        table.add_column(name, no_wrap=True, min_width=max(width, longest if width == 0 else 0))
+    table.add_column("state", no_wrap=True, min_width=8)
+    table.add_column("up", no_wrap=True, min_width=9)
     now = time.time()
     for w in data:
         up_s = int(now - w["started_at"])

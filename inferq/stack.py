@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import ctypes
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from inferq import leftovers
+from inferq.supervise import Child, CrashLoop, Supervisor
 from shared.settings import Settings
 
 console = Console(stderr=True, highlight=False)
-_PR_SET_PDEATHSIG = 1
+READY_TIMEOUT_SECONDS = 600.0
 
 
 def stack_file(settings: Settings) -> Path:
     """Where a running `inferq up` leaves its URLs, for `inferq keys` and other local tools."""
-    return Path(settings.data_dir).expanduser().resolve() / "stack.json"
+    return Path(settings.data_dir).expanduser().resolve() / leftovers.STACK_FILE
 
 
 def _write_stack_file(path: Path, urls: dict[str, str]) -> None:
@@ -40,6 +45,11 @@ def _write_stack_file(path: Path, urls: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
+SEND_KEY_HINT = (
+    "send it as `Authorization: Bearer <key>` over HTTP, or `export INFERQ_API_KEY=<key>` for the CLI"
+)
+
+
 def auth_line(mode: str, active_keys: int | None) -> str:
     """The banner's word on API keys; `active_keys` is None when they could not be counted."""
     hint = "create one with `inferq keys create --tenant NAME`"
@@ -47,17 +57,14 @@ def auth_line(mode: str, active_keys: int | None) -> str:
         return "auth: open (INFERQ_AUTH=off)"
     if active_keys == 0:
         if mode == "auto":
-            return f"auth: open (no API keys; {hint})"
-        return f"auth: API keys required, and none exists yet: {hint}"
+            return (
+                f"auth: open (no API keys; {hint}: from then on every request needs one, and jobs made "
+                "while open belong to tenant `default`)"
+            )
+        return f"auth: API keys required, and none exists yet: {hint}; {SEND_KEY_HINT}"
     if active_keys is None and mode == "auto":
-        return "auth: API keys required as soon as one exists (`inferq keys list`)"
-    return "auth: API keys required (clients send them with --api-key or INFERQ_API_KEY)"
-
-
-def _die_with_parent() -> None:
-    # Children get SIGTERM if `inferq up` itself dies, even by SIGKILL: no orphan servers or workers.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        return f"auth: API keys required as soon as one exists (`inferq keys list`); {SEND_KEY_HINT}"
+    return f"auth: API keys required: {SEND_KEY_HINT}"
 
 
 class _Stop(Exception):
@@ -76,82 +83,113 @@ def _step(text: str) -> Iterator[None]:
     console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - t0:.1f}s)[/]")
 
 
+def _say(text: str) -> None:
+    console.print(f"[yellow]•[/] {escape(text)}", soft_wrap=True)
+
+
 def _devices(workers: int, device: str | None) -> list[str]:
     if device:
         return [device] * workers
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return ["cpu"] * workers
+    # Asking torch would cost this process seconds of imports; nvidia-smi answers in milliseconds.
     with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            n = torch.cuda.device_count()
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        if n:
             return [f"cuda:{i % n}" for i in range(workers)]
     return ["cpu"] * workers
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "inferq.cli", *args],
-        env=env,
-        preexec_fn=_die_with_parent,
-        start_new_session=True,
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class _Fleet:
+    """The stack's view of the worker registry, through the one reader the API uses too."""
+
+    def __init__(self, redis_url: str) -> None:
+        from redis.asyncio import Redis
+
+        self._loop = asyncio.new_event_loop()
+        self._redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+    async def _pids(self) -> set[int]:
+        from shared.fleet import live_workers
+
+        return {int(w["pid"]) for w in await live_workers(self._redis) if w.get("pid")}
+
+    def registered(self) -> set[int]:
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(self._pids(), 3))
+        except Exception:  # Redis restarting: nothing is known to be registered
+            return set()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.run_until_complete(self._redis.aclose())
+        self._loop.close()
+
+
+def _api_ready(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    return False
+
+
+def _wait_ready(url: str, fleet: _Fleet, sup: Supervisor, workers: list[Child]) -> None:
+    """Until the API answers /readyz and every worker child is in the registry (restarting what dies)."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    api_ok = False
+    while time.monotonic() < deadline:
+        sup.check()
+        api_ok = api_ok or _api_ready(url)
+        pids = {w.pid for w in workers}
+        if api_ok and None not in pids and pids <= fleet.registered():
+            return
+        time.sleep(0.2)
+    missing = "the API" if not api_ok else "a worker's registration"
+    raise RuntimeError(
+        f"the stack did not become ready in {READY_TIMEOUT_SECONDS / 60:.0f} minutes ({missing})"
     )
 
 
-def _wait_ready(
-    url: str, settings_env: dict[str, str], workers: int, procs: list[subprocess.Popen[bytes]]
-) -> None:
-    import redis
-
-    r = redis.Redis.from_url(settings_env["INFERQ_REDIS_URL"])
-    deadline = time.monotonic() + 600
-    api_ok = False
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"a child process exited during start-up (exit code {p.returncode})")
-        if not api_ok:
-            with contextlib.suppress(httpx.HTTPError):
-                api_ok = httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-        live = len(list(r.scan_iter(match="inferq:worker:*", count=1000)))
-        if api_ok and live >= workers:
-            r.close()
-            return
-        time.sleep(0.2)
-    raise RuntimeError("the stack did not become ready in 10 minutes")
-
-
-def _signal_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-
-
-def _wait_all(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
-    deadline = time.monotonic() + grace
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-
-
-def _stop_children(procs: list[subprocess.Popen[bytes]], drain: float) -> None:
+def _stop_children(sup: Supervisor, drain: float) -> None:
     """SIGTERM: workers drain (finish held jobs for up to `drain` seconds, then hand the rest back).
     Ctrl-C again: a second SIGTERM, and workers hand their jobs back at once."""
-    _signal_all(procs)
-    if drain > 0 and any(p.poll() is None for p in procs):
+    sup.signal_all()
+    if drain > 0 and sup.pids():
         console.print(f"[dim]workers finish their jobs (up to {drain:.0f}s); Ctrl-C again to stop now[/]")
     try:
-        _wait_all(procs, drain + 10)
+        sup.wait_all(drain + 10)
     except (KeyboardInterrupt, _Stop):
-        _signal_all(procs)
-        _wait_all(procs, 15)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        sup.signal_all()
+        sup.wait_all(15)
+    sup.kill_all()
 
 
-def _banner(url: str, stack_env: dict[str, str], auth_mode: str, active_keys: int | None) -> None:
+def _command() -> str:
+    """How the user starts this console script: `inferq` when it is on PATH, else its path."""
+    me = Path(sys.argv[0])
+    on_path = shutil.which("inferq")
+    if me.name != "inferq" or (on_path and Path(on_path).resolve() == me.resolve()):
+        return "inferq"
+    with contextlib.suppress(ValueError):
+        rel = os.path.relpath(me)
+        return rel if not rel.startswith("../../") else str(me)
+    return str(me)
+
+
+def _banner(
+    url: str,
+    data_dir: Path,
+    auth_mode: str,
+    active_keys: int | None,
+    metrics: list[str],
+    seconds: float,
+) -> None:
     body = json.dumps(
         {
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -159,16 +197,23 @@ def _banner(url: str, stack_env: dict[str, str], auth_mode: str, active_keys: in
             "temperature": 0,
         }
     )
-    console.print(f"\n[bold green]inferq is up[/] — API docs: [link]{url}/docs[/]")
+    cli = _command()
+    console.print(
+        f"\n[bold green]inferq is up[/] in {seconds:.1f}s — API docs: [link]{url}/docs[/]", soft_wrap=True
+    )
     console.print(escape(auth_line(auth_mode, active_keys)), soft_wrap=True)
     required = auth_mode == "on" or (auth_mode == "auto" and bool(active_keys))
     bearer = ' -H "authorization: Bearer $INFERQ_API_KEY"' if required else ""
-    console.print("Try it:")
+    console.print("Try it (in another shell):")
+    if required:
+        console.print("  export INFERQ_API_KEY=<your key>", soft_wrap=True)
     console.print(
         f"  curl -s {url}/v1/jobs{bearer} -H 'content-type: application/json' -d '{body}'", soft_wrap=True
     )
-    console.print("  inferq submit 'What is the capital of France?' --stream")
-    console.print(f"[dim]data: {stack_env['INFERQ_DATA_DIR']} · Ctrl-C stops everything[/]\n")
+    console.print(f"  {cli} submit 'What is the capital of France?' --stream", soft_wrap=True)
+    if metrics:
+        console.print(f"[dim]metrics: {url}/metrics (API) · {' · '.join(metrics)}[/]", soft_wrap=True)
+    console.print(f"[dim]data: {data_dir} · Ctrl-C stops everything[/]\n", soft_wrap=True)
 
 
 def _count_keys(database_url: str) -> int | None:
@@ -180,34 +225,143 @@ def _count_keys(database_url: str) -> int | None:
         return None
 
 
-def up(settings: Settings, host: str, port: int, workers: int, device: str | None) -> int:
+def _metrics_ports(workers: int, host: str) -> list[int]:
+    """Each worker's /metrics port: INFERQ_WORKER__METRICS_PORT (the first; 0 turns them off), else
+    free ports."""
+    configured = os.environ.get("INFERQ_WORKER__METRICS_PORT")
+    if configured is not None and configured.strip().isdigit():
+        base = int(configured)
+        return [base + i if base else 0 for i in range(workers)]
+    return [_free_port(host) for _ in range(workers)]
+
+
+def _children(
+    env: dict[str, str], host: str, port: int, workers: int, device: str | None
+) -> tuple[list[Child], list[str]]:
+    metrics_host = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
+    children = [Child("api", ["api", "--host", host, "--port", str(port)], env)]
+    metrics: list[str] = []
+    ports = _metrics_ports(workers, metrics_host)
+    for i, (dev, mport) in enumerate(zip(_devices(workers, device), ports, strict=True)):
+        worker_env = {
+            **env,
+            "INFERQ_WORKER__METRICS_PORT": str(mport),
+            "INFERQ_WORKER__METRICS_HOST": "0.0.0.0" if host in ("0.0.0.0", "::") else metrics_host,
+            "INFERQ_WORKER__ADVERTISE_HOST": metrics_host,
+        }
+        children.append(Child(f"worker {i + 1}", ["worker", "--device", dev], worker_env))
+        if mport:
+            metrics.append(f"http://{metrics_host}:{mport}/metrics (worker {i + 1})")
+    return children, metrics
+
+
+def _start_watchdog(data_dir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "inferq.leftovers", str(os.getpid()), str(data_dir)],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C is for this process; the watchdog must outlive it
+    )
+
+
+def _supervise(sup: Supervisor, fleet: _Fleet, workers: list[Child]) -> None:
+    """Keep the stack running until a signal or a crash loop; say when a restarted worker serves again."""
+    returning: dict[int, str] = {}
+    while True:
+        for child in sup.check():
+            if child in workers and child.proc is not None:
+                returning[child.proc.pid] = child.name
+        if returning:
+            registered = fleet.registered()
+            for pid in [p for p in returning if p in registered]:
+                _say(f"{returning.pop(pid)} is serving again (pid {pid})")
+        time.sleep(0.5)
+
+
+def _leave_record(data_dir: Path, record: dict[str, Any]) -> None:
+    """Forget the run once nothing it recorded is alive; otherwise the watchdog or the next run stops it."""
+    servers = record.get("servers") or {}
+    if not any(leftovers.alive(int(pid), name) for name, pid in servers.items() if pid):
+        leftovers.remove_record(data_dir)
+
+
+def _servers(
+    settings: Settings, data_dir: Path, stack: contextlib.ExitStack, record: dict[str, Any]
+) -> tuple[str, str]:
     from inferq import embedded
+
+    servers: dict[str, int] = record["servers"]
+    redis_url = settings.redis_url
+    if not redis_url:
+        with _step("starting embedded Valkey"):
+            redis_url = stack.enter_context(embedded.valkey(data_dir / "valkey", servers))
+        leftovers.write_record(data_dir, record)
+    database_url = settings.database_url
+    if not database_url:
+        with _step("starting embedded PostgreSQL"):
+            database_url = stack.enter_context(embedded.postgres(data_dir / "postgres", pids=servers))
+        leftovers.write_record(data_dir, record)
+    return redis_url, database_url
+
+
+def _prepare(settings: Settings, database_url: str) -> None:
     from shared.db import upgrade
 
+    with _step("applying database migrations"):
+        upgrade(database_url)
+    if not settings.model.name:
+        from worker.model import fetch_demo_model, is_fetched
+
+        target = Path(settings.model_path)
+        if not is_fetched(target):
+            with _step(f"fetching the demo model {settings.served_model_name}"):
+                fetch_demo_model(target, progress=lambda m: console.print(f"  [dim]{m}[/]"))
+
+
+def up(settings: Settings, host: str, port: int, workers: int, device: str | None) -> int:
+    t0 = time.monotonic()
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _raise_stop)
-    procs: list[subprocess.Popen[bytes]] = []
+    # SIGINT is Ctrl-C even when this process was started with it ignored (from a script, in the
+    # background of a shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stopped = leftovers.stop_leftovers(data_dir)
+    except leftovers.StackRunning as exc:
+        console.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
+        return 1
+    if stopped:
+        _say(f"an earlier inferq up on {data_dir} left processes running; stopped: {', '.join(stopped)}")
+    record: dict[str, Any] = {"supervisor": os.getpid(), "servers": {}, "children": {}}
+    leftovers.write_record(data_dir, record)
+    watchdog = _start_watchdog(data_dir)
+    try:
+        return _run(settings, data_dir, record, host, port, workers, device, t0)
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    finally:
+        _leave_record(data_dir, record)
+        watchdog.terminate()
+        watchdog.wait()
+
+
+def _run(
+    settings: Settings,
+    data_dir: Path,
+    record: dict[str, Any],
+    host: str,
+    port: int,
+    workers: int,
+    device: str | None,
+    t0: float,
+) -> int:
+    sup: Supervisor | None = None
+    fleet: _Fleet | None = None
     urls_file: Path | None = None
     with contextlib.ExitStack() as stack:
         try:
-            redis_url = settings.redis_url
-            if not redis_url:
-                with _step("starting embedded Valkey"):
-                    redis_url = stack.enter_context(embedded.valkey(data_dir / "valkey"))
-            database_url = settings.database_url
-            if not database_url:
-                with _step("starting embedded PostgreSQL"):
-                    database_url = stack.enter_context(embedded.postgres(data_dir / "postgres"))
-            with _step("applying database migrations"):
-                upgrade(database_url)
-            if not settings.model.name:
-                from worker.model import fetch_demo_model, is_fetched
-
-                target = Path(settings.model_path)
-                if not is_fetched(target):
-                    with _step(f"fetching the demo model {settings.served_model_name}"):
-                        fetch_demo_model(target, progress=lambda m: console.print(f"  [dim]{m}[/]"))
+            redis_url, database_url = _servers(settings, data_dir, stack, record)
+            _prepare(settings, database_url)
             env = {
                 **os.environ,
                 "INFERQ_REDIS_URL": redis_url,
@@ -215,19 +369,28 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
                 "INFERQ_DATA_DIR": str(data_dir),
             }
             url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+            children, metrics = _children(env, host, port, workers, device)
+
+            def remember() -> None:
+                record["children"] = sup.pids() if sup is not None else {}
+                leftovers.write_record(data_dir, record)
+
+            sup = Supervisor(children, _say, remember)
+            fleet = _Fleet(redis_url)
             with _step(f"starting the API and {workers} worker(s)"):
-                procs.append(_spawn(["api", "--host", host, "--port", str(port)], env))
-                for dev in _devices(workers, device):
-                    procs.append(_spawn(["worker", "--device", dev], env))
-                _wait_ready(url, env, workers, procs)
+                sup.start()
+                _wait_ready(url, fleet, sup, children[1:])
+            sup.up = True
             urls_file = stack_file(settings)
             _write_stack_file(
                 urls_file, {"redis_url": redis_url, "database_url": database_url, "api_url": url}
             )
-            _banner(url, env, settings.auth, _count_keys(database_url))
-            while all(p.poll() is None for p in procs):
-                time.sleep(0.5)
-            console.print("[red]a child process exited; stopping the stack[/]")
+            active = _count_keys(database_url)
+            _banner(url, data_dir, settings.auth, active, metrics, time.monotonic() - t0)
+            _supervise(sup, fleet, children[1:])
+            return 1  # not reached: _supervise returns only by an exception
+        except CrashLoop as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
             return 1
         except (KeyboardInterrupt, _Stop):
             console.print("\n[bold]stopping…[/]")
@@ -236,4 +399,7 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
             # Only the file this run wrote: a second `inferq up` that failed to start leaves the first's.
             if urls_file is not None:
                 urls_file.unlink(missing_ok=True)
-            _stop_children(procs, drain=settings.worker.drain_seconds)
+            if sup is not None:
+                _stop_children(sup, drain=settings.worker.drain_seconds)
+            if fleet is not None:
+                fleet.close()

@@ -11,6 +11,9 @@ import hmac
 import secrets
 
 PREFIX = "iq_"
+# Owner of what is made while the API is open (no key exists yet, or INFERQ_AUTH=off); a key made with
+# `inferq keys create --tenant default` reads it once keys are required.
+DEFAULT_TENANT = "default"
 
 
 def hash_key(key: str) -> str:

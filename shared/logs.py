@@ -57,3 +57,6 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # Alembic announces each of its plugins at INFO whenever a process reads the migration scripts
+    # (the API and every worker check the schema at start-up): noise, not news.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

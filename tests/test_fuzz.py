@@ -135,7 +135,8 @@ def fuzz_api(
 
     def serving() -> bool:
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{fuzz.base_url}/v1/models/{SERVED}", timeout=1).status_code == 200
+            resp = httpx.get(f"{fuzz.base_url}/v1/models/{SERVED}", timeout=1)
+            return resp.status_code == 200 and resp.json()["workers"] > 0
         return False
 
     api.start()

@@ -66,7 +66,7 @@ async def _create(session: SessionDep, principal: Principal, body: BatchCreateRe
             input_file_id=file.id,
             completion_window=body.completion_window,
             metadata_=body.metadata,
-            tenant=principal.tenant,
+            tenant=principal.owner,
             api_key_id=principal.key_id,
             expires_at=func.now() + WINDOWS[body.completion_window],
         )

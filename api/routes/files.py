@@ -57,7 +57,7 @@ async def upload_file(
             f"a batch file holds at most {limits.max_lines} lines; this one has {lines}", param="file"
         )
     record = File(
-        tenant=principal.tenant,
+        tenant=principal.owner,
         purpose=purpose,
         filename=(file.filename or "upload.jsonl").replace("\x00", "")[:255] or "upload.jsonl",
         size=len(content),

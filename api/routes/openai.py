@@ -108,7 +108,9 @@ async def completions(
 
 
 async def _models(services: Services) -> list[Model]:
-    by_name: dict[str, Model] = {}
+    """The configured models (listed from the start, with 0 workers until one registers) and whatever
+    live workers serve besides."""
+    by_name = {name: Model(id=name, created=services.started_at, workers=0) for name in services.models}
     for worker in await live_workers(services.redis):
         name = str(worker.get("model") or "")
         if not name:
@@ -118,12 +120,14 @@ async def _models(services: Services) -> list[Model]:
         if model is None:
             by_name[name] = Model(id=name, created=started, workers=1)
         else:
+            model.created = started if model.workers == 0 else min(model.created, started)
             model.workers += 1
-            model.created = min(model.created, started)
     return sorted(by_name.values(), key=lambda m: m.id)
 
 
-@router.get("/models", response_model=ModelList, summary="List the models that live workers serve")
+@router.get(
+    "/models", response_model=ModelList, summary="List the configured models and those live workers serve"
+)
 async def list_models(services: ServicesDep) -> ModelList:
     return ModelList(data=await _models(services))
 
