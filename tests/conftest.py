@@ -4,6 +4,7 @@ and the API and a worker as separate processes, the way they run in production."
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import secrets
@@ -21,11 +22,12 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_sync
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from inferq import embedded
-from shared import keys
+from shared import fleet
 from shared.db import async_url
 from shared.settings import Settings
 
@@ -165,11 +167,22 @@ def wait_for(predicate: Any, timeout: float, what: str, procs: list[Proc]) -> No
 
 
 def live_workers(redis_url: str) -> int:
-    r = redis_sync.Redis.from_url(redis_url)
-    try:
-        return len(list(r.scan_iter(match=keys.WORKER_PREFIX + "*")))
-    finally:
-        r.close()
+    """How many workers the registry lists, read the way the API and `inferq up` read it."""
+    return len(registry(redis_url))
+
+
+def registry(redis_url: str) -> list[dict[str, Any]]:
+    """The live workers' registry entries (shared.fleet), from sync code or from inside a test's loop."""
+
+    async def read() -> list[dict[str, Any]]:
+        r = AsyncRedis.from_url(redis_url)
+        try:
+            return await fleet.live_workers(r)
+        finally:
+            await r.aclose()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, read()).result()
 
 
 @dataclass
