@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from inferq import leftovers
 from inferq.supervise import Child, CrashLoop, Supervisor
@@ -78,7 +79,10 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def _step(text: str) -> Iterator[None]:
     t0 = time.monotonic()
-    with console.status(f"[bold]{text}…"):
+    # A live clock beside the spinner: a long step (a model download and conversion) shows it moves.
+    columns = (SpinnerColumn(), TextColumn(f"[bold]{escape(text)}…"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        progress.add_task(text, total=None)
         yield
     console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - t0:.1f}s)[/]")
 

@@ -14,15 +14,43 @@ for s in "$stamp" .venv/.inferq-installed-dev; do  # a dev install also serves a
   fi
 done
 step() { printf '\033[1m▸ %s\033[0m\n' "$*" >&2; }
+# pip with a live line: elapsed time and what pip is on now (a TTY), or a line every 15 s (a log).
+pip_install() {
+  local log t0 pid last=0 now what
+  log=$(mktemp)
+  t0=$SECONDS
+  .venv/bin/python -m pip install --progress-bar off "$@" >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    now=$((SECONDS - t0))
+    what=$(grep -E '^(Collecting|Downloading|Processing|Installing|Building|Obtaining)' "$log" | tail -1 | cut -c1-60)
+    if [ -t 2 ]; then
+      printf '\r\033[K  %3ds  %s' "$now" "$what" >&2
+    elif [ $((now - last)) -ge 15 ]; then
+      printf '  %3ds  %s\n' "$now" "$what" >&2
+      last=$now
+    fi
+  done
+  [ -t 2 ] && printf '\r\033[K' >&2
+  if ! wait "$pid"; then
+    grep -v "^WARNING: Location" "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  printf '  done in %ds\n' $((SECONDS - t0)) >&2
+  rm -f "$log"
+}
 if [ ! -x .venv/bin/python ]; then
   step "creating .venv with $($PY --version)"
   $PY -m venv .venv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 step "installing torch ${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install --quiet --progress-bar off "torch==${TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-.venv/bin/python -c "import torch" >/dev/null
+pip_install "torch==${TORCH_VERSION:-2.13.0}"
+# -W ignore: torch warns that NumPy is missing, which it is until the next step.
+.venv/bin/python -W ignore -c "import torch" >/dev/null
 step "installing inferq${EXTRAS:+[$EXTRAS]} and its dependencies"
-.venv/bin/python -m pip install --quiet --progress-bar off -e ".${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+pip_install -e ".${EXTRAS:+[$EXTRAS]}"
 .venv/bin/python -c "import api, worker, shared, inferq.cli" >/dev/null
 echo "$want" > "$stamp"
