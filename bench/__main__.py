@@ -4,6 +4,7 @@ throughput  inferq vs `transformers serve --continuous-batching` vs a naive serv
 submit      jobs/s one API process accepts (POST /v1/jobs) vs a bare FastAPI route, same client
 sse         added latency of 1,000 concurrent SSE streams relayed by one API process
 overhead    idle TTFT through inferq minus the same engine's TTFT in-process
+startup     time to "inferq is up": cached starts, and (--fresh) a fresh clone
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "submit": "bench.submit",
     "sse": "bench.sse",
     "overhead": "bench.overhead",
+    "startup": "bench.startup",
     "all": "bench.run_all",
     "chart": "bench.chart",
 }

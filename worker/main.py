@@ -74,10 +74,7 @@ async def _listen(redis: Redis, runner: JobRunner, wake: asyncio.Event, queues: 
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    redis: Redis = ctx["redis"]
-    upstream = settings.worker.engine == "openai-http"
+async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool) -> Any:
     engine: Any
     if upstream:
         engine = UpstreamEngine(
@@ -86,25 +83,35 @@ async def startup(ctx: dict[str, Any]) -> None:
         ctx["engine"] = engine
         await engine.warmup()  # fails start-up if the upstream server is not there
         log.info("forwarding jobs to %s", settings.worker.upstream_url)
-    else:
-        t0 = time.monotonic()
-        log.info("loading model %s on %s", settings.model_path, settings.model.device)
-        model, tokenizer = await _in_daemon_thread(load_model, settings.model_path, settings.model)
-        log.info(
-            "model %s loaded on %s in %.2fs",
-            settings.model_path,
-            settings.model.device,
-            time.monotonic() - t0,
-        )
-        engine = Engine(model, tokenizer, settings.model)
-        ctx["engine"] = engine  # from here on, a stop at any moment stops the engine's thread too
-        engine.start()
-        log.info("engine started; warming up")
-        await engine.warmup()
-        engine.step_observer = metrics.batch_size.labels(settings.served_model_name).observe
+        return engine
+    t0 = time.monotonic()
+    log.info("loading model %s on %s", settings.model_path, settings.model.device)
+    model, tokenizer = await _in_daemon_thread(load_model, settings.model_path, settings.model)
+    log.info(
+        "model %s loaded on %s in %.2fs", settings.model_path, settings.model.device, time.monotonic() - t0
+    )
+    engine = Engine(model, tokenizer, settings.model)
+    ctx["engine"] = engine  # from here on, a stop at any moment stops the engine's thread too
+    engine.start()
+    log.info("engine started; warming up")
+    await engine.warmup()
+    engine.step_observer = metrics.batch_size.labels(settings.served_model_name).observe
+    return engine
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    redis: Redis = ctx["redis"]
+    upstream = settings.worker.engine == "openai-http"
     db = create_engine(settings.require_urls()[1], pool_size=4)
     ctx["db"] = db
-    await check_schema(db)
+    # The schema check (Postgres round trips, reading the migration scripts) runs while the model loads.
+    schema = asyncio.create_task(check_schema(db), name="inferq-check-schema")
+    try:
+        engine = await _start_engine(ctx, settings, upstream)
+        await schema
+    finally:
+        schema.cancel()
     batcher = EventBatcher(
         EventWriter(redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds)
     )
