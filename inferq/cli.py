@@ -52,13 +52,40 @@ def up(
     raise typer.Exit(run_up(get_settings(), host, port, workers, device))
 
 
+FromStdinOpt = Annotated[
+    bool,
+    typer.Option(
+        "--settings-from-stdin",
+        hidden=True,
+        help="Import first, then read INFERQ_* settings as one JSON line on stdin (used by `inferq up`).",
+    ),
+]
+
+
+def _settings_from_stdin(*modules: str) -> None:
+    """`inferq up` starts its API and workers before its servers are up, so that their seconds of
+    imports (torch, transformers) overlap the servers' start; the settings follow on stdin."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+    line = sys.stdin.readline()
+    if not line:  # `inferq up` stopped before it could say where the servers are
+        raise typer.Exit(0)
+    os.environ.update({k: str(v) for k, v in json.loads(line).items() if k.startswith("INFERQ_")})
+    get_settings.cache_clear()
+
+
 @app.command()
 def api(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     processes: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+    settings_from_stdin: FromStdinOpt = False,
 ) -> None:
     """Serve the HTTP API (needs INFERQ_REDIS_URL and INFERQ_DATABASE_URL)."""
+    if settings_from_stdin:
+        _settings_from_stdin("uvicorn", "api.app", "transformers.models.auto.tokenization_auto")
     import uvicorn
 
     settings = get_settings()
@@ -93,8 +120,11 @@ def worker(
     upstream_model: Annotated[
         str | None, typer.Option(help="openai-http: the upstream's model name.")
     ] = None,
+    settings_from_stdin: FromStdinOpt = False,
 ) -> None:
     """Run one GPU worker: one model on one device, continuous batching."""
+    if settings_from_stdin:
+        _settings_from_stdin("worker.main", "transformers.models.auto.modeling_auto")
     from worker.main import run
 
     settings = get_settings()

@@ -364,25 +364,28 @@ def _run(
     urls_file: Path | None = None
     with contextlib.ExitStack() as stack:
         try:
-            redis_url, database_url = _servers(settings, data_dir, stack, record)
-            _prepare(settings, database_url)
-            env = {
-                **os.environ,
-                "INFERQ_REDIS_URL": redis_url,
-                "INFERQ_DATABASE_URL": database_url,
-                "INFERQ_DATA_DIR": str(data_dir),
-            }
             url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-            children, metrics = _children(env, host, port, workers, device)
+            children, metrics = _children(dict(os.environ), host, port, workers, device)
 
             def remember() -> None:
                 record["children"] = sup.pids() if sup is not None else {}
                 leftovers.write_record(data_dir, record)
 
             sup = Supervisor(children, _say, remember)
+            # Started now, they import torch and transformers while the servers start; their settings
+            # (where the servers are) follow on stdin.
+            sup.start(early=True)
+            redis_url, database_url = _servers(settings, data_dir, stack, record)
+            _prepare(settings, database_url)
             fleet = _Fleet(redis_url)
             with _step(f"starting the API and {workers} worker(s)"):
-                sup.start()
+                sup.configure(
+                    {
+                        "INFERQ_REDIS_URL": redis_url,
+                        "INFERQ_DATABASE_URL": database_url,
+                        "INFERQ_DATA_DIR": str(data_dir),
+                    }
+                )
                 _wait_ready(url, fleet, sup, children[1:])
             sup.up = True
             urls_file = stack_file(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import signal
 import subprocess
 import sys
@@ -53,14 +54,26 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
-    def spawn(self) -> None:
+    def spawn(self, *, early: bool = False) -> None:
+        """Start the process; `early`: before its settings are known (they follow with `configure`)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inferq.cli", *self.args],
+            [sys.executable, "-m", "inferq.cli", *self.args, *(["--settings-from-stdin"] if early else [])],
             env=self.env,
+            stdin=subprocess.PIPE if early else subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
             start_new_session=True,  # Ctrl-C reaches `inferq up`, which stops the children in order
         )
         self.restart_at = None
+
+    def configure(self) -> None:
+        """Hand an early-started process its settings (the INFERQ_* part of `env`)."""
+        if self.proc is None or self.proc.stdin is None:
+            return
+        settings = {k: v for k, v in self.env.items() if k.startswith("INFERQ_")}
+        with contextlib.suppress(OSError):  # it died meanwhile: check() starts it again
+            self.proc.stdin.write((json.dumps(settings) + "\n").encode())
+            self.proc.stdin.close()
+        self.proc.stdin = None
 
 
 @dataclass
@@ -70,10 +83,15 @@ class Supervisor:
     on_change: Callable[[], None] = lambda: None
     up: bool = False  # the stack has been up once: crash loops are judged less strictly
 
-    def start(self) -> None:
+    def start(self, *, early: bool = False) -> None:
         for child in self.children:
-            child.spawn()
+            child.spawn(early=early)
         self.on_change()
+
+    def configure(self, settings: dict[str, str]) -> None:
+        for child in self.children:
+            child.env.update(settings)
+            child.configure()
 
     def check(self) -> list[Child]:
         """Notice exits, start again what is due; returns the children started again now."""
