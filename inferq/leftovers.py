@@ -125,7 +125,10 @@ def watch(parent: int, data_dir: Path, poll: float = 0.5, say: Callable[[str], N
     """Wait for `parent` to end; then stop whatever its record still names."""
     while os.getppid() == parent:
         time.sleep(poll)
-    stopped = stop_leftovers(data_dir)
+    try:
+        stopped = stop_leftovers(data_dir)
+    except StackRunning:  # a new `inferq up` has taken the data dir over, and with it what was left
+        return
     if stopped and say is not None:
         say(f"inferq up (pid {parent}) ended without stopping its stack; stopped: {', '.join(stopped)}")
 

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from inferq import leftovers
-from inferq.supervise import Child, CrashLoop, Supervisor
+from inferq.supervise import Child, Supervisor
 from shared.settings import Settings
 
 console = Console(stderr=True, highlight=False)
@@ -396,7 +396,7 @@ def _run(
             _banner(url, data_dir, settings.auth, active, metrics, time.monotonic() - t0)
             _supervise(sup, fleet, children[1:])
             return 1  # not reached: _supervise returns only by an exception
-        except CrashLoop as exc:
+        except RuntimeError as exc:  # a crash loop, or no readiness in time: said, not a traceback
             console.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
             return 1
         except (KeyboardInterrupt, _Stop):

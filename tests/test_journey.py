@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from inferq.leftovers import alive, read_record
-from tests.conftest import REPO, Servers, _env, registry
+from tests.conftest import REPO, Servers, _env, _free_port, registry
 
 README = (REPO / "README.md").read_text()
 INFERQ = str(Path(sys.executable).with_name("inferq"))
@@ -34,12 +34,6 @@ BANNER = "inferq is up"
 # measured in bench/RESULTS.md, not here.
 BANNER_TIMEOUT = 120.0
 GONE_AFTER_STOP = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _user_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -173,11 +167,11 @@ def up_factory(tmp_path: Path, model_dir: Path) -> Iterator[Any]:
     runs: list[Up] = []
     data_dir = _data_dir(tmp_path, model_dir)
 
-    def make(*args: str, script: bool = False, port: int | None = None) -> Up:
+    def make(*args: str, script: bool = False, port: int | None = None, **env: str) -> Up:
         port = port or _free_port()
         base = ["bash", "scripts/up.sh"] if script else [INFERQ, "up"]
         cmd = [*base, "--port", str(port), "--data-dir", str(data_dir), *args]
-        run = Up(cmd, data_dir, port, tmp_path / f"up-{len(runs)}.log", _user_env(data_dir))
+        run = Up(cmd, data_dir, port, tmp_path / f"up-{len(runs)}.log", _user_env(data_dir, **env))
         runs.append(run)
         run.start()
         return run
@@ -420,6 +414,18 @@ def test_journey_a_killed_worker_comes_back_and_its_job_still_succeeds(up_factor
     assert len(pids) == 2 and holder not in pids
     up.remember()
     assert up.interrupt() == 0
+    up.wait_all_gone(GONE_AFTER_STOP)
+
+
+def test_journey_a_worker_that_cannot_start_stops_the_stack_and_says_why(up_factory: Any) -> None:
+    up: Up = up_factory(INFERQ_MODEL__NAME="/nonexistent/model")
+    assert up.proc is not None
+    up.wait_for_line("starting it again", BANNER_TIMEOUT)
+    assert up.proc.wait(timeout=BANNER_TIMEOUT) == 1
+    said = up.output()
+    assert "exited 3 times in 5 minutes" in said and "stopping the stack" in said, said[-3000:]
+    assert BANNER not in said
+    up.remember()
     up.wait_all_gone(GONE_AFTER_STOP)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
 
-from tests.conftest import Stack
+from tests.conftest import Stack, start_api
 from tests.helpers import FRANCE, STORY, wait_job
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -109,6 +110,23 @@ async def test_openai_models_lists_the_served_model(oai: AsyncOpenAI) -> None:
     assert (await oai.models.retrieve(MODEL)).id == MODEL
     with pytest.raises(openai.NotFoundError):
         await oai.models.retrieve("no-such-model")
+
+
+async def test_openai_models_lists_configured_models_before_any_worker_serves_them(stack: Stack) -> None:
+    # An API that also counts tokens for "spare": a client that waited for /readyz finds it listed at once,
+    # with no worker yet, rather than an empty list.
+    url, api = start_api(
+        stack, INFERQ_EXTRA_MODELS=json.dumps({"spare": stack.api.env["INFERQ_MODEL__NAME"]})
+    )
+    try:
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        models = {m.id: m for m in (await client.models.list()).data}
+        assert set(models) == {MODEL, "spare"}
+        assert (models["spare"].model_extra or {})["workers"] == 0
+        assert (models[MODEL].model_extra or {})["workers"] >= 1
+        await client.close()
+    finally:
+        api.stop()
 
 
 async def test_openai_rejects_unsupported_parameters_clearly(oai: AsyncOpenAI) -> None:
