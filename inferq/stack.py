@@ -111,6 +111,19 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why the API could not listen on host:port (another server has it), or None: said before
+    anything starts, rather than as an API process that exits again and again."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 class _Fleet:
     """The stack's view of the worker registry, through the one reader the API uses too."""
 
@@ -333,6 +346,10 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
         stopped = leftovers.stop_leftovers(data_dir)
     except leftovers.StackRunning as exc:
         console.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
+        return 1
+    taken = _port_taken(host, port)
+    if taken:
+        console.print(f"[red]cannot serve on {host}:{port}: {escape(taken)}; choose another with --port[/]")
         return 1
     if stopped:
         _say(f"an earlier inferq up on {data_dir} left processes running; stopped: {', '.join(stopped)}")

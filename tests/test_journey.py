@@ -373,6 +373,19 @@ def test_journey_killed_up_leaves_nothing_and_the_next_run_says_what_it_stopped(
     assert "left processes running; stopped:" in said and f"Valkey (pid {valkey})" in said, said[:2000]
     assert not _running(valkey)
     nxt.remember()
+    # A second `inferq up` on a data dir in use refuses, and on a port in use too, saying why.
+    rival: Up = up_factory()
+    assert rival.proc is not None and rival.proc.wait(timeout=60) == 1
+    assert f"another `inferq up` (pid {nxt.proc.pid if nxt.proc else '?'}) is running" in rival.output()
+    busy = subprocess.run(
+        [INFERQ, "up", "--port", str(nxt.port), "--data-dir", str(nxt.data_dir.parent / "other")],
+        cwd=REPO,
+        env=_user_env(nxt.data_dir.parent / "other"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert busy.returncode == 1 and f"cannot serve on 127.0.0.1:{nxt.port}" in busy.stderr, busy.stderr
     assert nxt.interrupt() == 0
     nxt.wait_all_gone(GONE_AFTER_STOP)
 
