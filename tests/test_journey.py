@@ -293,6 +293,56 @@ def _run_openai_snippet(up: Up, tmp_path: Path) -> None:
     assert re.fullmatch(r"\d+ tokens", lines[-1]), lines
 
 
+def _readme_dir(tmp_path: Path) -> Path:
+    """A folder to run README commands in that write files (prompts.jsonl, results.jsonl)."""
+    here = tmp_path / "readme"
+    here.mkdir(exist_ok=True)
+    if not (here / ".venv").exists():
+        (here / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
+    return here
+
+
+def _run_readme_batch(up: Up, key: str, tmp_path: Path) -> None:
+    here = _readme_dir(tmp_path)
+    env = dict(up.env, INFERQ_URL=up.url, INFERQ_API_KEY=key)
+    batch_id = None
+    for command in _commands(_blocks("OpenAI-compatible API", "bash")[0]):
+        if "BATCH_ID" in command:
+            assert batch_id is not None
+            command = command.replace("BATCH_ID", batch_id)
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=here, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        if " batch prompts.jsonl" in command:
+            batch_id = done.stdout.split()[0]
+            assert batch_id.startswith("batch_"), done.stdout
+        elif " batch status " in command:
+            assert batch_id in done.stdout and re.search(r"status\s+completed", done.stdout), done.stdout
+    results = [json.loads(line) for line in (here / "results.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == ["line-1", "line-2"]
+    # The lines set no temperature: sampled answers, so only their shape is certain.
+    for r in results:
+        assert r["response"]["status_code"] == 200 and r["error"] is None, r
+        assert r["response"]["body"]["choices"][0]["message"]["content"].strip(), r
+
+
+def _run_readme_tenants(up: Up, tmp_path: Path) -> None:
+    (block,) = _blocks("Tenants, API keys, limits", "bash")
+    script = _as_run_here(block, up, None).replace("key_0123456789ab", "key_${KEY:3:12}")
+    done = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + script],
+        cwd=_readme_dir(tmp_path),
+        env=dict(up.env, INFERQ_URL=up.url),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert '"object":"list"' in done.stdout and "Paris" in done.stdout, done.stdout
+    assert "acme" in done.stdout and "revoked" in (done.stdout + done.stderr), (done.stdout, done.stderr)
+
+
 # --- The journeys ------------------------------------------------------------------------------------
 
 
@@ -334,6 +384,9 @@ def test_journey_quickstart_keys_stop_and_start_again(up_factory: Any, tmp_path:
     # Whole ids at 80 columns: the new job, and the ones made while open (tenant default).
     assert new_job in listed.stdout and open_jobs <= set(re.findall(r"job_[0-9a-f]+", listed.stdout))
     assert max(len(line) for line in listed.stdout.splitlines()) <= 80
+    # The README's batch and tenant commands, now that keys are required.
+    _run_readme_batch(up, key, tmp_path)
+    _run_readme_tenants(up, tmp_path)
     up.remember()
 
     # Ctrl-C: every process of the stack is gone, embedded servers included.
