@@ -16,6 +16,7 @@ from rich.table import Table
 
 from inferq import batch_cli, keys_cli
 from inferq.batch_cli import ApiKeyOpt, auth_headers
+from shared.headers import PREFER
 from shared.settings import Settings, get_settings
 
 app = typer.Typer(help="inferq: queue-backed LLM inference jobs.", no_args_is_help=True, add_completion=False)
@@ -229,11 +230,14 @@ def _print_stream(client: httpx.Client, job_id: str) -> None:
 
 
 def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    # The API answers when the job ends (or after a minute, and then we ask again): no polling.
     while True:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        resp = client.get(f"/v1/jobs/{job_id}", headers={PREFER: "wait=60"})
+        if resp.status_code != 200:
+            _fail(resp)
+        job: dict[str, Any] = resp.json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
-        time.sleep(0.2)
 
 
 @app.command()

@@ -94,3 +94,46 @@ async def test_health_ready_and_docs(client: httpx.AsyncClient) -> None:
     assert (await client.get("/docs")).status_code == 200
     schema = (await client.get("/openapi.json")).json()
     assert "/v1/jobs/{job_id}/events" in schema["paths"]
+
+
+async def test_prefer_wait_returns_the_finished_job_in_one_request(client: httpx.AsyncClient) -> None:
+    body = {"messages": FRANCE, "max_tokens": 16, "temperature": 0}
+    resp = await client.post("/v1/jobs", json=body, headers={"Prefer": "wait=30"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["preference-applied"] == "wait=30" and "retry-after" not in resp.headers
+    job = resp.json()
+    assert job["status"] == "succeeded" and "Paris" in job["output"] and job["usage"]["completion_tokens"]
+
+
+async def test_prefer_wait_on_a_longer_job_returns_202_then_get_waits_for_the_end(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 80, "temperature": 0}
+    resp = await client.post("/v1/jobs", json=body, headers={"Prefer": "respond-async, wait=1"})
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["status"] in ("queued", "running") and resp.headers["retry-after"] in ("1", "2", "3")
+    polled = await client.get(f"/v1/jobs/{job['id']}")
+    if polled.json()["status"] in ("queued", "running"):
+        assert polled.headers["retry-after"].isdigit()  # a plain poll says when to come back
+    waited = await client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=60"})
+    assert waited.status_code == 200 and waited.json()["status"] == "succeeded", waited.text
+    assert waited.headers["preference-applied"] == "wait=60" and "retry-after" not in waited.headers
+
+
+async def test_prefer_wait_out_of_range_or_malformed_is_a_400_and_creates_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    async def newest() -> list[str]:
+        return [j["id"] for j in (await client.get("/v1/jobs", params={"limit": 1})).json()["data"]]
+
+    before = await newest()
+    for value in ("wait=0", "wait=61", "wait=abc", "wait=-3", "wait=1.5"):
+        body = {"prompt": "Hi", "max_tokens": 1}
+        resp = await client.post("/v1/jobs", json=body, headers={"Prefer": value})
+        assert resp.status_code == 400, (value, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == "Prefer" and "wait" in error["message"], error
+    assert await newest() == before
+    missing = await client.get("/v1/jobs/job_000000000000000000000000", headers={"Prefer": "wait=5"})
+    assert missing.status_code == 404

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
@@ -14,13 +14,16 @@ from api.deps import ServicesDep, SessionDep
 from api.errors import JOB_NOT_FOUND, NotFound
 from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from api.pagination import newest_first
+from api.streams import load_job
 from api.submission import submit_job
 from api.views import job_response, job_urls
+from api.waiting import retry_after, wait_for_end, wait_seconds
 from shared import logs
 from shared.fleet import live_workers
+from shared.headers import PREFERENCE_APPLIED, RETRY_AFTER
 from shared.models import Job
 from shared.schemas import JobCreatedResponse, JobCreateRequest, JobListResponse, JobResponse
-from shared.states import JobStatus
+from shared.states import TERMINAL, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -31,7 +34,10 @@ NO_WORKER = "no live worker serves model '{model}'; the job waits until one does
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobCreatedResponse,
+    responses={200: {"model": JobResponse, "description": "With `Prefer: wait=N`: the finished job."}},
     summary="Submit a generation job",
+    description="`Prefer: wait=N` (1-60) returns the whole job once it has finished (200), or as it "
+    "stands after N seconds (202).",
 )
 async def create_job(
     body: Annotated[JobCreateRequest, Body()],
@@ -40,6 +46,8 @@ async def create_job(
     request: Request,
     _quota: QuotaDep,
 ) -> JSONResponse:
+    wait = wait_seconds(request)  # a bad Prefer header is refused before anything is created
+
     async def create() -> Outcome:
         job = await submit_job(services, body, principal, request_id=logs.request_id.get())
         created = JobCreatedResponse(
@@ -55,16 +63,45 @@ async def create_job(
     headers = {"Location": job_urls(outcome.job_id or "").self}
     if outcome.replayed:
         headers[REPLAYED_HEADER] = "true"
-    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
+    if wait is None or outcome.job_id is None or outcome.status_code != 202:
+        return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
+    # Prefer: wait=N: the whole job once it has finished (200), or as it stands after N seconds (202).
+    await wait_for_end(services, outcome.job_id, wait)
+    job = await load_job(services, outcome.job_id)
+    if job is None:  # removed meanwhile
+        raise NotFound(JOB_NOT_FOUND.format(job_id=outcome.job_id))
+    headers[PREFERENCE_APPLIED] = f"wait={wait}"
+    finished = JobStatus(job.status) in TERMINAL
+    hint = None if finished else retry_after(job.status, None)
+    if hint is not None:
+        headers[RETRY_AFTER] = hint
+    waited = job_response(job).model_dump(mode="json")
+    return JSONResponse(waited, status_code=200 if finished else 202, headers=headers)
 
 
-@router.get("/{job_id}", response_model=JobResponse, summary="Get a job: status, output, usage, timings")
+@router.get(
+    "/{job_id}",
+    response_model=JobResponse,
+    summary="Get a job: status, output, usage, timings",
+    description="`Prefer: wait=N` (1-60) answers once the job has finished or N seconds passed; an "
+    "unfinished job's answer carries `Retry-After`.",
+)
 async def get_job(
-    job_id: str, session: SessionDep, services: ServicesDep, principal: PrincipalDep
+    job_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    request: Request,
+    reply: Response,
 ) -> JobResponse:
+    wait = wait_seconds(request)
     job = await session.get(Job, job_id)
     if job is None or not principal.owns(job.tenant):
         raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
+    if wait is not None:
+        reply.headers[PREFERENCE_APPLIED] = f"wait={wait}"
+        if JobStatus(job.status) not in TERMINAL and await wait_for_end(services, job_id, wait):
+            await session.refresh(job)
     response = job_response(job)
     if job.status == JobStatus.QUEUED.value:
         serving = {w.get("model") for w in await live_workers(services.redis) if not w.get("draining")}
@@ -72,6 +109,9 @@ async def get_job(
             response.waiting = NO_WORKER.format(model=job.model)
         elif job.batch_id is None:
             response.queue_position, response.eta_seconds = await services.admission.position(job)
+    hint = retry_after(job.status, response.eta_seconds)
+    if hint is not None:  # a poll of an unfinished job: when asking again is worth it
+        reply.headers[RETRY_AFTER] = hint
     return response
 
 

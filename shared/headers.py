@@ -1,0 +1,7 @@
+"""HTTP header names that clients, the API and the tests share."""
+
+from __future__ import annotations
+
+PREFER = "Prefer"  # RFC 7240; inferq honours `wait=N`
+PREFERENCE_APPLIED = "Preference-Applied"
+RETRY_AFTER = "Retry-After"
