@@ -96,3 +96,10 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
                 pending = await backlog() if item.seq > last + 1 else [item]
     finally:
         await services.relay.unsubscribe(sub)
+
+
+async def until_end(services: Services, job_id: str) -> None:
+    """Return once the job has ended (its `done` or `error` event), following its live events."""
+    async for event in job_events(services, job_id):
+        if event.is_end:
+            return

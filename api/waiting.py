@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from api.errors import InvalidRequest
 from api.services import Services
-from api.streams import job_events
+from api.streams import until_end
 from shared import headers
 
 MAX_WAIT_SECONDS = 60
@@ -37,16 +37,10 @@ def wait_seconds(request: Request) -> int | None:
     return int(value)
 
 
-async def _until_end(services: Services, job_id: str) -> None:
-    async for event in job_events(services, job_id):
-        if event.is_end:
-            return
-
-
 async def wait_for_end(services: Services, job_id: str, seconds: float) -> bool:
     """True once the job has ended, False when `seconds` passed first."""
     try:
-        await asyncio.wait_for(_until_end(services, job_id), seconds)
+        await asyncio.wait_for(until_end(services, job_id), seconds)
     except TimeoutError:
         return False
     return True

@@ -7,6 +7,7 @@ what a user would see: the banner, the printed answer, the job list, and that no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -131,16 +132,8 @@ class Up:
 
     def kill_everything(self) -> None:
         for pid in self.leftovers():
-            with _suppress():
+            with contextlib.suppress(Exception):
                 os.kill(pid, signal.SIGKILL)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def _running(pid: int) -> bool:
@@ -180,7 +173,7 @@ def up_factory(tmp_path: Path, model_dir: Path) -> Iterator[Any]:
     for run in runs:  # a failed test still leaves nothing behind
         if run.proc is not None and run.proc.poll() is None:
             run.proc.send_signal(signal.SIGINT)
-            with _suppress():
+            with contextlib.suppress(Exception):
                 run.proc.wait(timeout=60)
         run.kill_everything()
 

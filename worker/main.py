@@ -107,6 +107,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = db
     # The schema check (Postgres round trips, reading the migration scripts) runs while the model loads.
     schema = asyncio.create_task(check_schema(db), name="inferq-check-schema")
+    # Retrieved even when the engine's start fails first, so it is never reported as unhandled.
+    schema.add_done_callback(lambda t: t.cancelled() or t.exception())
     try:
         engine = await _start_engine(ctx, settings, upstream)
         await schema

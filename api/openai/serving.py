@@ -32,7 +32,7 @@ from api.openai.protocol import (
     CompletionRequest,
 )
 from api.services import Services
-from api.streams import job_events, load_job
+from api.streams import job_events, load_job, until_end
 from api.submission import submit_job
 from shared import logs
 from shared.models import Job
@@ -119,12 +119,6 @@ async def _quiet_cancel(services: Services, job_id: str) -> None:
         log.info("job %s cancelled: its client disconnected", job_id)
 
 
-async def _wait_for_end(services: Services, job_id: str) -> None:
-    async for event in job_events(services, job_id):
-        if event.is_end:
-            return
-
-
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -132,7 +126,7 @@ async def _disconnected(request: Request) -> None:
 
 async def wait_for_job(services: Services, job: Job, request: Request) -> Job | None:
     """The finished job, or None when the client went away first (the job is then cancelled, if so set)."""
-    end = asyncio.create_task(_wait_for_end(services, job.id))
+    end = asyncio.create_task(until_end(services, job.id))
     gone = asyncio.create_task(_disconnected(request))
     try:
         await asyncio.wait({end, gone}, return_when=asyncio.FIRST_COMPLETED)
