@@ -20,7 +20,7 @@ from api.ratelimit import RateLimitHeaders
 from api.reaper import Reaper
 from api.reconcile import Reconciler
 from api.requestid import RequestId
-from api.routes import batches, events, files, health, jobs, openai, workers
+from api.routes import batches, events, files, health, jobs, openai, responses, workers
 from api.services import open_services
 from shared import __version__
 from shared.runtime import freeze_startup_objects
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)  # open: probes and scrapers carry no key
     app.include_router(api_metrics.router)
     secured = [Depends(authenticate)]
-    for module in (jobs, events, openai, files, batches, workers):
+    for module in (jobs, events, openai, responses, files, batches, workers):
         app.include_router(module.router, dependencies=secured)
     openapi.install(app)
     return app

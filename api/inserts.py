@@ -25,8 +25,9 @@ _COLUMNS = (
 
 
 def job_row(job: Job) -> dict[str, Any]:
-    """The columns a new interactive job is inserted with."""
-    return {name: getattr(job, name) for name in _COLUMNS}
+    """The columns a new interactive job is inserted with, by column name (a core INSERT ignores a key
+    it does not know, such as the attribute name `metadata_` of the column `metadata`)."""
+    return {Job.__mapper__.attrs[name].columns[0].key: getattr(job, name) for name in _COLUMNS}
 
 
 async def _insert(db: AsyncEngine, rows: list[dict[str, Any]]) -> list[datetime]:

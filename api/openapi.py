@@ -14,6 +14,7 @@ from api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api.idempotency import MAX_KEY_CHARS
 from api.openai.serving import JobFailed
 from api.routes.files import PURPOSES
+from shared.responses import EVENT_TYPES as RESPONSE_EVENT_TYPES
 
 Schema = dict[str, Any]
 
@@ -48,6 +49,7 @@ _IDEMPOTENT = {
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("post", "/v1/batches"),
+    ("post", "/v1/responses"),
 }
 # Other 409s and 500s, by route: state conflicts, and the OpenAI routes, which answer a job that ended
 # cancelled with 409 and one that failed with 500 (as OpenAI does), since they wait for the job.
@@ -57,6 +59,7 @@ _EXTRA_ERRORS: dict[tuple[str, str], set[int]] = {
     ("delete", "/v1/files/{file_id}"): {409},
     ("post", "/v1/chat/completions"): {409, JobFailed.status_code},
     ("post", "/v1/completions"): {409, JobFailed.status_code},
+    ("post", "/v1/responses"): {404},  # a previous_response_id that names no response of this tenant
 }
 # One event of each stream, as Open API 3.1 describes Server-Sent Events (the 3.2 `itemSchema`).
 _JOB_EVENT: Schema = {
@@ -66,6 +69,15 @@ _JOB_EVENT: Schema = {
         "event": {"enum": ["status", "token", "done", "error"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
         "id": {"type": "string", "pattern": "^[0-9]+$", "description": "Pass as Last-Event-ID to resume."},
+    },
+}
+_RESPONSE_EVENT: Schema = {
+    "type": "object",
+    "required": ["event", "data", "id"],
+    "properties": {
+        "event": {"enum": sorted(RESPONSE_EVENT_TYPES)},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The event's sequence_number."},
     },
 }
 _CHUNK_EVENT: Schema = {
@@ -162,8 +174,11 @@ def _fix_operation(method: str, path: str, op: Schema) -> None:
 
 def _fix_media_types(path: str, response: Schema) -> None:
     content: dict[str, Schema] = response.get("content", {})
-    if "text/event-stream" in content:  # a job's own events, or an OpenAI route's chunks
-        event = _JOB_EVENT if path.endswith("/events") else _CHUNK_EVENT
+    if "text/event-stream" in content:  # a job's own events, a response's, or an OpenAI route's chunks
+        if path.startswith("/v1/responses"):
+            event = _RESPONSE_EVENT
+        else:
+            event = _JOB_EVENT if path.endswith("/events") else _CHUNK_EVENT
         content["text/event-stream"] = {"schema": copy.deepcopy(event)}
     if "application/jsonl" in content:
         content["application/jsonl"] = {"schema": dict(_JSONL)}

@@ -57,8 +57,23 @@ def from_record(job: Job, after: int) -> list[Event]:
     return [e for e in history if e.seq > after]
 
 
+async def _resync(services: Services, job_id: str, last: int) -> list[Event] | None:
+    """The events after `last` from the job's stream, or its end from its record when the stream has
+    none (events expired or lost); None once the job's row is gone."""
+    pending = await read_events(services.redis, job_id, after=last)
+    if pending:
+        return pending
+    job = await load_job(services, job_id)
+    if job is None:
+        return None
+    if JobStatus(job.status) in TERMINAL:
+        return [Event(last + 1, e.event, e.data) for e in from_record(job, 0) if e.is_end]
+    return []
+
+
 async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIterator[Event]:
-    """Every event of a job after seq `after`, in order, ending with its `done` or `error`."""
+    """Every event of a job after seq `after`, in order, ending with its `done` or `error` (or with
+    nothing more, once the job's row has been deleted)."""
     sub = await services.relay.subscribe(job_id)
     last = after
     try:
@@ -85,13 +100,10 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
             except TimeoutError:
                 item = RESYNC
             if item is RESYNC:
-                pending = await backlog()
-                if not pending:
-                    job = await load_job(services, job_id)
-                    if job is not None and JobStatus(job.status) in TERMINAL:
-                        # Finished, but its end never reached this stream (events expired or lost).
-                        pending = from_record(job, 0)
-                        pending = [Event(last + 1, e.event, e.data) for e in pending if e.is_end]
+                resynced = await _resync(services, job_id, last)
+                if resynced is None:
+                    return  # deleted: nothing more will come
+                pending = resynced
             elif isinstance(item, Event):
                 pending = await backlog() if item.seq > last + 1 else [item]
     finally:

@@ -72,6 +72,7 @@ async def prepare_job(
     *,
     default_max_tokens: int | None = None,
     endpoint: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Job:
     """Check a request against the limits and the model's context; the unsaved job that would run it."""
     model = _model(services, req)
@@ -82,6 +83,7 @@ async def prepare_job(
     request.update(model=model.name, max_tokens=max_tokens)
     if endpoint is not None:
         request["endpoint"] = endpoint
+    request.update(extra or {})  # what a route keeps with the job for itself (e.g. a response's input)
     if principal.key_id is not None and principal.tokens_per_day is not None:
         request["quota_key"] = quota_key(principal.key_id)  # the worker adds the tokens it generates
     param = "messages" if req.messages is not None else "prompt"
@@ -118,11 +120,12 @@ async def submit_job(
     default_max_tokens: int | None = None,
     endpoint: str | None = None,
     request_id: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Job:
     """Admit an interactive job: checked against the backlog, stored in Postgres first, then enqueued;
     503 (and nothing kept) if Redis refuses it."""
     job = await prepare_job(
-        services, req, principal, default_max_tokens=default_max_tokens, endpoint=endpoint
+        services, req, principal, default_max_tokens=default_max_tokens, endpoint=endpoint, extra=extra
     )
     job.request_id = request_id
     await services.admission.admit(job.model, (job.prompt_tokens or 0) + int(job.request["max_tokens"]))

@@ -41,6 +41,8 @@ STATE_DEPENDENT = {
     ("GET", "/v1/jobs"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}/input_items"),
     ("POST", "/v1/files"),
     ("GET", "/v1/files"),
     ("POST", "/v1/batches"),
@@ -89,7 +91,7 @@ class FuzzApi:
 
 
 def _seed(client: httpx.Client) -> dict[str, str]:
-    """A finished job, an uploaded batch file and a batch that reads it."""
+    """A finished job, an uploaded batch file, a batch that reads it, and a finished response."""
     job = client.post("/v1/jobs", json={"prompt": "Say hi.", "max_tokens": MAX_TOKENS}).json()
     deadline = time.monotonic() + 60
     while client.get(f"/v1/jobs/{job['id']}").json()["status"] not in ("succeeded", "failed", "cancelled"):
@@ -107,7 +109,15 @@ def _seed(client: httpx.Client) -> dict[str, str]:
     file_id = upload.json()["id"]
     body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     batch = client.post("/v1/batches", json=body).json()
-    return {"job_id": job["id"], "file_id": file_id, "batch_id": batch["id"], "model_id": SERVED}
+    answer = {"model": SERVED, "input": "Hi", "max_output_tokens": MAX_TOKENS}
+    response = client.post("/v1/responses", json=answer).json()  # a finished foreground response
+    return {
+        "job_id": job["id"],
+        "file_id": file_id,
+        "batch_id": batch["id"],
+        "model_id": SERVED,
+        "response_id": response["id"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +204,7 @@ def _steer(case: Case, known: dict[str, str]) -> None:
         model = case.body.get("model")
         if (model is not None or case.operation.path != "/v1/jobs") and _coin(model):
             case.body["model"] = SERVED  # half of them: each costs a generation
-        for name in ("max_tokens", "max_completion_tokens"):
+        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = case.body.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
                 case.body[name] = 1 + value % MAX_TOKENS

@@ -10,7 +10,7 @@ from tests.helpers import FRANCE, submit, wait_job
 
 
 async def test_job_capital_of_france_succeeds_with_usage_and_timings(client: httpx.AsyncClient) -> None:
-    created = await submit(client, messages=FRANCE, max_tokens=32, temperature=0)
+    created = await submit(client, messages=FRANCE, max_tokens=32, temperature=0, metadata={"order": 7})
     assert created["status"] == "queued"
     assert created["urls"]["events"] == f"/v1/jobs/{created['id']}/events"
 
@@ -29,6 +29,7 @@ async def test_job_capital_of_france_succeeds_with_usage_and_timings(client: htt
     assert job["attempts"] == 1
     assert job["worker_id"]
     assert job["started_at"] and job["finished_at"]
+    assert job["metadata"] == {"order": 7}  # kept with the job
 
 
 async def test_prompt_job_and_max_tokens_length_finish(client: httpx.AsyncClient) -> None:

@@ -164,6 +164,29 @@ async def test_tenant_sees_nothing_of_another_tenant(
         assert ident not in {x["id"] for x in (await b.get(path, params={"limit": 100})).json()["data"]}
 
 
+async def test_tenant_cannot_reach_another_tenants_response(
+    tenants: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    a, b = tenants
+    body = {"model": "SmolLM2-135M-Instruct", "input": "Hi", "max_output_tokens": 4, "temperature": 0}
+    created = (await a.post("/v1/responses", json=body)).json()
+    rid = created["id"]
+    assert created["status"] in ("completed", "incomplete"), created
+    for method, path in (
+        ("GET", f"/v1/responses/{rid}"),
+        ("GET", f"/v1/responses/{rid}?stream=true"),
+        ("GET", f"/v1/responses/{rid}/input_items"),
+        ("POST", f"/v1/responses/{rid}/cancel"),
+        ("DELETE", f"/v1/responses/{rid}"),
+    ):
+        resp = await b.request(method, path)
+        assert resp.status_code == 404, (method, path, resp.text)
+        assert resp.json()["error"]["message"] == f"no response with id '{rid}'"
+    resp = await b.post("/v1/responses", json={**body, "previous_response_id": rid})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "previous_response_id"
+    assert (await a.get(f"/v1/responses/{rid}")).json()["output"][0]["content"][0]["text"]  # still A's
+
+
 async def test_rate_limit_answers_429_then_lets_requests_through_after_the_window(secure: Secure) -> None:
     async with secure.client(await secure.key("team-r", rate_per_minute=3)) as c:
         # Start at the beginning of a 3 s window, so that the three requests share it.

@@ -113,7 +113,7 @@ def render(job: Job, kind: Kind) -> ChatCompletion | Completion:
     )
 
 
-async def _quiet_cancel(services: Services, job_id: str) -> None:
+async def cancel_quietly(services: Services, job_id: str) -> None:
     with contextlib.suppress(ApiError):
         await cancel_job(services, job_id)
         log.info("job %s cancelled: its client disconnected", job_id)
@@ -132,7 +132,7 @@ async def wait_for_job(services: Services, job: Job, request: Request) -> Job | 
         await asyncio.wait({end, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not end.done():
             if services.settings.cancel_on_disconnect:
-                services.spawn(_quiet_cancel(services, job.id))
+                services.spawn(cancel_quietly(services, job.id))
             return None
         end.result()
     finally:
@@ -223,4 +223,4 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
         yield "[DONE]"
     finally:
         if not ended and services.settings.cancel_on_disconnect:
-            services.spawn(_quiet_cancel(services, job.id))
+            services.spawn(cancel_quietly(services, job.id))

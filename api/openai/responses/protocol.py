@@ -1,0 +1,175 @@
+"""The request of `POST /v1/responses` and its checks: what inferq honours, and a 400 naming every
+field it does not (tools, reasoning, non-text inputs, other formats), never a field silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.errors import InvalidRequest
+
+UNSUPPORTED_FIELD = "'{field}' is not supported by this server"
+UNKNOWN_FIELD = "unknown field '{field}'"
+BACKGROUND_NEEDS_STORE = "background responses must be stored: 'store' cannot be false with 'background'"
+EMPTY_INPUT = "input must not be empty"
+NON_TEXT_PART = "content parts of type '{type}' are not supported; only input_text and output_text"
+NON_MESSAGE_ITEM = "input items of type '{type}' are not supported; only messages"
+BAD_ROLE = "role must be one of user, assistant, system, developer"
+BAD_CONTENT = "content must be a string or a list of text parts"
+METADATA_SHAPE = (
+    "metadata holds at most 16 string values, keys of at most 64 and values of at most 512 characters"
+)
+
+# Fields of OpenAI's request that inferq accepts when they ask for nothing it lacks.
+_NEUTRAL: dict[str, Any] = {
+    "tools": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "auto", "none"),
+    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
+    "truncation": lambda v: v in (None, "disabled"),
+    "include": lambda v: v in (None, []),
+    "service_tier": lambda v: v in (None, "auto", "default"),
+    "stream_options": lambda v: v is None or v == {} or v == {"include_obfuscation": False},
+    "reasoning": lambda v: v is None,
+    "top_logprobs": lambda v: v in (None, 0),
+    "max_tool_calls": lambda v: v is None,
+    "prompt": lambda v: v is None,
+    "conversation": lambda v: v is None,
+}
+# Fields OpenAI defines that inferq cannot honour yet: named in the 400, unlike a misspelt field.
+_KNOWN_UNSUPPORTED = frozenset(
+    {
+        *_NEUTRAL,
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "safety_identifier",
+        "background_options",
+        "moderation",
+        "access_programs",
+        "context_management",
+        "prompt_cache_options",
+    }
+)
+
+Role = Literal["user", "assistant", "system", "developer"]
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"] = Field(description="Only `text`: other formats are not supported yet.")
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: TextFormat | None = None
+    verbosity: None = Field(default=None, description="Not supported: leave unset.")
+
+
+class ResponseCreateRequest(BaseModel):
+    """Body of `POST /v1/responses` (OpenAI's Responses API), the subset a text model can honour."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="A model inferq serves (see GET /v1/models).")
+    input: str | list[dict[str, Any]] = Field(
+        description="A string, or message items (roles user, assistant, system, developer) with text parts."
+    )
+    instructions: str | None = Field(default=None, max_length=1_000_000)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool | None = False
+    background: bool | None = False
+    store: bool | None = True
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    previous_response_id: str | None = Field(default=None, max_length=64)
+    text: TextConfig | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_shape(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (
+            len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())
+        ):
+            raise ValueError(METADATA_SHAPE)
+        return value
+
+    def check(self) -> None:
+        """Refuse what inferq would otherwise have to ignore."""
+        for name, value in (self.model_extra or {}).items():
+            if name in _NEUTRAL and _NEUTRAL[name](value):
+                continue
+            message = UNSUPPORTED_FIELD if name in _KNOWN_UNSUPPORTED else UNKNOWN_FIELD
+            raise InvalidRequest(message.format(field=name), param=name)
+        if self.background and self.store is False:
+            raise InvalidRequest(BACKGROUND_NEEDS_STORE, param="store")
+
+    @property
+    def echoed(self) -> dict[str, Any]:
+        """The neutral fields as the Response echoes them."""
+        extra = self.model_extra or {}
+        return {
+            "tool_choice": extra.get("tool_choice") or "auto",
+            "parallel_tool_calls": extra.get("parallel_tool_calls", True),
+            "truncation": "disabled",
+        }
+
+
+def _part_text(part: Any, param: str) -> tuple[str, str]:
+    if not isinstance(part, dict):
+        raise InvalidRequest(BAD_CONTENT, param=param)
+    kind = part.get("type")
+    if kind not in ("input_text", "output_text"):
+        raise InvalidRequest(NON_TEXT_PART.format(type=kind), param=f"{param}.type")
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise InvalidRequest("text must be a string", param=f"{param}.text")
+    return kind, text
+
+
+def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's input as message items `{type, role, content: [{type, text}]}`; 400 on the first
+    part inferq cannot take, naming it (e.g. `input.1.content.0.type`)."""
+    if isinstance(value, str):
+        if not value:
+            raise InvalidRequest(EMPTY_INPUT, param="input")
+        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    if not value:
+        raise InvalidRequest(EMPTY_INPUT, param="input")
+    items = []
+    for i, item in enumerate(value):
+        where = f"input.{i}"
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise InvalidRequest(NON_MESSAGE_ITEM.format(type=kind), param=f"{where}.type")
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise InvalidRequest(BAD_ROLE, param=f"{where}.role")
+        content = item.get("content")
+        default = "output_text" if role == "assistant" else "input_text"
+        if isinstance(content, str):
+            parts = [{"type": default, "text": content}]
+        elif isinstance(content, list) and content:
+            parts = []
+            for j, part in enumerate(content):
+                _, text = _part_text(part, f"{where}.content.{j}")
+                parts.append({"type": default, "text": text})
+        else:
+            raise InvalidRequest(BAD_CONTENT, param=f"{where}.content")
+        items.append({"type": "message", "role": role, "content": parts})
+    return items
+
+
+def as_chat(items: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Message items as the chat messages a job runs (developer speaks as system)."""
+    return [
+        {
+            "role": "system" if item["role"] == "developer" else item["role"],
+            "content": "".join(p["text"] for p in item["content"]),
+        }
+        for item in items
+    ]
