@@ -3,7 +3,7 @@
 A worker is dead when its registry key has expired (it missed `dead_after_missed` heartbeats) and
 stays gone for one more tick. Each of its running jobs is, depending on the job: cancelled (a cancel
 was asked while its worker was dying), failed with `worker_lost` (it has used its `max_attempts`), or
-handed back to the queue with a `status` event that says the next attempt starts over from token 0.
+handed back to the queue with a `status` event (the next attempt continues from the text published).
 arq's in-progress lock of the job is removed, so another worker takes it at its next poll instead of
 after arq's job timeout. Every change is guarded by the attempt number, so a slow worker that is in
 fact alive can never overwrite what the reaper decided, nor the reverse.
@@ -131,7 +131,6 @@ class Reaper:
                     "reason": WORKER_LOST,
                     "worker_id": row.worker_id,
                     "attempt": row.attempts,
-                    "restart_from_token": 0,
                 },
             )
             await ensure_enqueued(services, row.id, queue, row.tenant)

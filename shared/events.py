@@ -19,6 +19,9 @@ from shared import keys
 
 EventType = Literal["status", "token", "done", "error"]
 END_EVENTS: frozenset[str] = frozenset({"done", "error"})
+# On a `running` status: how many characters of the text so far this attempt continues from. A job
+# tried again after losing its worker continues from the text its earlier attempts published.
+RESUME_FROM = "resume_from_chars"
 
 _PUBLISH_LUA = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', 'e', ARGV[3], 'd', ARGV[4])
@@ -55,6 +58,24 @@ class Event:
             ev.decode() if isinstance(ev, bytes) else ev,
             json.loads(data),
         )
+
+
+def text_after(text: str, event: Event) -> str:
+    """A job's text so far, after one more of its events: a token adds its text; an attempt that starts
+    keeps the first `resume_from_chars` characters (none when it starts over) and drops the rest."""
+    if event.event == "token":
+        return text + str(event.data["text"])
+    if event.event == "status" and event.data.get("status") == "running":
+        return text[: int(event.data.get(RESUME_FROM) or 0)]
+    return text
+
+
+def text_of(events: list[Event]) -> str:
+    """A job's text so far, from its events in order."""
+    text = ""
+    for event in events:
+        text = text_after(text, event)
+    return text
 
 
 def dumps(data: dict[str, Any]) -> str:

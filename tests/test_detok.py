@@ -59,3 +59,16 @@ def test_text_that_may_start_a_stop_string_is_held_back(tokenizer: Any) -> None:
 def test_first_of_several_stop_strings_wins(tokenizer: Any) -> None:
     pieces, decoder = _stream(tokenizer, "one two three four", stop=["four", "two"])
     assert decoder.text == "one "
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 14])
+def test_decoder_with_context_continues_text_exactly_where_it_stopped(tokenizer: Any, cut: int) -> None:
+    """A retried job continues after the text it had: decoding the rest with that text's tokens as
+    context gives exactly the rest, spaces and multi-byte characters included."""
+    text = "The dragon, Ünïcode → 漢字, cooked a fine soup for all his friends."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    head = tokenizer.decode(ids[:cut])
+    decoder = IncrementalDecoder(tokenizer, context=ids[:cut])
+    rest = "".join(decoder.push([i]) for i in ids[cut:]) + decoder.finish()
+    assert head + rest == text
+    assert decoder.token_ids == ids[cut:] and decoder.text == rest

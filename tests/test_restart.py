@@ -1,4 +1,5 @@
-"""A worker restarted mid-job: the job runs again elsewhere and ends with exactly one result."""
+"""A worker restarted mid-job: the job runs again, continuing the text it had published, and ends with
+exactly one result."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy import func, make_url, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.db import async_url
+from shared.events import Event, text_of
 from shared.models import Job
 from tests.conftest import REPO, Stack
 from tests.helpers import STORY, iter_sse, read_sse, submit, wait_job
@@ -37,13 +39,17 @@ async def test_restarting_the_worker_mid_job_still_succeeds_with_one_result(
     assert statuses[1]["reason"] == "worker_shutdown"
     assert statuses[2]["attempt"] == 2
     assert [e.event for e in events].count("done") == 1
-    # The second attempt's tokens alone make the stored output.
+    # The second attempt continues from the text the first had published: that text stands, and the
+    # second attempt's tokens complete it.
     restart_seq = next(e.id for e in events if e.event == "status" and e.data["attempt"] == 2)
-    assert (
-        "".join(e.data["text"] for e in events if e.event == "token" and e.id > restart_seq) == job["output"]
-    )
+    before = "".join(e.data["text"] for e in events if e.event == "token" and e.id < restart_seq)
+    after = "".join(e.data["text"] for e in events if e.event == "token" and e.id > restart_seq)
+    assert before and statuses[2]["resume_from_chars"] == len(before)
+    assert statuses[0]["resume_from_chars"] == 0
+    assert before + after == job["output"] == text_of([Event(e.id, e.event, e.data) for e in events])
+    assert job["usage"]["completion_tokens"] <= body["max_tokens"]
 
-    # Greedy decoding: the retried job's output equals a fresh run of the same request.
+    # Greedy decoding: the continued job's output equals a fresh run of the same request.
     fresh = await wait_job(client, (await submit(client, **body))["id"])
     assert fresh["output"] == job["output"]
 

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+# Tokens of context decoded with each new one: enough for a tokenizer to place spaces and join bytes.
+_CONTEXT_TOKENS = 6
+
 
 class IncrementalDecoder:
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
+    """`context`: token ids that come before the generated ones (e.g. the text a retried job continues
+    from); they shape how the first new tokens decode but are not part of `text` or `token_ids`."""
+
+    def __init__(
+        self, tokenizer: Any, stop: list[str] | None = None, context: list[int] | None = None
+    ) -> None:
         self._tok = tokenizer
         self._stop = [s for s in (stop or []) if s]
-        self.token_ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._ids: list[int] = list(context or [])
+        self._context = len(self._ids)
+        self._prefix_offset = max(0, self._context - _CONTEXT_TOKENS)
+        self._read_offset = self._context
         self._buffer = ""  # all text decoded so far (released + held back)
         self._released = 0
         self.stopped = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids."""
+        return self._ids[self._context :]
 
     @property
     def text(self) -> str:
@@ -29,7 +43,7 @@ class IncrementalDecoder:
         if self.stopped:
             return ""
         for token_id in ids:
-            self.token_ids.append(token_id)
+            self._ids.append(token_id)
             self._buffer += self._delta()
             if self._stop and self._check_stop():
                 break
@@ -38,10 +52,10 @@ class IncrementalDecoder:
     def finish(self) -> str:
         """Release whatever is still held back (the generation is over)."""
         if not self.stopped:
-            prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-            full = self._decode(self.token_ids[self._prefix_offset :])
+            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self._ids[self._prefix_offset :])
             self._buffer += full[len(prefix) :]
-            self._prefix_offset = self._read_offset = len(self.token_ids)
+            self._prefix_offset = self._read_offset = len(self._ids)
             if self._stop:
                 self._check_stop()
         return self._release(final=True)
@@ -49,11 +63,11 @@ class IncrementalDecoder:
     def _delta(self) -> str:
         # Decoding a window, not the whole sequence, keeps this O(1) per token; a trailing U+FFFD means
         # a multi-byte character is not complete yet, so wait for the next token.
-        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self.token_ids[self._prefix_offset :])
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset = self._read_offset
-            self._read_offset = len(self.token_ids)
+            self._read_offset = len(self._ids)
             return full[len(prefix) :]
         return ""
 

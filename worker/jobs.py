@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared import keys, logs
+from shared.events import RESUME_FROM, read_events, text_of
 from shared.models import Job
 from shared.prompts import prompt_token_ids
 from shared.states import FinishReason, JobStatus
@@ -51,6 +52,8 @@ class _Claim:
 class _Run:
     job_id: str
     claim: _Claim
+    resume: str = ""  # the text an earlier attempt published, which this one continues
+    next_index: int = 0  # index of the next token event
     handle: RequestHandle | None = None
     cancelled: bool = False
     t_start: float = field(default_factory=time.monotonic)
@@ -96,12 +99,13 @@ class JobRunner:
             _ms(claim.started_at - claim.created_at),
         )
         run = _Run(job_id, claim)
+        if claim.attempt > 1:
+            run.resume, run.next_index = await self._published(job_id)
         self.running[job_id] = run
         metrics.queue_time.labels(self.model_name).observe(_ms(claim.started_at - claim.created_at) / 1000)
         metrics.running.labels(self.model_name).inc()
-        self.events.emit(
-            job_id, "status", {"status": "running", "worker_id": self.worker_id, "attempt": claim.attempt}
-        )
+        status = {"status": "running", "worker_id": self.worker_id, "attempt": claim.attempt}
+        self.events.emit(job_id, "status", {**status, RESUME_FROM: len(run.resume)})
         try:
             return await self._generate(run)
         except asyncio.CancelledError:
@@ -119,6 +123,20 @@ class JobRunner:
             metrics.running.labels(self.model_name).dec()
             self.running.pop(job_id, None)
             self._stop(run)
+
+    async def _published(self, job_id: str) -> tuple[str, int]:
+        """The text earlier attempts of a job published (this attempt continues it rather than start
+        over, so that what clients already have stays true), and the next token event's index."""
+        try:
+            events = await read_events(self.redis, job_id)
+        except Exception as exc:
+            log.warning("job %s: cannot read the text it had so far (%s); starting over", job_id, exc)
+            return "", 0
+        indexes = [int(e.data.get("index", 0)) for e in events if e.event == "token"]
+        text = text_of(events)
+        if text:
+            log.info("job %s continues from the %d characters it had published", job_id, len(text))
+        return text, max(indexes, default=-1) + 1
 
     def cancel(self, job_id: str) -> bool:
         """Stop a running job mid-generation; its tokens so far are kept."""
@@ -163,19 +181,25 @@ class JobRunner:
 
     async def _generate(self, run: _Run) -> str:
         request = run.claim.request
-        input_ids = prompt_token_ids(self.engine.tokenizer, request)
+        tokenizer = self.engine.tokenizer
+        input_ids = prompt_token_ids(tokenizer, request)
+        # A retried job continues after the text it had: those tokens count as generated already.
+        resumed = list(tokenizer.encode(run.resume, add_special_tokens=False)) if run.resume else []
+        max_tokens = int(request.get("max_tokens") or self.default_max_tokens)
         options = SamplingOptions(
-            max_tokens=int(request.get("max_tokens") or self.default_max_tokens),
+            max_tokens=max(1, max_tokens - len(resumed)),
             temperature=float(request.get("temperature", 1.0)),
             top_p=float(request.get("top_p", 1.0)),
             top_k=request.get("top_k"),
         )
-        decoder = IncrementalDecoder(self.engine.tokenizer, request.get("stop"))
-        if await self.redis.exists(keys.cancel_flag(run.job_id)):
+        decoder = IncrementalDecoder(tokenizer, request.get("stop"), context=resumed)
+        if len(resumed) >= max_tokens:
+            pass  # the text it continues from used up max_tokens: nothing is left to generate
+        elif await self.redis.exists(keys.cancel_flag(run.job_id)):
             run.cancelled = True
         else:
-            run.handle = self.engine.submit(f"{run.job_id}#{run.claim.attempt}", input_ids, options)
-        index = 0
+            run.handle = self.engine.submit(f"{run.job_id}#{run.claim.attempt}", input_ids + resumed, options)
+        index = run.next_index
         itl = metrics.itl.labels(self.model_name)
         last_token_at = 0.0
         while run.handle is not None and not run.cancelled:
@@ -205,13 +229,18 @@ class JobRunner:
         tail = decoder.finish()
         if tail:
             self.events.emit(run.job_id, "token", {"index": index, "text": tail})
-        reason = self._finish_reason(run, decoder, options.max_tokens)
+        reason = self._finish_reason(run, decoder, options.max_tokens, already=len(resumed))
         status = JobStatus.CANCELLED if run.cancelled else JobStatus.SUCCEEDED
-        return await self._complete(run, status, decoder.text, len(decoder.token_ids), reason, len(input_ids))
+        output, completion = run.resume + decoder.text, len(resumed) + len(decoder.token_ids)
+        return await self._complete(run, status, output, completion, reason, len(input_ids))
 
-    def _finish_reason(self, run: _Run, decoder: IncrementalDecoder, max_tokens: int) -> FinishReason:
+    def _finish_reason(
+        self, run: _Run, decoder: IncrementalDecoder, max_tokens: int, already: int = 0
+    ) -> FinishReason:
         if run.cancelled:
             return FinishReason.CANCELLED
+        if run.handle is None and already:  # the text it continues from had used up max_tokens
+            return FinishReason.LENGTH
         if decoder.stopped:
             return FinishReason.STOP
         eos = self.engine.model.generation_config.eos_token_id
@@ -344,7 +373,6 @@ class JobRunner:
                         "status": "queued",
                         "reason": "worker_shutdown",
                         "attempt": run.claim.attempt,
-                        "restart_from_token": 0,
                     },
                 )
                 await asyncio.wait_for(self.events.flush(), 2)

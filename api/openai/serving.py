@@ -35,6 +35,7 @@ from api.services import Services
 from api.streams import job_events, load_job, until_end
 from api.submission import submit_job
 from shared import logs
+from shared.events import text_after
 from shared.models import Job
 from shared.schemas import Usage
 from shared.states import FinishReason, JobStatus
@@ -192,18 +193,16 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
     (when so configured)."""
     chunks = _Chunks(kind, job, include_usage)
     ended = False
-    sent = ""  # text already streamed
-    attempt = ""  # text of the current attempt; a restarted job starts over, and only new text goes out
+    sent = 0  # characters already streamed
+    text = ""  # the job's text so far (a retried job continues it; only text past `sent` goes out)
     try:
         if kind == "chat":
             yield chunks.role()
         async for event in job_events(services, job.id):
-            if event.event == "status" and event.data.get("status") == JobStatus.QUEUED.value:
-                attempt = ""
-            elif event.event == "token":
-                attempt += event.data["text"]
-                if len(attempt) > len(sent):
-                    new, sent = attempt[len(sent) :], attempt
+            text = text_after(text, event)
+            if event.event == "token":
+                if len(text) > sent:
+                    new, sent = text[sent:], len(text)
                     yield chunks.text(new)
             elif event.event == "done":
                 ended = True

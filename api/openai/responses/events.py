@@ -13,8 +13,8 @@ was split into events):
 
 So `starting_after=N` means "I have the text up to character N - 4": a resume from the record sends
 that text's remainder as one delta, numbered as the live deltas end. A job tried again after losing
-its worker starts its text over; the stream sends only text past what it has already sent, so the
-deltas never repeat.
+its worker continues from the text it had published (worker/jobs.py), so its deltas carry on where
+they stopped: never repeated, never contradicted, and the stream stays `in_progress` throughout.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from api.openai.responses.render import message, output_part, ran, render, status
 from shared import responses as wire
-from shared.events import Event
+from shared.events import Event, text_after
 from shared.models import Job
 from shared.states import JobStatus
 
@@ -50,7 +50,7 @@ class ResponseEvents:
         self.item_id = wire.message_id(job.id)
         self.started = False
         self.sent = ""  # text the deltas carried
-        self.attempt = ""  # text of the job's current attempt
+        self.text = ""  # the job's text so far (shared/events.py: text_after)
 
     def opening(self) -> list[dict[str, Any]]:
         events = [{"type": wire.CREATED, "sequence_number": CREATED, "response": render(self.job, "created")}]
@@ -96,15 +96,11 @@ class ResponseEvents:
 
     def feed(self, event: Event) -> list[dict[str, Any]]:
         """The stream events one job event makes (none for an end event: see `closing`)."""
-        if event.event == "status":
-            if event.data.get("status") == JobStatus.RUNNING.value and not self.started:
-                return self._start()
-            if event.data.get("status") == JobStatus.QUEUED.value:
-                self.attempt = ""  # tried again: its text starts over
-        elif event.event == "token":
-            self.attempt += event.data["text"]
-            if len(self.attempt) > len(self.sent):
-                return [self._delta(self.attempt[len(self.sent) :])]
+        self.text = text_after(self.text, event)
+        if event.event == "status" and event.data.get("status") == JobStatus.RUNNING.value:
+            return [] if self.started else self._start()
+        if event.event == "token" and len(self.text) > len(self.sent):
+            return [self._delta(self.text[len(self.sent) :])]
         return []
 
     def closing(self, job: Job) -> list[dict[str, Any]]:
