@@ -5,6 +5,7 @@ submit      jobs/s one API process accepts (POST /v1/jobs) vs a bare FastAPI rou
 sse         added latency of 1,000 concurrent SSE streams relayed by one API process
 overhead    idle TTFT through inferq minus the same engine's TTFT in-process
 startup     time to "inferq is up": cached starts, and (--fresh) a fresh clone
+responses   background responses: create rate vs POST /v1/jobs, resume request to first event
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
 """
@@ -22,6 +23,7 @@ COMMANDS = {
     "sse": "bench.sse",
     "overhead": "bench.overhead",
     "startup": "bench.startup",
+    "responses": "bench.responses",
     "all": "bench.run_all",
     "chart": "bench.chart",
 }

@@ -286,6 +286,20 @@ def _run_openai_snippet(up: Up, tmp_path: Path) -> None:
     assert re.fullmatch(r"\d+ tokens", lines[-1]), lines
 
 
+def _run_responses_snippet(up: Up, tmp_path: Path) -> None:
+    (snippet,) = _blocks("Responses API: durable background mode", "python")
+    script = tmp_path / "responses.py"
+    script.write_text(_as_run_here(snippet, up, None))
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=up.env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("completed ") and "Paris" in lines[0], lines
+    assert re.fullmatch(r"(completed|incomplete): \d+ tokens", lines[-1]), lines
+    assert len(" ".join(lines[1:-1])) > 20, lines  # the story, streamed before and after the resume
+
+
 def _readme_dir(tmp_path: Path) -> Path:
     """A folder to run README commands in that write files (prompts.jsonl, results.jsonl)."""
     here = tmp_path / "readme"
@@ -356,6 +370,7 @@ def test_journey_quickstart_keys_stop_and_start_again(up_factory: Any, tmp_path:
     # The README's own commands and its OpenAI snippet, against this stack while it is open.
     _run_readme_blocks(up)
     _run_openai_snippet(up, tmp_path)
+    _run_responses_snippet(up, tmp_path)
     open_jobs = {j["id"] for j in httpx.get(f"{up.url}/v1/jobs", timeout=10).json()["data"]}
 
     # A second shell that knows only the data dir makes the first key; from then on keys are required.

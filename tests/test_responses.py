@@ -213,10 +213,25 @@ async def test_responses_background_stream_resumes_on_other_api_processes_and_fr
     for replay in replays:
         assert [e.to_dict() for e in replay] == [e.to_dict() for e in tail]
 
-    # The job's Redis events expired: rebuilt from Postgres, with the same numbering and text.
+    # The job's Redis events expired: rebuilt from Postgres, with the same numbering and text, from
+    # any point (a resume between two deltas' numbers gets the text from that character on).
+    points = sorted({0, 3, 5, last_seen, last_seen + 1, (last_seen + tail[-1].sequence_number) // 2})
+    points += [tail[-1].sequence_number - n for n in (5, 4, 1)]
+    live = {
+        n: await collect(await oai.responses.retrieve(response_id, stream=True, starting_after=n))
+        for n in points
+    }
     r = aioredis.from_url(stack.servers.redis_url)
     await r.delete(keys.events_stream("job_" + response_id.removeprefix("resp_")))
     await r.aclose()
+    for n in points:
+        again = await collect(await oai.responses.retrieve(response_id, stream=True, starting_after=n))
+        assert deltas(again) == deltas(live[n]), n
+        others = [
+            [e.to_dict() for e in x if e.type != "response.output_text.delta"] for x in (again, live[n])
+        ]
+        assert others[0] == others[1], n
+        assert all(e.sequence_number > n for e in again)
     rebuilt = await collect(await oai.responses.retrieve(response_id, stream=True, starting_after=last_seen))
     check_numbers(head + rebuilt)
     assert rebuilt[0].sequence_number > last_seen
@@ -388,3 +403,31 @@ async def test_responses_unknown_ids_and_bad_resume_points(
         resp = await client.get(f"/v1/responses/{done.id}", params={"stream": "true", "starting_after": n})
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == "starting_after"
+
+
+async def test_responses_queued_cancel_never_runs_and_foreground_leaver_cancels(
+    oai: AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    # Fill the engine, so that a new response has to wait its turn.
+    fillers = [
+        (await client.post("/v1/jobs", json={"prompt": STORY, "max_tokens": 300})).json()["id"]
+        for _ in range(24)
+    ]
+    try:
+        queued = strict(await oai.responses.create(model=MODEL, input=FRANCE, background=True))
+        cancelled = strict(await oai.responses.cancel(queued.id))
+        job = await wait_job(client, "job_" + queued.id.removeprefix("resp_"))
+        assert cancelled.status == "cancelled" and cancelled.output == []
+        assert job["attempts"] == 0 and job["started_at"] is None  # it never ran
+        events = await collect(await oai.responses.retrieve(queued.id, stream=True))
+        assert [e.type for e in events] == ["response.created", "response.queued", "response.incomplete"]
+    finally:
+        for job_id in fillers:
+            await client.post(f"/v1/jobs/{job_id}/cancel")
+
+    # A foreground stream whose client leaves: its job is cancelled, as on the chat routes.
+    stream = await oai.responses.create(model=MODEL, input=STORY, stream=True, max_output_tokens=300)
+    head = await collect(stream, limit=8)
+    job_id = "job_" + head[0].response.id.removeprefix("resp_")
+    left = await wait_job(client, job_id)
+    assert left["status"] == "cancelled" and left["usage"]["completion_tokens"] < 300

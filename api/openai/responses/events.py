@@ -97,11 +97,11 @@ class ResponseEvents:
     def feed(self, event: Event) -> list[dict[str, Any]]:
         """The stream events one job event makes (none for an end event: see `closing`)."""
         self.text = text_after(self.text, event)
-        if event.event == "status" and event.data.get("status") == JobStatus.RUNNING.value:
-            return [] if self.started else self._start()
+        running = event.event == "status" and event.data.get("status") == JobStatus.RUNNING.value
+        events = self._start() if (running or event.event == "token") and not self.started else []
         if event.event == "token" and len(self.text) > len(self.sent):
-            return [self._delta(self.text[len(self.sent) :])]
-        return []
+            events.append(self._delta(self.text[len(self.sent) :]))
+        return events
 
     def closing(self, job: Job) -> list[dict[str, Any]]:
         """The events that end the stream, from the job's final record."""
@@ -149,10 +149,16 @@ class ResponseEvents:
         return events
 
 
-def from_record(job: Job) -> list[dict[str, Any]]:
-    """Every stream event of a finished response, from its Postgres record alone."""
-    events = ResponseEvents(job)
-    return events.opening() + events.closing(job)
+def finished(job: Job, job_events: list[Event]) -> list[dict[str, Any]]:
+    """Every stream event of a finished response: from its job's events while Redis has them (the
+    deltas as they were streamed), else from its Postgres record alone (the text as one delta)."""
+    derive = ResponseEvents(job)
+    events = derive.opening()
+    if any(e.is_end for e in job_events):
+        for event in job_events:
+            if not event.is_end:
+                events += derive.feed(event)
+    return events + derive.closing(job)
 
 
 def last_number(job: Job) -> int:

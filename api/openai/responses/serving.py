@@ -16,7 +16,7 @@ from api.auth import Principal
 from api.cancellation import cancel_job
 from api.errors import ApiError, InvalidRequest, NotFound, describe_validation
 from api.openai.responses import render as view
-from api.openai.responses.events import ResponseEvents, after, from_record, last_number
+from api.openai.responses.events import ResponseEvents, after, finished, last_number
 from api.openai.responses.protocol import ResponseCreateRequest, as_chat, input_items
 from api.openai.serving import cancel_quietly
 from api.services import Services
@@ -138,7 +138,7 @@ async def stream_response(
 ) -> AsyncIterator[dict[str, str]]:
     """The response's stream events after `starting_after`, as SSE messages, until its last event."""
     if JobStatus(job.status) in TERMINAL:
-        for event in after(from_record(job), starting_after):
+        for event in after(finished(job, await read_events(services.redis, job.id)), starting_after):
             yield _sse(event)
         return
     derive = ResponseEvents(job)
