@@ -92,14 +92,17 @@ async def _finished(client: httpx.AsyncClient, response_id: str) -> None:
 
 async def _resumes(base_url: str, redis_url: str, n: int) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        # Live: a response that is streaming now, resumed right after its in_progress event (3).
+        # Live: a response that is streaming now (a few of its tokens out), resumed after its first
+        # events: its first event is in the backlog, so this times the resume, not the next token.
         live = []
-        for _ in range(n // 4):
-            response_id = await _create(client, LONG)
-            while (await client.get(f"/v1/responses/{response_id}")).json()["status"] == "queued":
-                await asyncio.sleep(0.01)
-            live.append(await _first_event_ms(client, response_id, 4))
-            await _finished(client, response_id)
+        with redis.Redis.from_url(redis_url) as r:
+            for _ in range(n // 4):
+                response_id = await _create(client, LONG)
+                stream = keys.events_stream("job_" + response_id.removeprefix("resp_"))
+                while int(r.xlen(stream)) < 4:  # running, and three tokens published
+                    await asyncio.sleep(0.005)
+                live.append(await _first_event_ms(client, response_id, 4))
+                await _finished(client, response_id)
         ids = [await _create(client, BACKGROUND) for _ in range(n)]
         for response_id in ids:
             await _finished(client, response_id)
