@@ -20,8 +20,9 @@ from api.ratelimit import RateLimitHeaders
 from api.reaper import Reaper
 from api.reconcile import Reconciler
 from api.requestid import RequestId
-from api.routes import batches, events, files, health, jobs, openai, responses, workers
+from api.routes import batches, events, files, health, jobs, openai, responses, webhooks, workers
 from api.services import open_services
+from api.webhooks.dispatcher import WebhookDispatcher
 from shared import __version__
 from shared.runtime import freeze_startup_objects
 from shared.schemas import ErrorResponse
@@ -35,7 +36,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with open_services(settings, metrics) as services:
-            duties: list[Duty] = [BatchManager(services), Reaper(services), Reconciler(services)]
+            duties: list[Duty] = [
+                BatchManager(services),
+                Reaper(services),
+                Reconciler(services),
+            ]
+            if settings.webhooks.dispatch:
+                duties.append(WebhookDispatcher(services))
             tasks = [asyncio.create_task(run_duty(services, d), name=f"inferq-{d.name}") for d in duties]
             freeze_startup_objects()
             try:
@@ -73,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)  # open: probes and scrapers carry no key
     app.include_router(api_metrics.router)
     secured = [Depends(authenticate)]
-    for module in (jobs, events, openai, responses, files, batches, workers):
+    for module in (jobs, events, openai, responses, files, batches, webhooks, workers):
         app.include_router(module.router, dependencies=secured)
     openapi.install(app)
     return app

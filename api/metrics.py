@@ -73,6 +73,18 @@ class ApiMetrics:
             ("model_name",),
             registry=r,
         )
+        self.webhook_tries = Counter(
+            "inferq:webhook_deliveries",
+            "Webhook tries sent by this API process, by outcome: delivered, retried, failed.",
+            ("outcome",),
+            registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "inferq:webhook_delivery_latency_seconds",
+            "From the event (its outbox row) to its delivery being acknowledged.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0),
+            registry=r,
+        )
 
 
 class HttpMetrics:

@@ -1,4 +1,5 @@
-"""Cursor pages, newest first, over a tenant's rows of one table (jobs, files, batches)."""
+"""Cursor pages, newest first, over a tenant's rows of one table (jobs, files, batches, webhook
+endpoints and their deliveries)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
 from api.errors import InvalidRequest
-from shared.models import Batch, File, Job
+from shared.models import Batch, File, Job, WebhookDelivery, WebhookEndpoint
 
-Row = TypeVar("Row", Job, File, Batch)
+Row = TypeVar("Row", Job, File, Batch, WebhookEndpoint, WebhookDelivery)
 
 
 async def newest_first(

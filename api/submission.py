@@ -15,7 +15,8 @@ from api.errors import InvalidRequest, ServiceUnavailable
 from api.inserts import job_row
 from api.ratelimit import quota_key
 from api.services import ModelInfo, Services
-from shared.models import Job, new_job_id
+from api.webhooks import ssrf
+from shared.models import Job, WebhookSecret, new_job_id
 from shared.prompts import prompt_token_ids
 from shared.schemas import JobCreateRequest
 from shared.states import JobStatus
@@ -23,6 +24,10 @@ from shared.states import JobStatus
 log = logging.getLogger(__name__)
 
 _TOKENIZE_IN_THREAD_CHARS = 20_000
+NO_WEBHOOK_SECRET = (
+    "this tenant has no webhook signing secret yet: create one with POST /v1/webhook_secret "
+    "(or `inferq webhooks secret`) and keep it to verify deliveries"
+)
 
 
 def _model(services: Services, req: JobCreateRequest) -> ModelInfo:
@@ -112,6 +117,14 @@ async def prepare_job(
     )
 
 
+async def check_job_webhook(services: Services, url: str, tenant: str) -> None:
+    """A job's own webhook: a URL the SSRF guard lets through, and a secret to sign it with."""
+    await ssrf.check_at_submit(url, services.settings.webhooks, "webhook")
+    async with services.sessions() as session:
+        if await session.get(WebhookSecret, tenant) is None:
+            raise InvalidRequest(NO_WEBHOOK_SECRET, param="webhook", code="no_webhook_secret")
+
+
 async def submit_job(
     services: Services,
     req: JobCreateRequest,
@@ -128,6 +141,8 @@ async def submit_job(
         services, req, principal, default_max_tokens=default_max_tokens, endpoint=endpoint, extra=extra
     )
     job.request_id = request_id
+    if req.webhook is not None:
+        await check_job_webhook(services, req.webhook, job.tenant or principal.owner)
     await services.admission.admit(job.model, (job.prompt_tokens or 0) + int(job.request["max_tokens"]))
     # Concurrent submissions share one INSERT + commit, then one Redis pipeline (api/grouped.py).
     job.created_at = await services.insert_job(job_row(job))

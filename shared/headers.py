@@ -5,3 +5,7 @@ from __future__ import annotations
 PREFER = "Prefer"  # RFC 7240; inferq honours `wait=N`
 PREFERENCE_APPLIED = "Preference-Applied"
 RETRY_AFTER = "Retry-After"
+# Standard Webhooks (https://www.standardwebhooks.com): the same id on every retry of one delivery.
+WEBHOOK_ID = "webhook-id"
+WEBHOOK_TIMESTAMP = "webhook-timestamp"
+WEBHOOK_SIGNATURE = "webhook-signature"

@@ -180,3 +180,75 @@ class IdempotencyRecord(Base):
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     job_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+def new_endpoint_id() -> str:
+    return "we_" + secrets.token_hex(12)
+
+
+def new_delivery_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's receiver of events (`job.completed`, `batch.*`, `response.*`), OpenAI's shape."""
+
+    __tablename__ = "webhook_endpoints"
+    __mapper_args__ = {"eager_defaults": True}
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_endpoint_id)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str]] = mapped_column(JSONB)
+    secret: Mapped[str] = mapped_column(String(128))
+    # A rotated-out secret keeps signing (both signatures are sent) until previous_expires_at.
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secret for the webhooks named on its jobs (`webhook` on submit)."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per event to send, written by a Postgres trigger in the same transaction as
+    the state change that causes it (migrations/versions/0005_webhooks.py). Its id is the `webhook-id`
+    of every try."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where="status = 'pending'"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "created_at"),
+        Index("ix_webhook_deliveries_subject", "subject_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_delivery_id)
+    tenant: Mapped[str] = mapped_column(String(64))
+    endpoint_id: Mapped[str | None] = mapped_column(
+        String(40), ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    url: Mapped[str | None] = mapped_column(Text)  # a job's own webhook; an endpoint's URL is read at sending
+    event_type: Mapped[str] = mapped_column(String(64))
+    subject_id: Mapped[str] = mapped_column(String(40))  # the job or batch
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    body: Mapped[str | None] = mapped_column(Text)  # rendered at the first try, sent alike on every retry
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

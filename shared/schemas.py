@@ -54,6 +54,16 @@ class JobCreateRequest(SamplingParams):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, description="Chat messages.")
     prompt: str | None = Field(default=None, min_length=1, max_length=1_000_000, description="Raw prompt.")
     metadata: dict[str, Any] | None = Field(default=None, description="Small JSON object kept with the job.")
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="A URL to POST the job to (signed with the tenant's secret, POST /v1/webhook_secret).",
+    )
+    webhook_events_filter: list[Literal["start", "completed"]] | None = Field(
+        default=None,
+        min_length=1,
+        description="Which of the job's events go to `webhook`; default completed.",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreateRequest:
@@ -93,6 +103,15 @@ class Timings(BaseModel):
     tokens_per_s: float | None = Field(default=None, description="Generated tokens per second of running.")
 
 
+class WebhookDeliveryStatus(BaseModel):
+    id: str = Field(description="The webhook-id of every try.")
+    event_type: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+
+
 class JobError(BaseModel):
     type: str
     message: str
@@ -128,6 +147,9 @@ class JobResponse(BaseModel):
     eta_seconds: float | None = Field(default=None, description="When it should start, at the fleet's rate.")
     batch_id: str | None = Field(default=None, description="The batch this job runs a line of.")
     custom_id: str | None = Field(default=None, description="That line's custom_id.")
+    webhooks: list[WebhookDeliveryStatus] | None = Field(
+        default=None, description="For a job with a `webhook` (GET of one job): its deliveries so far."
+    )
     urls: JobUrls
 
 

@@ -129,6 +129,35 @@ class BatchSettings(BaseModel):
     max_errors_listed: int = Field(default=100, ge=1, description="Bad lines named when a file is refused.")
 
 
+class WebhookSettings(BaseModel):
+    allow_private: bool = Field(
+        default=False,
+        description="Allow receivers on loopback and private addresses (local use and tests); cloud "
+        "metadata addresses stay refused.",
+    )
+    allow_only: list[str] = Field(
+        default_factory=list,
+        description='If set, the only networks (CIDRs) receivers may be on, e.g. ["10.1.0.0/16"]; '
+        "checked after the rules above.",
+    )
+    retry_schedule: list[float] = Field(
+        default=[0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400],
+        min_length=1,
+        description="Seconds after the event of each try (Standard Webhooks' example schedule); a JSON "
+        "list in the environment, e.g. INFERQ_WEBHOOKS__RETRY_SCHEDULE='[0, 5, 300]'.",
+    )
+    dispatch: bool = Field(
+        default=True, description="Whether this API process takes its turn at sending deliveries."
+    )
+    timeout_seconds: float = Field(default=10.0, gt=0, description="Each delivery's whole-request timeout.")
+    per_endpoint: int = Field(default=4, ge=1, description="Deliveries in flight at once to one URL.")
+    batch: int = Field(default=200, ge=1, description="Deliveries taken per dispatcher tick.")
+    tick_seconds: float = Field(default=0.25, gt=0, description="How often the dispatcher looks.")
+    rotation_overlap_seconds: int = Field(
+        default=86_400, ge=0, description="How long a rotated-out secret still signs (both are sent)."
+    )
+
+
 class EventSettings(BaseModel):
     stream_maxlen: int = Field(default=20_000, ge=100, description="Cap of a job's Redis event stream.")
     ttl_seconds: int = Field(default=86_400, ge=60, description="How long a job's events stay in Redis.")
@@ -175,6 +204,7 @@ class Settings(BaseSettings):
     events: EventSettings = Field(default_factory=EventSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @property
     def model_path(self) -> str:

@@ -102,8 +102,14 @@ def _env(servers: Servers, model_dir: Path, **extra: str) -> dict[str, str]:
         INFERQ_MODEL__NAME=str(model_dir),
         INFERQ_MODEL__SERVED_NAME="SmolLM2-135M-Instruct",
         PYTHONUNBUFFERED="1",
-        **extra,
+        # Webhook receivers in the tests listen on loopback, and retries come seconds apart. Every API
+        # process of a session gets these: whichever holds the dispatcher's lease sends the deliveries.
+        # Only loopback at all: no test, the fuzz test's random URLs included, can reach beyond.
+        INFERQ_WEBHOOKS__ALLOW_PRIVATE="true",
+        INFERQ_WEBHOOKS__ALLOW_ONLY='["127.0.0.0/8", "::1/128"]',
+        INFERQ_WEBHOOKS__RETRY_SCHEDULE="[0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]",
     )
+    env.update(extra)
     return env
 
 

@@ -43,6 +43,12 @@ STATE_DEPENDENT = {
     ("POST", "/v1/completions"),
     ("POST", "/v1/responses"),
     ("GET", "/v1/responses/{response_id}/input_items"),
+    ("GET", "/v1/responses/{response_id}"),  # a starting_after past the response's last event
+    # A URL the SSRF guard (loopback only here) refuses, an unknown `after` cursor.
+    ("POST", "/v1/webhook_endpoints"),
+    ("POST", "/v1/webhook_endpoints/{endpoint_id}"),
+    ("GET", "/v1/webhook_endpoints"),
+    ("GET", "/v1/webhook_endpoints/{endpoint_id}/deliveries"),
     ("POST", "/v1/files"),
     ("GET", "/v1/files"),
     ("POST", "/v1/batches"),
@@ -111,12 +117,15 @@ def _seed(client: httpx.Client) -> dict[str, str]:
     batch = client.post("/v1/batches", json=body).json()
     answer = {"model": SERVED, "input": "Hi", "max_output_tokens": MAX_TOKENS}
     response = client.post("/v1/responses", json=answer).json()  # a finished foreground response
+    hook = {"url": "http://127.0.0.1:9/fuzz", "event_types": ["batch.failed"]}
+    endpoint = client.post("/v1/webhook_endpoints", json=hook).json()
     return {
         "job_id": job["id"],
         "file_id": file_id,
         "batch_id": batch["id"],
         "model_id": SERVED,
         "response_id": response["id"],
+        "endpoint_id": endpoint["id"],
     }
 
 
@@ -157,6 +166,14 @@ def fuzz_api(
             fuzz.known = _seed(client)
         yield fuzz
     finally:
+        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=fuzz.base_url, timeout=30) as client:
+            # The endpoints fuzzing made would get every later event of the session's tenant.
+            for page in range(50):
+                listed = client.get("/v1/webhook_endpoints", params={"limit": 100}).json()["data"]
+                if not listed or page == 49:
+                    break
+                for endpoint in listed:
+                    client.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
         worker.stop()
         api.stop()
 

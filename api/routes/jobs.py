@@ -21,8 +21,14 @@ from api.waiting import retry_after, wait_for_end, wait_seconds
 from shared import logs
 from shared.fleet import live_workers
 from shared.headers import PREFERENCE_APPLIED, RETRY_AFTER
-from shared.models import Job
-from shared.schemas import JobCreatedResponse, JobCreateRequest, JobListResponse, JobResponse
+from shared.models import Job, WebhookDelivery
+from shared.schemas import (
+    JobCreatedResponse,
+    JobCreateRequest,
+    JobListResponse,
+    JobResponse,
+    WebhookDeliveryStatus,
+)
 from shared.states import TERMINAL, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -103,6 +109,14 @@ async def get_job(
         if JobStatus(job.status) not in TERMINAL and await wait_for_end(services, job_id, wait):
             await session.refresh(job)
     response = job_response(job)
+    if "webhook" in job.request:
+        stmt = select(WebhookDelivery).where(
+            WebhookDelivery.subject_id == job.id, WebhookDelivery.endpoint_id.is_(None)
+        )
+        deliveries = (await session.execute(stmt.order_by(WebhookDelivery.created_at))).scalars()
+        response.webhooks = [
+            WebhookDeliveryStatus.model_validate(d, from_attributes=True) for d in deliveries
+        ]
     if job.status == JobStatus.QUEUED.value:
         serving = {w.get("model") for w in await live_workers(services.redis) if not w.get("draining")}
         if job.model not in serving:

@@ -1,0 +1,1 @@
+"""Webhooks: tenants' endpoints, the signing secrets, the SSRF guard and the outbox dispatcher."""

@@ -1,0 +1,327 @@
+"""Webhooks as a receiver meets them: a job's own webhook and a tenant's endpoints (managed with the
+official `openai` SDK), every delivery verified with the `standardwebhooks` package and OpenAI-shape
+events unwrapped by `client.webhooks.unwrap()`; retries through refused connections, 503 with
+Retry-After and 410; the SSRF guard. Receivers listen on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+from standardwebhooks import Webhook
+
+from api.webhooks import ssrf
+from shared.settings import WebhookSettings
+from tests.conftest import Stack, _free_port, start_api
+from tests.helpers import FRANCE, wait_job
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: str
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.body)
+        return data
+
+
+@dataclass
+class Receiver:
+    """An HTTP receiver on loopback: records every POST and answers from `answers` (then 200)."""
+
+    port: int = field(default_factory=_free_port)
+    got: list[Delivery] = field(default_factory=list)
+    answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                receiver.got.append(Delivery({k.lower(): v for k, v in self.headers.items()}, body))
+                status, headers = receiver.answers.pop(0) if receiver.answers else (200, {})
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    async def wait(self, n: int, timeout: float = 60) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < n:
+            assert time.monotonic() < deadline, f"{len(self.got)} of {n} deliveries arrived: {self.got}"
+            await asyncio.sleep(0.05)
+        return self.got
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+async def oai(stack: Stack) -> AsyncIterator[AsyncOpenAI]:
+    client = AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def endpoints(oai: AsyncOpenAI) -> AsyncIterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for endpoint_id in made:
+        await oai.webhooks.delete(endpoint_id)
+
+
+async def _tenant_secret(client: httpx.AsyncClient) -> str:
+    resp = await client.post("/v1/webhook_secret")
+    assert resp.status_code == 200, resp.text
+    secret: str = resp.json()["secret"]
+    assert secret.startswith("whsec_")
+    return secret
+
+
+async def test_webhooks_job_webhook_start_and_completed_signed_per_standard_webhooks(
+    client: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    secret = await _tenant_secret(client)
+    body = {"messages": FRANCE, "max_tokens": 16, "temperature": 0, "webhook": receiver.url}
+    job = (
+        await client.post("/v1/jobs", json={**body, "webhook_events_filter": ["start", "completed"]})
+    ).json()
+    got = await receiver.wait(2)
+    assert [d.payload["type"] for d in got] == ["start", "completed"]
+    for delivery in got:
+        verified = Webhook(secret).verify(delivery.body, delivery.headers)  # raises if not signed by it
+        assert verified["id"] == job["id"]
+    done = got[1].payload
+    assert done["status"] == "succeeded" and "Paris" in done["output"] and done["usage"]["total_tokens"] > 0
+    assert len({d.headers["webhook-id"] for d in got}) == 2
+
+    shown = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    assert [(w["event_type"], w["status"]) for w in shown["webhooks"]] == [
+        ("start", "delivered"),
+        ("completed", "delivered"),
+    ]
+    assert {w["id"] for w in shown["webhooks"]} == {d.headers["webhook-id"] for d in got}
+
+    # The default filter is `completed` only.
+    other = (await client.post("/v1/jobs", json=body)).json()
+    await wait_job(client, other["id"])
+    (third,) = (await receiver.wait(3))[2:]
+    assert third.payload["type"] == "completed" and third.payload["id"] == other["id"]
+
+
+async def test_webhooks_endpoints_managed_by_the_sdk_receive_openai_events_unwrapped_by_it(
+    oai: AsyncOpenAI, client: httpx.AsyncClient, receiver: Receiver, endpoints: list[str]
+) -> None:
+    made = await oai.webhooks.create(
+        url=receiver.url,
+        event_types=["response.completed", "response.incomplete", "batch.completed"],
+        name="test receiver",
+    )
+    endpoints.append(made.id)
+    assert made.signing_secret.startswith("whsec_") and made.name == "test receiver"
+    listed = [e.id async for e in oai.webhooks.list()]
+    assert made.id in listed
+    fetched = await oai.webhooks.retrieve(made.id)
+    assert fetched.url == receiver.url and not getattr(fetched, "signing_secret", None)  # shown once
+
+    response = await oai.responses.create(model=MODEL, input=FRANCE[0]["content"], max_output_tokens=64)
+    (delivery,) = await receiver.wait(1)
+    event = oai.webhooks.unwrap(delivery.body, delivery.headers, secret=made.signing_secret)
+    assert event.type == f"response.{response.status}" and event.data.id == response.id
+    Webhook(made.signing_secret).verify(delivery.body, delivery.headers)
+
+    # Rotation: for a while both secrets sign, so a receiver that still has the old one keeps working.
+    rotated = await oai.webhooks.rotate_secret(made.id)
+    assert rotated.signing_secret != made.signing_secret
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}
+    line["body"] = {"model": MODEL, "messages": FRANCE, "max_tokens": 4}  # type: ignore[assignment]
+    upload = await client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", io.BytesIO(json.dumps(line).encode()))},
+        data={"purpose": "batch"},
+    )
+    batch = (
+        await client.post(
+            "/v1/batches",
+            json={
+                "input_file_id": upload.json()["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+        )
+    ).json()
+    second = (await receiver.wait(2, timeout=120))[1]
+    assert len(second.headers["webhook-signature"].split()) == 2
+    for secret in (made.signing_secret, rotated.signing_secret):
+        event = oai.webhooks.unwrap(second.body, second.headers, secret=secret)
+        assert event.type == "batch.completed" and event.data.id == batch["id"]
+
+    deliveries = (await client.get(f"/v1/webhook_endpoints/{made.id}/deliveries")).json()["data"]
+    assert [(d["event_type"], d["status"], d["attempts"]) for d in deliveries] == [
+        ("batch.completed", "delivered", 1),
+        (f"response.{response.status}", "delivered", 1),
+    ]
+
+
+async def test_webhooks_retried_through_refusals_and_503_with_the_same_webhook_id(
+    client: httpx.AsyncClient, endpoints: list[str], oai: AsyncOpenAI
+) -> None:
+    receiver = Receiver()  # not listening yet: connections are refused
+    made = await oai.webhooks.create(url=receiver.url, event_types=["job.completed"], name="flaky")
+    endpoints.append(made.id)
+    job = (await client.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 4})).json()
+    await wait_job(client, job["id"])
+    await asyncio.sleep(20)
+    receiver.answers = [(503, {"Retry-After": "2"})]
+    receiver.start()
+    try:
+        got = await receiver.wait(2, timeout=60)
+    finally:
+        receiver.stop()
+    assert got[0].headers["webhook-id"] == got[1].headers["webhook-id"]
+    assert got[0].headers["webhook-timestamp"] <= got[1].headers["webhook-timestamp"]
+    for delivery in got:
+        event = oai.webhooks.unwrap(delivery.body, delivery.headers, secret=made.signing_secret)
+        assert event.type == "job.completed"  # type: ignore[comparison-overlap]
+        assert event.data.id == job["id"]
+    (row,) = (await client.get(f"/v1/webhook_endpoints/{made.id}/deliveries")).json()["data"]
+    assert row["status"] == "delivered" and row["attempts"] >= 4, row  # refused, refused…, 503, 200
+    metrics = (await client.get("/metrics")).text
+    assert 'inferq:webhook_deliveries_total{outcome="retried"}' in metrics
+
+
+async def test_webhooks_410_disables_the_endpoint(
+    client: httpx.AsyncClient, receiver: Receiver, endpoints: list[str], oai: AsyncOpenAI
+) -> None:
+    made = await oai.webhooks.create(url=receiver.url, event_types=["job.completed"], name="gone")
+    endpoints.append(made.id)
+    receiver.answers = [(410, {})]
+    job = (await client.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 4})).json()
+    await receiver.wait(1)
+    deadline = time.monotonic() + 10
+    while (shown := (await client.get(f"/v1/webhook_endpoints/{made.id}")).json())["status"] != "disabled":
+        assert time.monotonic() < deadline, shown
+        await asyncio.sleep(0.1)
+    assert "410" in shown["disabled_reason"]
+    (row,) = (await client.get(f"/v1/webhook_endpoints/{made.id}/deliveries")).json()["data"]
+    assert row["status"] == "failed" and row["subject_id"] == job["id"]
+    # Disabled: later events are not queued for it; enabled again, they are.
+    await wait_job(
+        client, (await client.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 2})).json()["id"]
+    )
+    assert len((await client.get(f"/v1/webhook_endpoints/{made.id}/deliveries")).json()["data"]) == 1
+    assert (await client.post(f"/v1/webhook_endpoints/{made.id}", json={"enabled": True})).json()[
+        "status"
+    ] == "enabled"
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:9/hook", "loopback"),
+        ("http://localhost:9/hook", "loopback"),  # a name that resolves to loopback
+        ("http://10.0.0.1/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data", "metadata"),
+        ("http://[::1]:9/hook", "loopback"),
+        ("ftp://example.com/x", "http:// or https://"),
+    ],
+)
+def test_webhooks_ssrf_guard_refuses_before_any_connection(url: str, why: str) -> None:
+    """No connection is made: addresses are checked (names resolved, from /etc/hosts here) first."""
+    with pytest.raises(ssrf.UnsafeUrl, match=why):
+        asyncio.run(ssrf.target(url, WebhookSettings(allow_private=False)))
+
+
+@pytest.fixture(scope="module")
+def guarded(stack: Stack) -> Iterator[str]:
+    """An API that allows no private receivers and sends nothing itself (the check is at submit)."""
+    url, api = start_api(stack, INFERQ_WEBHOOKS__ALLOW_PRIVATE="false", INFERQ_WEBHOOKS__DISPATCH="false")
+    try:
+        yield url
+    finally:
+        api.stop()
+
+
+async def test_webhooks_ssrf_refusals_are_400s_naming_the_field(
+    guarded: str, client: httpx.AsyncClient
+) -> None:
+    await _tenant_secret(client)
+    async with httpx.AsyncClient(base_url=guarded, timeout=30) as api:
+        for url in (
+            "http://127.0.0.1:9/",
+            "http://localhost:9/",
+            "http://10.0.0.1/",
+            "http://169.254.169.254/",
+        ):
+            resp = await api.post("/v1/jobs", json={"messages": FRANCE, "webhook": url})
+            assert resp.status_code == 400, resp.text
+            error = resp.json()["error"]
+            assert (
+                error["param"] == "webhook"
+                and error["code"] == "unsafe_url"
+                and "refused" in error["message"]
+            )
+            resp = await api.post(
+                "/v1/webhook_endpoints", json={"url": url, "event_types": ["job.completed"]}
+            )
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "url", resp.text
+    # Metadata addresses stay refused where private receivers are allowed; and this session allows
+    # only loopback (tests/conftest.py), so a public address is refused too, before any connection.
+    resp = await client.post("/v1/jobs", json={"messages": FRANCE, "webhook": "http://93.184.215.14/"})
+    assert resp.status_code == 400 and "allow_only" in resp.json()["error"]["message"]
+    resp = await client.post("/v1/jobs", json={"messages": FRANCE, "webhook": "http://169.254.169.254/"})
+    assert resp.status_code == 400 and "metadata" in resp.json()["error"]["message"]
+
+
+async def test_webhooks_bad_requests(client: httpx.AsyncClient) -> None:
+    resp = await client.post(
+        "/v1/webhook_endpoints", json={"url": "http://127.0.0.1:9/", "event_types": ["job.exploded"]}
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "event_types"
+    assert "unknown event type 'job.exploded'" in resp.json()["error"]["message"]
+    resp = await client.post(
+        "/v1/jobs",
+        json={"messages": FRANCE, "webhook": "http://127.0.0.1:9/", "webhook_events_filter": ["output"]},
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"].startswith("webhook_events_filter")
+    assert (await client.get("/v1/webhook_endpoints/we_nope")).status_code == 404
