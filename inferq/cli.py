@@ -14,7 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from inferq import batch_cli, keys_cli
+from inferq import batch_cli, keys_cli, webhooks_cli
 from inferq.batch_cli import ApiKeyOpt, auth_headers
 from shared.headers import PREFER
 from shared.settings import Settings, get_settings
@@ -23,6 +23,7 @@ app = typer.Typer(help="inferq: queue-backed LLM inference jobs.", no_args_is_he
 model_app = typer.Typer(help="Manage the model files.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(keys_cli.app, name="keys")
+app.add_typer(webhooks_cli.app, name="webhooks")
 console = Console(highlight=False)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="INFERQ_URL", help="Base URL of a running inferq API.")]

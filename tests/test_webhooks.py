@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +23,7 @@ from standardwebhooks import Webhook
 
 from api.webhooks import ssrf
 from shared.settings import WebhookSettings
-from tests.conftest import Stack, _free_port, start_api
+from tests.conftest import REPO, Stack, _free_port, start_api
 from tests.helpers import FRANCE, wait_job
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -325,3 +326,64 @@ async def test_webhooks_bad_requests(client: httpx.AsyncClient) -> None:
     )
     assert resp.status_code == 400 and resp.json()["error"]["param"].startswith("webhook_events_filter")
     assert (await client.get("/v1/webhook_endpoints/we_nope")).status_code == 404
+
+
+async def test_webhooks_readme_commands_run_as_written(stack: Stack, receiver: Receiver) -> None:
+    """The README's Webhooks block, with this stack's URL and a loopback receiver for example.com."""
+    from tests.test_journey import _blocks, _commands
+
+    commands = _commands(_blocks("Webhooks", "bash")[0])
+    assert [c.split()[2] for c in commands if c.startswith(".venv/bin/inferq")] == [
+        "secret",
+        "create",
+        "list",
+        "deliveries",
+        "rotate",
+        "delete",
+    ]
+    env = {**stack.api.env, "INFERQ_URL": stack.base_url}
+    endpoint = secret = job_id = None
+    for command in commands:
+        command = command.replace("https://example.com/hook", receiver.url)
+        command = command.replace("localhost:8000", stack.base_url.removeprefix("http://"))
+        if endpoint is not None:
+            command = command.replace("ENDPOINT_ID", endpoint)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-c", command],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        out = done.stdout.split()
+        if " webhooks secret" in command:
+            secret = out[0]
+        elif command.startswith("curl"):
+            job_id = json.loads(done.stdout)["id"]
+            got = await receiver.wait(2)  # start, completed
+            assert [Webhook(str(secret)).verify(d.body, d.headers)["type"] for d in got] == [
+                "start",
+                "completed",
+            ]
+        elif " webhooks create" in command:
+            endpoint, endpoint_secret = out[0], out[1]
+            assert endpoint.startswith("we_") and endpoint_secret.startswith("whsec_")
+            job = (
+                await asyncio.to_thread(
+                    httpx.post, f"{stack.base_url}/v1/jobs", json={"messages": FRANCE, "max_tokens": 2}
+                )
+            ).json()
+            (third,) = (await receiver.wait(3))[2:]
+            assert Webhook(endpoint_secret).verify(third.body, third.headers)["data"]["id"] == job["id"]
+        elif " webhooks list" in command:
+            assert endpoint in done.stdout and "enabled" in done.stdout
+        elif " webhooks deliveries" in command:
+            assert "job.completed" in done.stdout and "delivered" in done.stdout
+        elif " webhooks rotate" in command:
+            assert out[0].startswith("whsec_")
+        elif " webhooks delete" in command:
+            assert f"deleted {endpoint}" in done.stdout
+    assert job_id is not None
