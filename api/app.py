@@ -20,6 +20,7 @@ from api.ratelimit import RateLimitHeaders
 from api.reaper import Reaper
 from api.reconcile import Reconciler
 from api.requestid import RequestId
+from api.retention import Retention
 from api.routes import batches, events, files, health, jobs, openai, responses, webhooks, workers
 from api.services import open_services
 from api.webhooks.dispatcher import WebhookDispatcher
@@ -41,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 Reaper(services),
                 Reconciler(services),
             ]
+            if settings.retention.seconds is not None:  # off: leaves its lease to a process that has it on
+                duties.append(Retention(services))
             if settings.webhooks.dispatch:
                 duties.append(WebhookDispatcher(services))
             tasks = [asyncio.create_task(run_duty(services, d), name=f"inferq-{d.name}") for d in duties]

@@ -43,5 +43,6 @@ def job_response(job: Job) -> JobResponse:
         request_id=job.request_id,
         batch_id=job.batch_id,
         custom_id=job.custom_id,
+        data_removed=job.data_removed_at is not None,
         urls=job_urls(job.id),
     )

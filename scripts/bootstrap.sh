@@ -24,7 +24,8 @@ pip_install() {
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
     now=$((SECONDS - t0))
-    what=$(grep -E '^(Collecting|Downloading|Processing|Installing|Building|Obtaining)' "$log" | tail -1 | cut -c1-60)
+    # Nothing matches until pip prints its first line: not a failure (set -e and pipefail are on).
+    what=$( (grep -E '^(Collecting|Downloading|Processing|Installing|Building|Obtaining)' "$log" || true) | tail -1 | cut -c1-60)
     if [ -t 2 ]; then
       printf '\r\033[K  %3ds  %s' "$now" "$what" >&2
     elif [ $((now - last)) -ge 15 ]; then

@@ -51,6 +51,8 @@ class Job(Base):
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_status_created", "status", "created_at", "id"),
         Index("ix_jobs_batch_line", "batch_id", "batch_line"),
+        # The retention duty's scan: finished jobs whose content is still there, oldest first.
+        Index("ix_jobs_retention", "finished_at", postgresql_where="data_removed_at IS NULL"),
     )
     __mapper_args__ = {"eager_defaults": True}  # created_at comes back from the INSERT
 
@@ -79,6 +81,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set once the prompt, output and events are removed (DELETE, or the retention period).
+    data_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     # Set for the jobs of a batch: which batch, which input line, and the line's custom_id.
     tenant: Mapped[str | None] = mapped_column(String(64), index=True)

@@ -147,6 +147,9 @@ class JobResponse(BaseModel):
     eta_seconds: float | None = Field(default=None, description="When it should start, at the fleet's rate.")
     batch_id: str | None = Field(default=None, description="The batch this job runs a line of.")
     custom_id: str | None = Field(default=None, description="That line's custom_id.")
+    data_removed: bool = Field(
+        default=False, description="The prompt, output and events were removed; usage and timings stay."
+    )
     webhooks: list[WebhookDeliveryStatus] | None = Field(
         default=None, description="For a job with a `webhook` (GET of one job): its deliveries so far."
     )

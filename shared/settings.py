@@ -158,6 +158,16 @@ class WebhookSettings(BaseModel):
     )
 
 
+class RetentionSettings(BaseModel):
+    seconds: int | None = Field(
+        default=None,
+        ge=60,
+        description="Remove the prompt, output and events of jobs finished this long ago (off: unset).",
+    )
+    batch: int = Field(default=500, ge=1, description="Jobs cleared per statement: short locks.")
+    tick_seconds: float = Field(default=30.0, gt=0, description="How often the retention duty looks.")
+
+
 class EventSettings(BaseModel):
     stream_maxlen: int = Field(default=20_000, ge=100, description="Cap of a job's Redis event stream.")
     ttl_seconds: int = Field(default=86_400, ge=60, description="How long a job's events stay in Redis.")
@@ -205,6 +215,7 @@ class Settings(BaseSettings):
     batches: BatchSettings = Field(default_factory=BatchSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @property
     def model_path(self) -> str:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import httpx
+import redis.asyncio as aioredis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.helpers import FRANCE, submit, wait_job
+from shared import keys
+from shared.db import async_url
+from tests.conftest import Stack, start_api
+from tests.helpers import FRANCE, read_sse, submit, wait_job
 
 
 async def test_job_capital_of_france_succeeds_with_usage_and_timings(client: httpx.AsyncClient) -> None:
@@ -138,3 +146,62 @@ async def test_prefer_wait_out_of_range_or_malformed_is_a_400_and_creates_nothin
     assert await newest() == before
     missing = await client.get("/v1/jobs/job_000000000000000000000000", headers={"Prefer": "wait=5"})
     assert missing.status_code == 404
+
+
+async def test_delete_job_keeps_a_tombstone_with_usage_and_removes_the_text_everywhere(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    created = await submit(client, messages=FRANCE, max_tokens=16, temperature=0, metadata={"who": "me"})
+    done = await wait_job(client, created["id"])
+    assert "Paris" in done["output"]
+    removed = await client.delete(f"/v1/jobs/{created['id']}")
+    assert removed.status_code == 200, removed.text
+    job = removed.json()
+    assert job["data_removed"] is True and job["output"] is None and job["metadata"] is None
+    assert (
+        job["status"] == "succeeded" and job["usage"] == done["usage"] and job["timings"] == done["timings"]
+    )
+    assert "messages" not in job["request"] and job["request"]["max_tokens"] == 16
+    # Nothing of the text is left: not in Postgres, not in Redis, not in the SSE replay.
+    engine = create_async_engine(async_url(stack.servers.database_url))
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT request::text, output FROM jobs WHERE id = :id"), {"id": created["id"]}
+            )
+        ).one()
+    await engine.dispose()
+    assert "capital" not in row[0] and row[1] is None
+    r = aioredis.from_url(stack.servers.redis_url)
+    assert not await r.exists(keys.events_stream(created["id"]))
+    await r.aclose()
+    events = await read_sse(client, created["id"])
+    assert [e.event for e in events] == ["status", "done"] and "Paris" not in json.dumps(
+        [e.data for e in events]
+    )
+    assert (await client.delete("/v1/jobs/job_0123456789abcdef01234567")).status_code == 404
+
+
+async def test_retention_period_clears_jobs_finished_long_enough_ago(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    old = await wait_job(client, (await submit(client, messages=FRANCE, max_tokens=4))["id"])
+    new = await wait_job(client, (await submit(client, messages=FRANCE, max_tokens=4))["id"])
+    engine = create_async_engine(async_url(stack.servers.database_url))
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE jobs SET finished_at = now() - interval '2 minutes' WHERE id = :id"),
+            {"id": old["id"]},
+        )
+    await engine.dispose()
+    url, api = start_api(stack, INFERQ_RETENTION__SECONDS="60", INFERQ_RETENTION__TICK_SECONDS="0.5")
+    try:
+        deadline = time.monotonic() + 30
+        while not (await client.get(f"/v1/jobs/{old['id']}")).json()["data_removed"]:
+            assert time.monotonic() < deadline, "the retention duty did not clear the old job"
+            await asyncio.sleep(0.25)
+    finally:
+        api.stop()
+    assert (await client.get(f"/v1/jobs/{old['id']}")).json()["output"] is None
+    kept = (await client.get(f"/v1/jobs/{new['id']}")).json()
+    assert kept["data_removed"] is False and kept["output"] == new["output"]

@@ -308,14 +308,16 @@ async def test_responses_previous_response_id_continues_the_conversation(
 async def test_responses_delete_then_get_is_404(oai: AsyncOpenAI, stack: Stack) -> None:
     response = await oai.responses.create(model=MODEL, input=FRANCE, temperature=0, max_output_tokens=8)
     assert await oai.responses.delete(response.id) is None
-    for call in (
-        oai.responses.retrieve(response.id),
-        oai.responses.cancel(response.id),
-        oai.responses.input_items.list(response.id),
-        oai.responses.create(model=MODEL, input="Again?", previous_response_id=response.id),
-    ):
+    calls = (
+        lambda: oai.responses.retrieve(response.id),
+        lambda: oai.responses.cancel(response.id),
+        lambda: oai.responses.input_items.list(response.id),
+        lambda: oai.responses.create(model=MODEL, input="Again?", previous_response_id=response.id),
+        lambda: oai.responses.delete(response.id),
+    )
+    for call in calls:
         with pytest.raises(openai.NotFoundError):
-            await call
+            await call()
     r = aioredis.from_url(stack.servers.redis_url)
     assert not await r.exists(keys.events_stream("job_" + response.id.removeprefix("resp_")))
     await r.aclose()

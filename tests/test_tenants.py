@@ -152,6 +152,7 @@ async def test_tenant_sees_nothing_of_another_tenant(
         assert resp.json()["error"]["type"] == "not_found_error"
         assert (await a.get(path)).status_code == 200, path
     assert (await b.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 404
+    assert (await b.delete(f"/v1/jobs/{job['id']}")).status_code == 404  # nor remove it
     assert (await b.post(f"/v1/batches/{batch['id']}/cancel")).status_code == 404
     # B cannot build a batch on A's file either.
     resp = await b.post(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response, status
@@ -11,9 +12,10 @@ from sqlalchemy import select
 from api.auth import PrincipalDep, QuotaDep
 from api.cancellation import cancel_job
 from api.deps import ServicesDep, SessionDep
-from api.errors import JOB_NOT_FOUND, NotFound
+from api.errors import JOB_NOT_FOUND, Conflict, NotFound
 from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from api.pagination import newest_first
+from api.retention import remove
 from api.streams import load_job
 from api.submission import submit_job
 from api.views import job_response, job_urls
@@ -34,6 +36,7 @@ from shared.states import TERMINAL, JobStatus
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NO_WORKER = "no live worker serves model '{model}'; the job waits until one does"
+STILL_STOPPING = "job '{job_id}' is still stopping after its cancel; delete it again in a moment"
 
 
 @router.post(
@@ -159,3 +162,24 @@ async def cancel(job_id: str, services: ServicesDep, principal: PrincipalDep) ->
     job, final = await cancel_job(services, job_id, principal)
     # 202: the worker has been told but has not confirmed yet; poll the job.
     return JSONResponse(job_response(job).model_dump(mode="json"), status_code=200 if final else 202)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobResponse,
+    responses={409: {"description": "The job is still stopping; retry in a moment"}},
+    summary="Remove a job's prompt, output and events; its row stays with usage and timings",
+)
+async def delete_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobResponse:
+    job = await load_job(services, job_id)
+    if job is None or not principal.owns(job.tenant):
+        raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
+    if JobStatus(job.status) not in TERMINAL:
+        with contextlib.suppress(Conflict):  # finished meanwhile
+            await cancel_job(services, job_id, principal)
+    await remove(services, [job_id])
+    job = await load_job(services, job_id)
+    assert job is not None
+    if job.data_removed_at is None:
+        raise Conflict(STILL_STOPPING.format(job_id=job_id), param="id")
+    return job_response(job)

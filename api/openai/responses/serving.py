@@ -10,19 +10,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete
 
 from api.auth import Principal
 from api.cancellation import cancel_job
-from api.errors import ApiError, InvalidRequest, NotFound, describe_validation
+from api.errors import ApiError, Conflict, InvalidRequest, NotFound, describe_validation
 from api.openai.responses import render as view
 from api.openai.responses.events import ResponseEvents, after, finished, last_number
 from api.openai.responses.protocol import ResponseCreateRequest, as_chat, input_items
 from api.openai.serving import cancel_quietly
+from api.retention import remove
 from api.services import Services
 from api.streams import job_events, load_job
 from api.submission import submit_job
-from shared import keys, logs
+from shared import logs
 from shared import responses as wire
 from shared.events import read_events
 from shared.models import Job
@@ -30,6 +30,7 @@ from shared.schemas import JobCreateRequest
 from shared.states import TERMINAL, JobStatus
 
 RESPONSE_NOT_FOUND = "no response with id '{id}'"
+STILL_STOPPING = "response '{id}' is still stopping after its cancel; delete it again in a moment"
 PREVIOUS_UNFINISHED = "previous response '{id}' is still {status}; continue from it once it has finished"
 STARTING_AFTER_PAST_END = "starting_after {n} is past the last event of response '{id}' ({last})"
 
@@ -43,6 +44,7 @@ async def find(services: Services, principal: Principal, response_id: str, param
         or not principal.owns(job.tenant)
         or not view.is_response(job)
         or not view.attrs(job).get("store", True)
+        or job.data_removed_at is not None
     ):
         raise NotFound(RESPONSE_NOT_FOUND.format(id=response_id), param=param)
     return job
@@ -173,14 +175,14 @@ async def cancel_response(services: Services, principal: Principal, response_id:
 
 
 async def delete_response(services: Services, principal: Principal, response_id: str) -> dict[str, Any]:
-    """Remove a response: its job row, events and cancel flag (a running one is cancelled first)."""
+    """Remove a response: its input, output and events go (a running one is cancelled first); its job
+    stays as a tombstone with its usage, and every Responses route answers 404 for it."""
     job = await find(services, principal, response_id)
     if JobStatus(job.status) not in TERMINAL:
         with contextlib.suppress(ApiError):
             await cancel_job(services, job.id, principal)
-    async with services.sessions() as session, session.begin():
-        await session.execute(delete(Job).where(Job.id == job.id))
-    await services.redis.delete(keys.events_stream(job.id), keys.cancel_flag(job.id))
+    if not await remove(services, [job.id]):
+        raise Conflict(STILL_STOPPING.format(id=response_id), param="response_id")
     return {"id": response_id, "object": "response", "deleted": True}
 
 
