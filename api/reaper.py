@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -34,14 +35,20 @@ def queue_of(services: Services, model: str, batch_id: str | None) -> str:
     return services.settings.queues.for_model(model, batch=batch_id is not None)
 
 
-async def ensure_enqueued(services: Services, job_id: str, queue: str, tenant: str | None) -> None:
-    """Make the job takeable from `queue` now: no in-progress lock, an arq job record, a queue entry."""
+async def ensure_enqueued(
+    services: Services, job_id: str, queue: str, tenant: str | None, in_line_since: datetime | None = None
+) -> None:
+    """Make the job takeable from `queue` now: no in-progress lock, an arq job record, a queue entry.
+    With `in_line_since` (a reclaimed job's creation), the job takes its old place in the queue (arq
+    takes the lowest score first) instead of joining its end: it was admitted then, and has waited."""
     redis = services.redis
     await redis.delete(keys.ARQ_IN_PROGRESS_PREFIX + job_id)
-    if not await enqueue(redis, queue, job_id, tenant):
-        # arq still has the job's record; put it back in the queue if it left it.
-        if await redis.zscore(queue, job_id) is None:
-            await redis.zadd(queue, {job_id: int(time.time() * 1000)})
+    enqueued = await enqueue(redis, queue, job_id, tenant)
+    score = int((in_line_since.timestamp() if in_line_since else time.time()) * 1000)
+    if in_line_since is not None or not enqueued:
+        # Back in the queue if it left it; never later than where it stands (LT also adds a missing one).
+        await redis.zadd(queue, {job_id: score}, lt=True)
+    if not enqueued or in_line_since is not None:
         await redis.publish(keys.wake_channel(queue), "1")  # takeable again: workers need not wait to poll
 
 
@@ -78,6 +85,7 @@ class Reaper:
                             Job.batch_id,
                             Job.prompt_tokens,
                             Job.tenant,
+                            Job.created_at,
                         ).where(Job.status == JobStatus.RUNNING.value)
                     )
                 ).all()
@@ -133,7 +141,7 @@ class Reaper:
                     "attempt": row.attempts,
                 },
             )
-            await ensure_enqueued(services, row.id, queue, row.tenant)
+            await ensure_enqueued(services, row.id, queue, row.tenant, in_line_since=row.created_at)
             return
         await _forget(services, row.id, queue)
         if status == JobStatus.CANCELLED.value:

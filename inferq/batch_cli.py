@@ -61,6 +61,16 @@ ApiKeyOpt = Annotated[
 ]
 
 
+def fail(resp: httpx.Response, console: Console) -> NoReturn:
+    """Say what the API refused (its error envelope's message), then exit 1."""
+    try:
+        message = resp.json()["error"]["message"]
+    except Exception:
+        message = resp.text
+    console.print(f"[red]error {resp.status_code}:[/] {message}")
+    raise typer.Exit(1)
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
     """The headers that carry `api_key` (none without one)."""
     return {"Authorization": f"Bearer {api_key.strip()}"} if api_key and api_key.strip() else {}

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from inferq import batch_cli, keys_cli, webhooks_cli
-from inferq.batch_cli import ApiKeyOpt, auth_headers
+from inferq.batch_cli import ApiKeyOpt, auth_headers, fail
 from shared.headers import PREFER
 from shared.settings import Settings, get_settings
 
@@ -174,12 +174,7 @@ def model_fetch() -> None:
 
 
 def _fail(resp: httpx.Response) -> None:
-    try:
-        message = resp.json()["error"]["message"]
-    except Exception:
-        message = resp.text
-    console.print(f"[red]error {resp.status_code}:[/] {message}")
-    raise typer.Exit(1)
+    fail(resp, console)
 
 
 @app.command()

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from inferq.batch_cli import ApiKeyOpt, auth_headers
+from inferq.batch_cli import ApiKeyOpt, auth_headers, fail
 
 app = typer.Typer(help="Webhook endpoints and signing secrets.", no_args_is_help=True)
 console = Console(highlight=False)
@@ -23,12 +23,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def _call(method: str, url: str, path: str, api_key: str | None, **kwargs: Any) -> dict[str, Any]:
     resp = httpx.request(method, f"{url}{path}", headers=auth_headers(api_key), timeout=30, **kwargs)
     if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except Exception:
-            message = resp.text
-        console.print(f"[red]error {resp.status_code}:[/] {message}")
-        raise typer.Exit(1)
+        fail(resp, console)
     body: dict[str, Any] = resp.json()
     return body
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import select, text, update
+from sqlalchemy import text, update
 
 from api.openai.responses import render as response_view
 from api.services import Services
@@ -104,8 +104,26 @@ class WebhookDispatcher:
             except _Gone as exc:
                 await self._record(delivery, None, str(exc), final=True)
                 return
-        async with self._per_target[delivery.endpoint_id or url]:
+        slot = self._per_target[delivery.endpoint_id or url]
+        try:
+            # A slow receiver must not hold its deliveries past their claim (another dispatcher could
+            # take them meanwhile): one that waits too long for a slot goes back for the next tick.
+            await asyncio.wait_for(slot.acquire(), self.settings.timeout_seconds)
+        except TimeoutError:
+            await self._release(delivery.id)
+            return
+        try:
             await self._send(delivery, endpoint, url, keys, body)
+        finally:
+            slot.release()
+
+    async def _release(self, delivery_id: str) -> None:
+        async with self.services.sessions() as session, session.begin():
+            await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending")
+                .values(next_attempt_at=datetime.now(UTC))
+            )
 
     async def _destination(
         self, session: Any, delivery: WebhookDelivery, endpoint: WebhookEndpoint | None
@@ -260,9 +278,3 @@ class WebhookDispatcher:
                 .values(disabled_at=datetime.now(UTC), disabled_reason=reason)
             )
         log.warning("webhook endpoint %s disabled: %s", endpoint_id, reason)
-
-
-async def pending_for(services: Services, subject_id: str) -> list[WebhookDelivery]:
-    async with services.sessions() as session:
-        stmt = select(WebhookDelivery).where(WebhookDelivery.subject_id == subject_id)
-        return list((await session.execute(stmt.order_by(WebhookDelivery.created_at))).scalars())
