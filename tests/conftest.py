@@ -276,12 +276,15 @@ def start_api(stack: Stack, **env: str) -> tuple[str, Proc]:
 @pytest.fixture(scope="session")
 def stack(servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A SIGTERMed worker hands its jobs back at once here; draining is tested on a stack of its own.
+    # Tests on this stack fill the engine on purpose, and on a slow machine the fleet's measured rate
+    # can be low enough for admission control to refuse them: admission is tested on an API of its own.
     s = launch(
         servers,
         model_dir,
         tmp_path_factory.mktemp("logs"),
         INFERQ_LIMITS__MAX_TOKENS="6000",
         INFERQ_WORKER__DRAIN_SECONDS="0",
+        INFERQ_MAX_QUEUE_SECONDS="100000",
     )
     try:
         yield s
