@@ -13,6 +13,7 @@ from api import errors, openapi
 from api import metrics as api_metrics
 from api.auth import authenticate
 from api.batches.manager import BatchManager
+from api.deadlines import Deadlines
 from api.duties import Duty, run_duty
 from api.limits import BodySizeLimit, NulGuard
 from api.metrics import ApiMetrics, HttpMetrics
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             duties: list[Duty] = [
                 BatchManager(services),
                 Reaper(services),
+                Deadlines(services),
                 Reconciler(services),
             ]
             if settings.retention.seconds is not None:  # off: leaves its lease to a process that has it on

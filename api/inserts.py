@@ -20,7 +20,7 @@ _INSERT = (
 
 _COLUMNS = (
     *("id", "status", "model", "request", "metadata_", "prompt_tokens", "attempts", "tenant"),
-    *("api_key_id", "request_id"),
+    *("api_key_id", "request_id", "cancel_at", "timeout_seconds", "deadline_at"),
 )
 
 

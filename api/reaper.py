@@ -52,7 +52,7 @@ async def ensure_enqueued(
         await redis.publish(keys.wake_channel(queue), "1")  # takeable again: workers need not wait to poll
 
 
-async def _forget(services: Services, job_id: str, queue: str) -> None:
+async def forget(services: Services, job_id: str, queue: str) -> None:
     async with services.redis.pipeline(transaction=False) as pipe:
         pipe.delete(keys.ARQ_IN_PROGRESS_PREFIX + job_id, keys.ARQ_JOB_PREFIX + job_id)
         pipe.zrem(queue, job_id)
@@ -143,7 +143,7 @@ class Reaper:
             )
             await ensure_enqueued(services, row.id, queue, row.tenant, in_line_since=row.created_at)
             return
-        await _forget(services, row.id, queue)
+        await forget(services, row.id, queue)
         if status == JobStatus.CANCELLED.value:
             prompt = row.prompt_tokens or 0
             usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}

@@ -25,7 +25,7 @@ _TOMBSTONE = """
 """
 _REMOVE = text(
     f"UPDATE jobs SET {_TOMBSTONE} WHERE id IN :ids AND data_removed_at IS NULL "
-    "AND status IN ('succeeded', 'failed', 'cancelled') RETURNING id"
+    "AND status IN ('succeeded', 'failed', 'cancelled', 'expired') RETURNING id"
 ).bindparams(bindparam("ids", expanding=True))
 _EXPIRED = text(
     f"""

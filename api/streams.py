@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import select
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.relay import RESYNC
 from api.services import Services
@@ -115,3 +116,28 @@ async def until_end(services: Services, job_id: str) -> None:
     async for event in job_events(services, job_id):
         if event.is_end:
             return
+
+
+SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+
+
+class _Keepalive(ServerSentEvent):
+    """A ping that is one comment line and no blank line after it. A blank line would end an empty
+    event, and the openai SDK's decoder dispatches one once an earlier event had an `id` (it keeps
+    last_event_id, as the spec asks) and then fails to parse its empty data as JSON (openai-python
+    #2722): a Responses stream through it broke at its first ping. Every SSE parser skips the line."""
+
+    def encode(self) -> bytes:
+        return b": ping\r\n"
+
+
+def sse_response(
+    content: AsyncIterator[Any], services: Services, headers: dict[str, str] | None = None
+) -> EventSourceResponse:
+    """The SSE response of every streaming route: no proxy buffering, a ping every ping_seconds."""
+    return EventSourceResponse(
+        content,
+        ping=int(services.settings.events.ping_seconds),
+        ping_message_factory=_Keepalive,
+        headers={**(headers or {}), **SSE_HEADERS},
+    )

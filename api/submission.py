@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -16,6 +17,7 @@ from api.inserts import job_row
 from api.ratelimit import quota_key
 from api.services import ModelInfo, Services
 from api.webhooks import ssrf
+from shared import headers
 from shared.models import Job, WebhookSecret, new_job_id
 from shared.prompts import prompt_token_ids
 from shared.schemas import JobCreateRequest
@@ -57,6 +59,32 @@ def _check_limits(services: Services, req: JobCreateRequest) -> None:
         )
 
 
+def _deadlines(
+    services: Services, req: JobCreateRequest, cancel_after: float | None
+) -> tuple[datetime | None, float | None]:
+    """The job's Cancel-After deadline (the earlier of the header's and the field's) and its running
+    time bound (asked for, or the default), each checked against its maximum."""
+    limits = services.settings.limits
+    asked = [s for s in (cancel_after, req.cancel_after) if s is not None]
+    cancel_at = None
+    if asked:
+        seconds = float(min(asked))
+        if seconds > limits.max_cancel_after_seconds:
+            param = "cancel_after" if req.cancel_after == seconds else headers.CANCEL_AFTER
+            raise InvalidRequest(
+                f"a deadline can be at most {limits.max_cancel_after_seconds:g} seconds away", param=param
+            )
+        cancel_at = datetime.now(UTC) + timedelta(seconds=seconds)
+    timeout = req.timeout_seconds if req.timeout_seconds is not None else limits.default_timeout_seconds
+    if timeout is not None and timeout > limits.max_timeout_seconds:
+        if req.timeout_seconds is None:  # a default over the maximum: the maximum applies
+            return cancel_at, limits.max_timeout_seconds
+        raise InvalidRequest(
+            f"timeout_seconds must be at most {limits.max_timeout_seconds:g}", param="timeout_seconds"
+        )
+    return cancel_at, timeout
+
+
 async def _count_prompt_tokens(model: ModelInfo, request: dict[str, Any], param: str) -> int:
     tokenizer = model.tokenizer
     size = len(request.get("prompt") or "") + sum(len(m["content"]) for m in request.get("messages") or [])
@@ -78,13 +106,16 @@ async def prepare_job(
     default_max_tokens: int | None = None,
     endpoint: str | None = None,
     extra: dict[str, Any] | None = None,
+    cancel_after: float | None = None,
 ) -> Job:
-    """Check a request against the limits and the model's context; the unsaved job that would run it."""
+    """Check a request against the limits and the model's context; the unsaved job that would run it.
+    `cancel_after`: the seconds of a `Cancel-After` header."""
     model = _model(services, req)
     _check_limits(services, req)
+    cancel_at, timeout = _deadlines(services, req, cancel_after)
     limits = services.settings.limits
     max_tokens = req.max_tokens or min(default_max_tokens or limits.default_max_tokens, limits.max_tokens)
-    request = req.model_dump(exclude_none=True, exclude={"metadata"})
+    request = req.model_dump(exclude_none=True, exclude={"metadata", "cancel_after", "timeout_seconds"})
     request.update(model=model.name, max_tokens=max_tokens)
     if endpoint is not None:
         request["endpoint"] = endpoint
@@ -114,6 +145,9 @@ async def prepare_job(
         attempts=0,
         tenant=principal.owner,
         api_key_id=principal.key_id,
+        cancel_at=cancel_at,
+        timeout_seconds=timeout,
+        deadline_at=cancel_at,  # the running-time part joins it when the job first starts
     )
 
 
@@ -134,11 +168,18 @@ async def submit_job(
     endpoint: str | None = None,
     request_id: str | None = None,
     extra: dict[str, Any] | None = None,
+    cancel_after: float | None = None,
 ) -> Job:
     """Admit an interactive job: checked against the backlog, stored in Postgres first, then enqueued;
     503 (and nothing kept) if Redis refuses it."""
     job = await prepare_job(
-        services, req, principal, default_max_tokens=default_max_tokens, endpoint=endpoint, extra=extra
+        services,
+        req,
+        principal,
+        default_max_tokens=default_max_tokens,
+        endpoint=endpoint,
+        extra=extra,
+        cancel_after=cancel_after,
     )
     job.request_id = request_id
     if req.webhook is not None:

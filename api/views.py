@@ -44,5 +44,8 @@ def job_response(job: Job) -> JobResponse:
         batch_id=job.batch_id,
         custom_id=job.custom_id,
         data_removed=job.data_removed_at is not None,
+        cancel_at=job.cancel_at,
+        timeout_seconds=job.timeout_seconds,
+        deadline_at=job.deadline_at,
         urls=job_urls(job.id),
     )

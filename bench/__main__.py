@@ -6,6 +6,7 @@ sse         added latency of 1,000 concurrent SSE streams relayed by one API pro
 overhead    idle TTFT through inferq minus the same engine's TTFT in-process
 startup     time to "inferq is up": cached starts, and (--fresh) a fresh clone
 responses   background responses: create rate vs POST /v1/jobs, resume request to first event
+waiting     200 clients waiting for their jobs: Prefer: wait vs polling every 50 ms vs SSE
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
 """
@@ -24,6 +25,7 @@ COMMANDS = {
     "overhead": "bench.overhead",
     "startup": "bench.startup",
     "responses": "bench.responses",
+    "waiting": "bench.waiting",
     "all": "bench.run_all",
     "chart": "bench.chart",
 }

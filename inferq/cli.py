@@ -232,7 +232,7 @@ def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
         if resp.status_code != 200:
             _fail(resp)
         job: dict[str, Any] = resp.json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in ("succeeded", "failed", "cancelled", "expired"):
             return job
 
 

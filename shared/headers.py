@@ -5,6 +5,8 @@ from __future__ import annotations
 PREFER = "Prefer"  # RFC 7240; inferq honours `wait=N`
 PREFERENCE_APPLIED = "Preference-Applied"
 RETRY_AFTER = "Retry-After"
+# A deadline for the job from submission (as at Replicate): "30s", "5m", "1h30m", or seconds.
+CANCEL_AFTER = "Cancel-After"
 # Standard Webhooks (https://www.standardwebhooks.com): the same id on every retry of one delivery.
 WEBHOOK_ID = "webhook-id"
 WEBHOOK_TIMESTAMP = "webhook-timestamp"

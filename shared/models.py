@@ -53,6 +53,8 @@ class Job(Base):
         Index("ix_jobs_batch_line", "batch_id", "batch_line"),
         # The retention duty's scan: finished jobs whose content is still there, oldest first.
         Index("ix_jobs_retention", "finished_at", postgresql_where="data_removed_at IS NULL"),
+        # The deadline duty's scan: queued jobs whose deadline has passed.
+        Index("ix_jobs_deadline", "deadline_at", postgresql_where="status = 'queued'"),
     )
     __mapper_args__ = {"eager_defaults": True}  # created_at comes back from the INSERT
 
@@ -83,6 +85,12 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set once the prompt, output and events are removed (DELETE, or the retention period).
     data_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Deadlines: Cancel-After (queue and run time), timeout_seconds (running time alone), and the one
+    # that applies, the earlier of the two; the running-time part is fixed when the job first starts,
+    # so a retried job keeps the deadline it had.
+    cancel_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    timeout_seconds: Mapped[float | None] = mapped_column(Float)
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     # Set for the jobs of a batch: which batch, which input line, and the line's custom_id.
     tenant: Mapped[str | None] = mapped_column(String(64), index=True)

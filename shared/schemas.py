@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.deadlines import parse_duration
 from shared.states import JobStatus
+from shared.webhooks import JobWebhookEvent
 
 
 class ChatMessage(BaseModel):
@@ -59,11 +61,31 @@ class JobCreateRequest(SamplingParams):
         max_length=2048,
         description="A URL to POST the job to (signed with the tenant's secret, POST /v1/webhook_secret).",
     )
-    webhook_events_filter: list[Literal["start", "completed"]] | None = Field(
+    webhook_events_filter: list[JobWebhookEvent] | None = Field(
         default=None,
         min_length=1,
-        description="Which of the job's events go to `webhook`; default completed.",
+        description="Which of the job's events go to `webhook`: `start`, `output` (the job as it "
+        "generates, at most every 0.5 s, never retried), `completed` (the default).",
     )
+    cancel_after: float | str | None = Field(
+        default=None,
+        description="A deadline from now, as the `Cancel-After` header: seconds, or a duration such as "
+        "'30s', '5m', '1h30m'. Not started by then: the job ends `expired` without running; running: "
+        "it is stopped (`cancelled`, finish_reason `timeout`) with its output so far kept.",
+    )
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Most seconds of running time (queue time not counted); default and maximum from "
+        "the settings. Past it the job is stopped as at its deadline.",
+    )
+
+    @field_validator("cancel_after")
+    @classmethod
+    def _duration(cls, value: float | str | None) -> float | None:
+        if value is None:
+            return None
+        return parse_duration(str(value))
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreateRequest:
@@ -149,6 +171,13 @@ class JobResponse(BaseModel):
     custom_id: str | None = Field(default=None, description="That line's custom_id.")
     data_removed: bool = Field(
         default=False, description="The prompt, output and events were removed; usage and timings stay."
+    )
+    cancel_at: datetime | None = Field(default=None, description="Its Cancel-After deadline, if it has one.")
+    timeout_seconds: float | None = Field(default=None, description="Most seconds of running time.")
+    deadline_at: datetime | None = Field(
+        default=None,
+        description="When it is stopped if still unfinished: the earlier of cancel_at and its first start "
+        "plus timeout_seconds.",
     )
     webhooks: list[WebhookDeliveryStatus] | None = Field(
         default=None, description="For a job with a `webhook` (GET of one job): its deliveries so far."

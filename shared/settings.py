@@ -44,6 +44,12 @@ class LimitSettings(BaseModel):
     max_metadata_bytes: int = Field(default=4096, ge=2)
     max_stop: int = Field(default=4, ge=0)
     max_stop_chars: int = Field(default=64, ge=1)
+    # Deadlines: a job's running time (timeout_seconds) and its whole life from submission (Cancel-After).
+    default_timeout_seconds: float | None = Field(
+        default=600.0, gt=0, description="Running time a job gets when it asks for none; null: unbounded."
+    )
+    max_timeout_seconds: float = Field(default=3600.0, gt=0)
+    max_cancel_after_seconds: float = Field(default=7 * 86_400.0, gt=0)
 
 
 class QueueSettings(BaseModel):
@@ -153,6 +159,9 @@ class WebhookSettings(BaseModel):
     per_endpoint: int = Field(default=4, ge=1, description="Deliveries in flight at once to one URL.")
     batch: int = Field(default=200, ge=1, description="Deliveries taken per dispatcher tick.")
     tick_seconds: float = Field(default=0.25, gt=0, description="How often the dispatcher looks.")
+    output_seconds: float = Field(
+        default=0.5, gt=0, description="Least time between two `output` webhooks of one job."
+    )
     rotation_overlap_seconds: int = Field(
         default=86_400, ge=0, description="How long a rotated-out secret still signs (both are sent)."
     )

@@ -11,17 +11,28 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Its deadline (Cancel-After) passed before it ever started: it ended without running.
+    EXPIRED = "expired"
 
 
-TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+)
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    # running -> queued: the worker was lost or drained; the job is tried again.
-    JobStatus.RUNNING: frozenset({JobStatus.QUEUED, *TERMINAL}),
+    # queued -> cancelled: cancelled by its client, or (once it has run) past its deadline.
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.EXPIRED}
+    ),
+    # running -> queued: the worker was lost or drained; the job is tried again. A running job that
+    # reaches its deadline is cancelled (finish_reason timeout), its partial output kept: it ran.
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
+    JobStatus.EXPIRED: frozenset(),
 }
 
 
@@ -33,6 +44,8 @@ class FinishReason(StrEnum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    # A deadline ended it: Cancel-After, or timeout_seconds of running time.
+    TIMEOUT = "timeout"
 
 
 class BatchStatus(StrEnum):

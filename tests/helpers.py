@@ -12,7 +12,7 @@ import httpx
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a very long, detailed story about a dragon who learns to cook."}]
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 
 
 @dataclass

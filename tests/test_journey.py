@@ -259,13 +259,21 @@ def _run_readme_blocks(up: Up) -> None:
             assert json.loads(done.stdout)["status"] == "succeeded", done.stdout
     assert job is not None
 
+    (deadline,) = _commands(_blocks("Using the API", "bash")[1])  # ### Deadlines
+    done = subprocess.run(
+        ["bash", "-c", _as_run_here(deadline, up, None)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, (deadline, done.stdout, done.stderr)
+    timed = _wait_finished(up, json.loads(done.stdout)["id"])
+    assert timed["cancel_at"] is not None and timed["timeout_seconds"] == 10, timed
+
 
 def _wait_finished(up: Up, job_id: str, key: str | None = None) -> dict[str, Any]:
     headers = {"authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         job: dict[str, Any] = httpx.get(f"{up.url}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in ("succeeded", "failed", "cancelled", "expired"):
             return job
         time.sleep(0.2)
     raise AssertionError(f"{job_id} did not finish")

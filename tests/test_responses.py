@@ -433,3 +433,30 @@ async def test_responses_queued_cancel_never_runs_and_foreground_leaver_cancels(
     job_id = "job_" + head[0].response.id.removeprefix("resp_")
     left = await wait_job(client, job_id)
     assert left["status"] == "cancelled" and left["usage"]["completion_tokens"] < 300
+
+
+async def test_responses_stream_survives_keepalive_pings_in_the_sdk(stack: Stack) -> None:
+    # The SDK's SSE decoder turns a ping comment followed by a blank line into an empty event once an
+    # earlier event had an id, and fails on it (openai-python #2722): pings must be bare comment lines.
+    url, api = start_api(stack, INFERQ_EVENTS__PING_SECONDS="1")
+    client = _oai(url)
+    try:
+        stream = await client.responses.create(
+            model=MODEL, input=STORY, stream=True, max_output_tokens=120, temperature=0
+        )
+        t0 = time.monotonic()
+        events = await collect(stream)
+        assert time.monotonic() - t0 > 2.5  # it streamed through two pings at least
+        assert events[-1].type in ("response.completed", "response.incomplete")
+        assert deltas(events) == events[-1].response.output_text
+        async with httpx.AsyncClient(base_url=url, timeout=30) as raw:
+            body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "temperature": 0, "max_tokens": 120}
+            job = (await raw.post("/v1/jobs", json=body)).json()
+            got = b""
+            async with raw.stream("GET", f"/v1/jobs/{job['id']}/events") as resp:
+                async for chunk in resp.aiter_bytes():
+                    got += chunk
+        assert b": ping\r\n" in got and b": ping\r\n\r\n" not in got, got[-400:]
+    finally:
+        await client.close()
+        api.stop()

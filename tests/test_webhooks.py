@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -387,3 +388,40 @@ async def test_webhooks_readme_commands_run_as_written(stack: Stack, receiver: R
         elif " webhooks delete" in command:
             assert f"deleted {endpoint}" in done.stdout
     assert job_id is not None
+
+
+async def test_webhooks_output_events_are_throttled_and_never_retried(
+    client: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    await _tenant_secret(client)
+    receiver.answers = [(500, {})]  # the first output delivery fails: it is not tried again
+    body = {
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+        "temperature": 0,
+        "max_tokens": 160,
+        "webhook": receiver.url,
+        "webhook_events_filter": ["output", "completed"],
+    }
+    job = (await client.post("/v1/jobs", json=body)).json()
+    done = await wait_job(client, job["id"])
+    deadline = time.monotonic() + 30
+    while not any(d.payload["type"] == "completed" for d in receiver.got):
+        assert time.monotonic() < deadline, receiver.got
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(2.5)  # two retry intervals of the test schedule: a retried delivery would be back
+    outputs = [d.payload for d in receiver.got if d.payload["type"] == "output"]
+    running = (
+        datetime.fromisoformat(done["finished_at"]) - datetime.fromisoformat(done["started_at"])
+    ).total_seconds()
+    # Throttled: one per 0.5 s of generation at most, and there were some.
+    assert 2 <= len(outputs) <= running / 0.5 + 2, (len(outputs), running)
+    lengths = [len(o["output"]) for o in outputs]
+    assert lengths == sorted(lengths) and lengths[0] > 0
+    for o in outputs:  # each the job as it stood, its text so far a prefix of the final output
+        assert o["id"] == job["id"] and done["output"].startswith(o["output"])
+    assert len({d.headers["webhook-id"] for d in receiver.got}) == len(receiver.got)  # none sent twice
+    completed = [d for d in receiver.got if d.payload["type"] == "completed"]
+    assert len(completed) == 1 and completed[0].payload["output"] == done["output"]
+    shown = (await client.get(f"/v1/jobs/{job['id']}")).json()["webhooks"]
+    tried = [(w["event_type"], w["status"], w["attempts"]) for w in shown if w["event_type"] == "output"]
+    assert tried[0] == ("output", "failed", 1) and all(t[2] == 1 for t in tried), tried

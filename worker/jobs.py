@@ -12,15 +12,17 @@ from typing import Any
 
 from arq.worker import Retry
 from redis.asyncio import Redis
-from sqlalchemy import func, update
+from sqlalchemy import Interval, func, literal_column, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared import keys, logs
+from shared.deadlines import ended, expire_unstarted
 from shared.events import RESUME_FROM, read_events, text_of
 from shared.models import Job
 from shared.prompts import prompt_token_ids
 from shared.states import FinishReason, JobStatus
+from shared.webhooks import OUTPUT, queue_output_delivery
 from worker import metrics
 from worker.detok import IncrementalDecoder
 from worker.engine import Engine, RequestHandle, SamplingOptions
@@ -46,6 +48,8 @@ class _Claim:
     started_at: datetime
     request_id: str | None
     prompt_tokens: int | None = None
+    deadline_at: datetime | None = None
+    tenant: str | None = None
 
 
 @dataclass
@@ -56,6 +60,20 @@ class _Run:
     next_index: int = 0  # index of the next token event
     handle: RequestHandle | None = None
     cancelled: bool = False
+    timed_out: bool = False  # its deadline passed while it ran
+    hook_at: float = 0.0  # when its last `output` webhook was queued
+    hook_task: asyncio.Task[None] | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Cancelled, or past its deadline: it ends now with its output so far."""
+        return self.cancelled or self.timed_out
+
+    @property
+    def wants_output_hooks(self) -> bool:
+        request = self.claim.request
+        return bool(request.get("webhook")) and OUTPUT in (request.get("webhook_events_filter") or ())
+
     t_start: float = field(default_factory=time.monotonic)
     t_first: float | None = None
     peak_batch: int = 0
@@ -72,6 +90,7 @@ class JobRunner:
         worker_id: str,
         default_max_tokens: int,
         model_name: str = "",
+        output_webhook_seconds: float = 0.5,
     ) -> None:
         self.engine = engine
         self.sessions = sessions
@@ -80,6 +99,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.default_max_tokens = default_max_tokens
         self.model_name = model_name
+        self.output_webhook_seconds = output_webhook_seconds
         self.running: dict[str, _Run] = {}
 
     async def run(self, job_id: str) -> str:
@@ -90,6 +110,8 @@ class JobRunner:
             log.warning("cannot claim job %s, Postgres is unreachable (%s); retrying in 1s", job_id, exc)
             raise Retry(defer=1) from None
         if claim is None:
+            if await self._expire(job_id):
+                return JobStatus.EXPIRED.value
             log.info("job %s is not queued any more; skipped", job_id)
             return "skipped"
         logs.request_id.set(claim.request_id)
@@ -106,6 +128,7 @@ class JobRunner:
         metrics.running.labels(self.model_name).inc()
         status = {"status": "running", "worker_id": self.worker_id, "attempt": claim.attempt}
         self.events.emit(job_id, "status", {**status, RESUME_FROM: len(run.resume)})
+        timer = self._arm_deadline(run)
         try:
             return await self._generate(run)
         except asyncio.CancelledError:
@@ -120,9 +143,63 @@ class JobRunner:
             await self._fail(run, "engine_error", str(exc) or type(exc).__name__)
             return "failed"
         finally:
+            if timer is not None:
+                timer.cancel()
             metrics.running.labels(self.model_name).dec()
             self.running.pop(job_id, None)
             self._stop(run)
+
+    def _arm_deadline(self, run: _Run) -> asyncio.TimerHandle | None:
+        """Stop the job at its deadline (already passed: it stops before it generates anything)."""
+        if run.claim.deadline_at is None:
+            return None
+        remaining = (run.claim.deadline_at - datetime.now(UTC)).total_seconds()
+        if remaining <= 0:
+            run.timed_out = True
+            return None
+        return asyncio.get_running_loop().call_later(remaining, self._time_out, run)
+
+    def _time_out(self, run: _Run) -> None:
+        log.info("job %s reached its deadline; stopping it", run.job_id)
+        run.timed_out = True
+        self._stop(run)
+
+    def _output_webhook(self, run: _Run) -> None:
+        """For a job whose webhook asked for `output`: one delivery queued every output_webhook_seconds
+        at most, written beside the engine's path (a slow Postgres never holds the tokens up)."""
+        if not run.wants_output_hooks:
+            return
+        now = time.monotonic()
+        if now - run.hook_at < self.output_webhook_seconds or (run.hook_task and not run.hook_task.done()):
+            return
+        run.hook_at = now
+        run.hook_task = asyncio.create_task(self._queue_output_hook(run))
+
+    async def _queue_output_hook(self, run: _Run) -> None:
+        params = {
+            "job": run.job_id,
+            "tenant": run.claim.tenant or "default",
+            "url": run.claim.request["webhook"],
+        }
+        try:
+            async with self.sessions() as session, session.begin():
+                await session.execute(queue_output_delivery(), params)
+        except Exception as exc:  # an output event is best effort: the completed one is the promise
+            log.warning("job %s: output webhook not queued (%s)", run.job_id, exc)
+
+    async def _expire(self, job_id: str) -> bool:
+        """A job not claimed because its deadline passed before it started: it ends `expired` here."""
+        try:
+            async with self.sessions() as session, session.begin():
+                row = (await session.execute(expire_unstarted(job_id))).one_or_none()
+        except DB_DOWN:
+            return False  # the API's deadline duty ends it
+        if row is None:
+            return False
+        log.info("job expired: its deadline passed before it started")
+        self.events.emit(job_id, "done", ended(row.prompt_tokens, 0, JobStatus.EXPIRED))
+        await self.events.flush()
+        return True
 
     async def _published(self, job_id: str) -> tuple[str, int]:
         """The text earlier attempts of a job published (this attempt continues it rather than start
@@ -153,17 +230,34 @@ class JobRunner:
             self.engine.cancel(run.handle.request_id)
 
     async def _claim(self, job_id: str) -> _Claim | None:
+        """Queued -> running, unless its deadline passed before it ever started. The running-time bound
+        joins the deadline here: LEAST keeps the earlier, so a retried job keeps its first one."""
+        second = literal_column("interval '1 second'", Interval)
         stmt = (
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.QUEUED.value,
+                or_(Job.deadline_at.is_(None), Job.attempts > 0, Job.deadline_at > func.clock_timestamp()),
+            )
             .values(
                 status=JobStatus.RUNNING.value,
                 attempts=Job.attempts + 1,
                 worker_id=self.worker_id,
                 started_at=func.clock_timestamp(),
+                deadline_at=func.least(
+                    Job.deadline_at, func.clock_timestamp() + Job.timeout_seconds * second
+                ),
             )
             .returning(
-                Job.request, Job.attempts, Job.created_at, Job.started_at, Job.request_id, Job.prompt_tokens
+                Job.request,
+                Job.attempts,
+                Job.created_at,
+                Job.started_at,
+                Job.request_id,
+                Job.prompt_tokens,
+                Job.deadline_at,
+                Job.tenant,
             )
         )
         async with self.sessions() as session, session.begin():
@@ -177,6 +271,8 @@ class JobRunner:
             row.started_at,
             row.request_id,
             row.prompt_tokens,
+            row.deadline_at,
+            row.tenant,
         )
 
     async def _generate(self, run: _Run) -> str:
@@ -193,8 +289,8 @@ class JobRunner:
             top_k=request.get("top_k"),
         )
         decoder = IncrementalDecoder(tokenizer, request.get("stop"), context=resumed)
-        if len(resumed) >= max_tokens:
-            pass  # the text it continues from used up max_tokens: nothing is left to generate
+        if len(resumed) >= max_tokens or run.timed_out:
+            pass  # max_tokens used up by the text it continues from, or its deadline passed already
         elif await self.redis.exists(keys.cancel_flag(run.job_id)):
             run.cancelled = True
         else:
@@ -202,7 +298,7 @@ class JobRunner:
         index = run.next_index
         itl = metrics.itl.labels(self.model_name)
         last_token_at = 0.0
-        while run.handle is not None and not run.cancelled:
+        while run.handle is not None and not run.stopped:
             update_ = await run.handle.next()
             if update_.error:
                 raise RuntimeError(update_.error)
@@ -221,6 +317,7 @@ class JobRunner:
             if text:
                 self.events.emit(run.job_id, "token", {"index": index, "text": text})
                 index += 1
+                self._output_webhook(run)
             if decoder.stopped:
                 self.engine.cancel(run.handle.request_id)
                 break
@@ -230,7 +327,7 @@ class JobRunner:
         if tail:
             self.events.emit(run.job_id, "token", {"index": index, "text": tail})
         reason = self._finish_reason(run, decoder, options.max_tokens, already=len(resumed))
-        status = JobStatus.CANCELLED if run.cancelled else JobStatus.SUCCEEDED
+        status = JobStatus.CANCELLED if run.stopped else JobStatus.SUCCEEDED
         output, completion = run.resume + decoder.text, len(resumed) + len(decoder.token_ids)
         return await self._complete(run, status, output, completion, reason, len(input_ids))
 
@@ -239,6 +336,8 @@ class JobRunner:
     ) -> FinishReason:
         if run.cancelled:
             return FinishReason.CANCELLED
+        if run.timed_out:
+            return FinishReason.TIMEOUT
         if run.handle is None and already:  # the text it continues from had used up max_tokens
             return FinishReason.LENGTH
         if decoder.stopped:

@@ -128,6 +128,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         "worker_id": worker_id,
         "default_max_tokens": settings.limits.default_max_tokens,
         "model_name": settings.served_model_name,
+        "output_webhook_seconds": settings.webhooks.output_seconds,
     }
     runner: JobRunner
     if upstream:

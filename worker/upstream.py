@@ -109,7 +109,7 @@ class UpstreamRunner(JobRunner):
         if await self.redis.exists(keys.cancel_flag(run.job_id)):
             run.cancelled = True
         text, index, usage, finish = "", 0, None, None
-        if not run.cancelled:
+        if not run.stopped:
             try:
                 async with self.upstream.client.stream("POST", path, json=body) as resp:
                     if resp.status_code != 200:
@@ -126,10 +126,11 @@ class UpstreamRunner(JobRunner):
                             text += piece
                             self.events.emit(run.job_id, "token", {"index": index, "text": piece})
                             index += 1
-                        if run.cancelled:
+                            self._output_webhook(run)
+                        if run.stopped:
                             break
             except (httpx.StreamClosed, httpx.ReadError, httpx.RemoteProtocolError):
-                if not run.cancelled:
+                if not run.stopped:
                     raise
             finally:
                 self._responses.pop(run.job_id, None)
@@ -138,9 +139,11 @@ class UpstreamRunner(JobRunner):
         self.upstream.stats.tokens += completion
         if run.cancelled:
             reason = FinishReason.CANCELLED
+        elif run.timed_out:
+            reason = FinishReason.TIMEOUT
         else:
             reason = FinishReason.LENGTH if finish == "length" else FinishReason.STOP
-        status = JobStatus.CANCELLED if run.cancelled else JobStatus.SUCCEEDED
+        status = JobStatus.CANCELLED if run.stopped else JobStatus.SUCCEEDED
         return await self._complete(run, status, text, completion, reason, prompt)
 
     def _on_text(self, run: _Run) -> None:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["chat", "completion"]
 ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 JOB_CANCELLED = "job '{job_id}' was cancelled before it finished"
+JOB_TIMED_OUT = "job '{job_id}' reached its deadline (Cancel-After or timeout_seconds) before it finished"
 JOB_FAILED = "job '{job_id}' failed: {message}"
 
 
@@ -59,7 +60,11 @@ class JobCancelled(ApiError):
 
 
 async def submit_openai(
-    services: Services, body: ChatCompletionRequest | CompletionRequest, kind: Kind, principal: Principal
+    services: Services,
+    body: ChatCompletionRequest | CompletionRequest,
+    kind: Kind,
+    principal: Principal,
+    cancel_after: float | None = None,
 ) -> Job:
     ignored = body.ignored_fields()
     if ignored:
@@ -77,6 +82,7 @@ async def submit_openai(
         default_max_tokens=default,
         endpoint=ENDPOINTS[kind],
         request_id=logs.request_id.get(),
+        cancel_after=cancel_after,
     )
 
 
@@ -94,7 +100,8 @@ def render(job: Job, kind: Kind) -> ChatCompletion | Completion:
     if job.status == JobStatus.FAILED.value:
         raise JobFailed(JOB_FAILED.format(job_id=job.id, message=job.error_message or job.error_type))
     if job.status != JobStatus.SUCCEEDED.value:
-        raise JobCancelled(JOB_CANCELLED.format(job_id=job.id))
+        timed_out = job.finish_reason == FinishReason.TIMEOUT.value
+        raise JobCancelled((JOB_TIMED_OUT if timed_out else JOB_CANCELLED).format(job_id=job.id))
     reason: Any = "length" if job.finish_reason == FinishReason.LENGTH.value else "stop"
     created = int(job.created_at.timestamp())
     if kind == "chat":
@@ -207,8 +214,9 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
             elif event.event == "done":
                 ended = True
                 reason = event.data.get("finish_reason")
-                if reason == FinishReason.CANCELLED.value:
-                    yield _error_chunk(JOB_CANCELLED.format(job_id=job.id), JobCancelled.type)
+                if reason in (FinishReason.CANCELLED.value, FinishReason.TIMEOUT.value):
+                    why = JOB_TIMED_OUT if reason == FinishReason.TIMEOUT.value else JOB_CANCELLED
+                    yield _error_chunk(why.format(job_id=job.id), JobCancelled.type)
                 else:
                     yield chunks.text("", "length" if reason == FinishReason.LENGTH.value else "stop")
                     if include_usage:

@@ -14,7 +14,7 @@ from api.deps import ServicesDep
 from api.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
 from api.services import Services
 from api.streams import job_events as events_of
-from api.streams import load_job
+from api.streams import load_job, sse_response
 from shared.events import Event, dumps
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
@@ -59,8 +59,4 @@ async def job_events(
                 "Last-Event-ID must be an event id (a non-negative integer)", param="Last-Event-ID"
             )
         start = int(text)
-    return EventSourceResponse(
-        _sse_stream(services, job_id, start),
-        ping=int(services.settings.events.ping_seconds),
-        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
-    )
+    return sse_response(_sse_stream(services, job_id, start), services)

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from api.auth import PrincipalDep, QuotaDep
 from api.cancellation import cancel_job
+from api.deadlines import CancelAfterDep
 from api.deps import ServicesDep, SessionDep
 from api.errors import JOB_NOT_FOUND, Conflict, NotFound
 from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
@@ -54,11 +55,14 @@ async def create_job(
     principal: PrincipalDep,
     request: Request,
     _quota: QuotaDep,
+    cancel_after: CancelAfterDep,
 ) -> JSONResponse:
     wait = wait_seconds(request)  # a bad Prefer header is refused before anything is created
 
     async def create() -> Outcome:
-        job = await submit_job(services, body, principal, request_id=logs.request_id.get())
+        job = await submit_job(
+            services, body, principal, request_id=logs.request_id.get(), cancel_after=cancel_after
+        )
         created = JobCreatedResponse(
             id=job.id,
             status=JobStatus.QUEUED,

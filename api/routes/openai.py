@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 
 from api.auth import Principal, PrincipalDep, QuotaDep
+from api.deadlines import CancelAfterDep
 from api.deps import ServicesDep
 from api.errors import NotFound
 from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
@@ -22,7 +22,7 @@ from api.openai.protocol import (
 )
 from api.openai.serving import Kind, render, stream_job, submit_openai, wait_for_job
 from api.services import Services
-from api.streams import load_job
+from api.streams import load_job, sse_response
 from shared.fleet import live_workers
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -41,9 +41,10 @@ async def _serve(
     kind: Kind,
     request: Request,
     principal: Principal,
+    cancel_after: float | None,
 ) -> Response:
     async def create() -> Outcome:
-        job = await submit_openai(services, body, kind, principal)
+        job = await submit_openai(services, body, kind, principal, cancel_after)
         if body.stream:
             return Outcome(200, None, job.id)  # the response is the job's stream; a replay streams it again
         finished = await wait_for_job(services, job, request)
@@ -62,11 +63,7 @@ async def _serve(
     if body.stream:
         job = await load_job(services, outcome.job_id)
         assert job is not None
-        return EventSourceResponse(
-            stream_job(services, job, kind, body.include_usage),
-            ping=int(services.settings.events.ping_seconds),
-            headers={**headers, "X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
-        )
+        return sse_response(stream_job(services, job, kind, body.include_usage), services, headers)
     return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
 
 
@@ -87,8 +84,9 @@ async def chat_completions(
     request: Request,
     principal: PrincipalDep,
     _quota: QuotaDep,
+    cancel_after: CancelAfterDep,
 ) -> Response:
-    return await _serve(services, body, "chat", request, principal)
+    return await _serve(services, body, "chat", request, principal, cancel_after)
 
 
 @router.post(
@@ -103,8 +101,9 @@ async def completions(
     request: Request,
     principal: PrincipalDep,
     _quota: QuotaDep,
+    cancel_after: CancelAfterDep,
 ) -> Response:
-    return await _serve(services, body, "completion", request, principal)
+    return await _serve(services, body, "completion", request, principal, cancel_after)
 
 
 async def _models(services: Services) -> list[Model]:

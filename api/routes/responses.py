@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from api.auth import PrincipalDep, QuotaDep
+from api.deadlines import CancelAfterDep
 from api.deps import ServicesDep
 from api.errors import NotFound
 from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
@@ -31,7 +32,7 @@ from api.openai.responses.serving import (
 from api.openai.serving import wait_for_job
 from api.routes.openai import JOB_HEADER
 from api.services import Services
-from api.streams import load_job
+from api.streams import load_job, sse_response
 from shared.models import Job
 
 router = APIRouter(prefix="/v1/responses", tags=["openai"])
@@ -55,10 +56,8 @@ class _ClientGone(Exception):
 def _stream(
     services: Services, job: Job, starting_after: int | None, headers: dict[str, str], *, foreground: bool
 ) -> EventSourceResponse:
-    return EventSourceResponse(
-        stream_response(services, job, starting_after, cancel_on_leave=foreground),
-        ping=int(services.settings.events.ping_seconds),
-        headers={**headers, "X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+    return sse_response(
+        stream_response(services, job, starting_after, cancel_on_leave=foreground), services, headers
     )
 
 
@@ -74,9 +73,10 @@ async def create_response(
     request: Request,
     principal: PrincipalDep,
     _quota: QuotaDep,
+    cancel_after: CancelAfterDep,
 ) -> Response:
     async def create() -> Outcome:
-        job = await submit_response(services, body, principal)
+        job = await submit_response(services, body, principal, cancel_after)
         if body.stream:
             return Outcome(200, None, job.id)  # the answer is the stream; a replay streams it again
         if body.background:

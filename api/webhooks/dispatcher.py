@@ -26,8 +26,9 @@ from api.views import job_response
 from api.webhooks import signing, ssrf
 from shared import headers as names
 from shared import responses as response_wire
+from shared.events import read_events, text_of
 from shared.models import Job, WebhookDelivery, WebhookEndpoint, WebhookSecret
-from shared.webhooks import EVENT_PREFIX, JOB_COMPLETED
+from shared.webhooks import EVENT_PREFIX, JOB_COMPLETED, OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +152,10 @@ class WebhookDispatcher:
             job = await session.get(Job, delivery.subject_id)
             if job is None:
                 raise _Gone("the job was deleted")
-            payload: dict[str, Any] = {
-                **job_response(job).model_dump(mode="json"),
-                "type": delivery.event_type,
-            }
+            view = job_response(job)
+            if delivery.event_type == OUTPUT and view.output is None:  # still generating: its text so far
+                view.output = text_of(await read_events(self.services.redis, job.id))
+            payload: dict[str, Any] = {**view.model_dump(mode="json"), "type": delivery.event_type}
         else:  # OpenAI's event shape, which client.webhooks.unwrap() parses
             subject = delivery.subject_id
             data: dict[str, Any] = {"id": subject}
@@ -255,7 +256,7 @@ class WebhookDispatcher:
             values.update(status="delivered", delivered_at=now)
             self.services.metrics.webhook_tries.labels("delivered").inc()
             self.services.metrics.webhook_latency.observe((now - delivery.created_at).total_seconds())
-        elif final or attempts >= len(schedule):
+        elif final or attempts >= len(schedule) or delivery.event_type == OUTPUT:
             values["status"] = "failed"
             self.services.metrics.webhook_tries.labels("failed").inc()
             log.warning(

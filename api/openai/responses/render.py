@@ -20,6 +20,7 @@ _STATUS = {
     JobStatus.RUNNING.value: "in_progress",
     JobStatus.FAILED.value: "failed",
     JobStatus.CANCELLED.value: "cancelled",
+    JobStatus.EXPIRED.value: "cancelled",  # its deadline passed before it started: it never ran
 }
 
 
@@ -67,6 +68,7 @@ def _usage(job: Job) -> dict[str, Any] | None:
         JobStatus.SUCCEEDED.value,
         JobStatus.CANCELLED.value,
         JobStatus.FAILED.value,
+        JobStatus.EXPIRED.value,
     ):
         return None
     output = job.completion_tokens or 0

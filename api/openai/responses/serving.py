@@ -60,7 +60,9 @@ def _conversation(job: Job) -> list[dict[str, str]]:
     return messages
 
 
-async def submit_response(services: Services, body: ResponseCreateRequest, principal: Principal) -> Job:
+async def submit_response(
+    services: Services, body: ResponseCreateRequest, principal: Principal, cancel_after: float | None = None
+) -> Job:
     body.check()
     items = input_items(body.input)
     history: list[dict[str, str]] = []
@@ -105,6 +107,7 @@ async def submit_response(services: Services, body: ResponseCreateRequest, princ
         endpoint=wire.ENDPOINT,
         request_id=logs.request_id.get(),
         extra={"response": attrs},
+        cancel_after=cancel_after,
     )
 
 

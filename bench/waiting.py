@@ -1,0 +1,156 @@
+"""Waiting for jobs: N clients each submit one chat job and wait for its result, three ways, against one
+stack in one run: `Prefer: wait=60` (one request that returns the finished job), polling
+`GET /v1/jobs/{id}` every 50 ms, and following the job's SSE stream. For each: the API process's CPU,
+the requests it served, and the engine's tokens/s (generated tokens over the first start to the last
+finish, from the jobs' own timestamps).
+
+    python -m bench waiting [--clients 200] [--max-tokens 32] [--poll-ms 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import aio
+from bench.harness import demo_model, running_stack
+from bench.machine import CpuByProcess, describe
+from bench.stats import summarize, write_json
+from shared.headers import PREFER
+
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+
+
+def _job(i: int, max_tokens: int) -> dict[str, Any]:
+    prompt = f"Tell me one short fact about the number {i}."
+    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+
+
+class _Counter:
+    requests = 0
+
+
+async def _prefer_wait(client: httpx.AsyncClient, body: dict[str, Any], n: _Counter) -> dict[str, Any]:
+    resp = await client.post("/v1/jobs", json=body, headers={PREFER: "wait=60"})
+    n.requests += 1
+    job: dict[str, Any] = resp.json()
+    while job["status"] not in TERMINAL:
+        job = (await client.get(f"/v1/jobs/{job['id']}", headers={PREFER: "wait=60"})).json()
+        n.requests += 1
+    return job
+
+
+async def _poll(client: httpx.AsyncClient, body: dict[str, Any], n: _Counter, every: float) -> dict[str, Any]:
+    job: dict[str, Any] = (await client.post("/v1/jobs", json=body)).json()
+    n.requests += 1
+    while job.get("status") not in TERMINAL:
+        await asyncio.sleep(every)
+        job = (await client.get(f"/v1/jobs/{job['id']}")).json()
+        n.requests += 1
+    return job
+
+
+async def _sse(client: httpx.AsyncClient, body: dict[str, Any], n: _Counter) -> dict[str, Any]:
+    created = (await client.post("/v1/jobs", json=body)).json()
+    async with client.stream("GET", f"/v1/jobs/{created['id']}/events") as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("event: done") or line.startswith("event: error"):
+                break
+    job: dict[str, Any] = (await client.get(f"/v1/jobs/{created['id']}")).json()
+    n.requests += 3
+    return job
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+async def _mode(base_url: str, api_pid: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    n = _Counter()
+    limits = httpx.Limits(max_connections=args.clients + 16, max_keepalive_connections=args.clients + 16)
+    async with httpx.AsyncClient(base_url=base_url, timeout=180, limits=limits) as client:
+        cpu = CpuByProcess({"inferq api": api_pid}).start()
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> tuple[dict[str, Any], float]:
+            body = _job(i, args.max_tokens)
+            if mode == "prefer_wait":
+                job = await _prefer_wait(client, body, n)
+            elif mode == "poll":
+                job = await _poll(client, body, n, args.poll_ms / 1000)
+            else:
+                job = await _sse(client, body, n)
+            return job, time.perf_counter() - t0
+
+        results = await asyncio.gather(*(one(i) for i in range(args.clients)))
+        wall = time.perf_counter() - t0
+        cores = cpu.cores()
+    jobs = [job for job, _ in results]
+    ok = [j for j in jobs if j["status"] == "succeeded"]
+    tokens = sum(j["usage"]["completion_tokens"] for j in ok)
+    span = max(_ts(j["finished_at"]) for j in ok) - min(_ts(j["started_at"]) for j in ok)
+    return {
+        "clients": args.clients,
+        "succeeded": len(ok),
+        "wall_s": round(wall, 2),
+        "api_cpu_cores": cores.get("inferq api", 0.0),
+        "api_requests": n.requests,
+        "engine_tokens_per_s": round(tokens / span, 1) if span > 0 else None,
+        "result_latency_s": summarize([t for _, t in results]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench waiting", description=__doc__)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--poll-ms", type=float, default=50.0)
+    parser.add_argument("--log-dir", type=Path, default=Path("bench/out/logs"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    env = {"INFERQ_AUTH": "off", "INFERQ_MAX_QUEUE_SECONDS": "1000000000"}
+    result: dict[str, Any] = {"benchmark": "waiting", "machine": describe(), "modes": {}}
+    with running_stack(demo_model(), log_dir=args.log_dir, extra_env=env) as stack:
+        # One warm-up round, so that the first mode does not pay for the engine's first steps.
+        aio.run(
+            _mode(
+                stack.base_url,
+                stack.api_pid,
+                "prefer_wait",
+                argparse.Namespace(**{**vars(args), "clients": 8}),
+            )
+        )
+        for mode in ("prefer_wait", "poll", "sse"):
+            print(f"waiting: {args.clients} clients, {mode}…", flush=True)
+            r = aio.run(_mode(stack.base_url, stack.api_pid, mode, args))
+            result["modes"][mode] = r
+            print(
+                f"  {mode:<12} api {r['api_cpu_cores']:.2f} cores, {r['api_requests']} requests, "
+                f"engine {r['engine_tokens_per_s']} tokens/s, wall {r['wall_s']} s, "
+                f"{r['succeeded']}/{r['clients']} succeeded",
+                flush=True,
+            )
+    modes = result["modes"]
+    result["poll_vs_wait"] = {
+        "api_cpu_ratio": round(
+            modes["poll"]["api_cpu_cores"] / max(modes["prefer_wait"]["api_cpu_cores"], 0.01), 2
+        ),
+        "engine_tokens_per_s_ratio": round(
+            (modes["poll"]["engine_tokens_per_s"] or 0) / (modes["prefer_wait"]["engine_tokens_per_s"] or 1),
+            3,
+        ),
+    }
+    print(f"  polling every {args.poll_ms:.0f} ms vs Prefer: wait: {result['poll_vs_wait']}")
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
