@@ -42,3 +42,7 @@ async def run_duty(services: Services, duty: Duty) -> None:
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(lease.release(), 1)
+        close = getattr(duty, "aclose", None)  # a duty that holds a client (the webhook dispatcher)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(close(), 1)

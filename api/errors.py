@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared import logs
@@ -174,4 +175,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(OperationalError, _on_db)
     app.add_exception_handler(DBAPIError, _on_db)
     app.add_exception_handler(OSError, _on_db)
+    app.add_exception_handler(PoolTimeout, _on_db)  # every connection busy for pool_timeout: overloaded
     app.add_exception_handler(Exception, _on_unexpected)

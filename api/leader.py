@@ -11,6 +11,8 @@ import secrets
 
 from redis.asyncio import Redis
 
+from shared import keys
+
 _ACQUIRE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -32,7 +34,7 @@ return 0
 class Lease:
     def __init__(self, redis: Redis, name: str, ttl_seconds: float) -> None:
         self._redis = redis
-        self.key = f"inferq:lease:{name}"
+        self.key = keys.lease(name)
         self._token = secrets.token_hex(8)
         self._ttl_ms = int(ttl_seconds * 1000)
 

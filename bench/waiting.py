@@ -39,10 +39,13 @@ class _Counter:
 async def _prefer_wait(client: httpx.AsyncClient, body: dict[str, Any], n: _Counter) -> dict[str, Any]:
     resp = await client.post("/v1/jobs", json=body, headers={PREFER: "wait=60"})
     n.requests += 1
+    assert resp.status_code in (200, 202), resp.text
     job: dict[str, Any] = resp.json()
     while job["status"] not in TERMINAL:
-        job = (await client.get(f"/v1/jobs/{job['id']}", headers={PREFER: "wait=60"})).json()
+        resp = await client.get(f"/v1/jobs/{job['id']}", headers={PREFER: "wait=60"})
         n.requests += 1
+        assert resp.status_code == 200, resp.text
+        job = resp.json()
     return job
 
 

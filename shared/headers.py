@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# The job behind an OpenAI-shaped answer (chat, completions, responses): GET /v1/jobs/{id} shows it.
+JOB_ID = "x-inferq-job-id"
 PREFER = "Prefer"  # RFC 7240; inferq honours `wait=N`
 PREFERENCE_APPLIED = "Preference-Applied"
 RETRY_AFTER = "Retry-After"

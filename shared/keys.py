@@ -55,6 +55,11 @@ def cancel_flag(job_id: str) -> str:
 WORKER_PREFIX = "inferq:{workers}:"
 
 
+def lease(duty: str) -> str:
+    """Who does a fleet-wide duty's ticks now (one API process at a time)."""
+    return f"inferq:lease:{duty}"
+
+
 def worker_key(worker_id: str) -> str:
     return WORKER_PREFIX + worker_id
 

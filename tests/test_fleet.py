@@ -27,7 +27,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from standardwebhooks import Webhook
 
-from api.leader import Lease
 from api.webhooks.dispatcher import WebhookDispatcher
 from shared import keys
 from shared.db import async_url
@@ -411,7 +410,7 @@ async def test_fleet_dispatcher_sigkilled_with_deliveries_pending_another_api_se
     ids = [(await submit(fc, messages=FRANCE, max_tokens=2))["id"] for _ in range(5)]
     for job_id in ids:
         await wait_job(fc, job_id)
-    lease = Lease(redis_sync.Redis(), WebhookDispatcher.name, 1).key  # type: ignore[arg-type]
+    lease = keys.lease(WebhookDispatcher.name)
     with redis_sync.Redis.from_url(fleet.stack.servers.redis_url) as r:
         assert r.exists(lease), "the fleet's one API process holds the dispatcher's lease"
     url, second = start_api(fleet.stack)

@@ -130,6 +130,23 @@ async def test_prefer_wait_on_a_longer_job_returns_202_then_get_waits_for_the_en
     assert waited.headers["preference-applied"] == "wait=60" and "retry-after" not in waited.headers
 
 
+async def test_prefer_wait_holds_no_database_connection_while_it_waits(client: httpx.AsyncClient) -> None:
+    # More waiting clients than the API's pool has connections (10 + 10 overflow): each waits on the
+    # job's events, and the API keeps answering everyone else at once.
+    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 40, "temperature": 0}
+    job = (await client.post("/v1/jobs", json=body)).json()
+    waiters = [
+        asyncio.create_task(client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=60"}, timeout=90))
+        for _ in range(40)
+    ]
+    await asyncio.sleep(1)
+    t0 = time.monotonic()
+    listed = await client.get("/v1/jobs", params={"limit": 5})
+    assert listed.status_code == 200 and time.monotonic() - t0 < 5, listed.text
+    for waited in await asyncio.gather(*waiters):
+        assert waited.status_code == 200 and waited.json()["status"] == "succeeded", waited.text
+
+
 async def test_prefer_wait_out_of_range_or_malformed_is_a_400_and_creates_nothing(
     client: httpx.AsyncClient,
 ) -> None:

@@ -12,15 +12,17 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from pydantic import ValidationError
 from starlette.requests import Request
+from starlette.responses import Response
 
 from api.auth import Principal
 from api.cancellation import cancel_job
 from api.errors import ApiError, InvalidRequest, describe_validation
+from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from api.openai.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     AssistantMessage,
@@ -36,6 +38,7 @@ from api.streams import job_events, load_job, until_end
 from api.submission import submit_job
 from shared import logs
 from shared.events import text_after
+from shared.headers import JOB_ID
 from shared.models import Job
 from shared.schemas import Usage
 from shared.states import FinishReason, JobStatus
@@ -231,3 +234,23 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
     finally:
         if not ended and services.settings.cancel_on_disconnect:
             services.spawn(cancel_quietly(services, job.id))
+
+
+class ClientGone(Exception):
+    """The client of a foreground request left before its job finished."""
+
+
+async def create_once(
+    services: Services, principal: Principal, request: Request, create: Callable[[], Awaitable[Outcome]]
+) -> tuple[Outcome, dict[str, str]] | Response:
+    """Run a create route's `create` once per Idempotency-Key; its outcome and the headers every answer
+    carries (the job's id, and whether it is a replay), or the 499 of a client that left meanwhile."""
+    try:
+        outcome = await run_idempotent(services, principal, request, create)
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening any more
+    assert outcome.job_id is not None
+    headers = {JOB_ID: outcome.job_id}
+    if outcome.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return outcome, headers

@@ -100,30 +100,30 @@ async def create_job(
     "unfinished job's answer carries `Retry-After`.",
 )
 async def get_job(
-    job_id: str,
-    session: SessionDep,
-    services: ServicesDep,
-    principal: PrincipalDep,
-    request: Request,
-    reply: Response,
+    job_id: str, services: ServicesDep, principal: PrincipalDep, request: Request, reply: Response
 ) -> JobResponse:
     wait = wait_seconds(request)
-    job = await session.get(Job, job_id)
+    # Short sessions, none held while waiting: 200 clients waiting at once must not hold 200 of the
+    # pool's connections (they did, and everyone else got the pool's timeout).
+    job = await load_job(services, job_id)
     if job is None or not principal.owns(job.tenant):
         raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
     if wait is not None:
         reply.headers[PREFERENCE_APPLIED] = f"wait={wait}"
         if JobStatus(job.status) not in TERMINAL and await wait_for_end(services, job_id, wait):
-            await session.refresh(job)
+            job = await load_job(services, job_id)
+            if job is None:  # removed meanwhile
+                raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
     response = job_response(job)
     if "webhook" in job.request:
         stmt = select(WebhookDelivery).where(
             WebhookDelivery.subject_id == job.id, WebhookDelivery.endpoint_id.is_(None)
         )
-        deliveries = (await session.execute(stmt.order_by(WebhookDelivery.created_at))).scalars()
-        response.webhooks = [
-            WebhookDeliveryStatus.model_validate(d, from_attributes=True) for d in deliveries
-        ]
+        async with services.sessions() as session:
+            deliveries = (await session.execute(stmt.order_by(WebhookDelivery.created_at))).scalars()
+            response.webhooks = [
+                WebhookDeliveryStatus.model_validate(d, from_attributes=True) for d in deliveries
+            ]
     if job.status == JobStatus.QUEUED.value:
         serving = {w.get("model") for w in await live_workers(services.redis) if not w.get("draining")}
         if job.model not in serving:

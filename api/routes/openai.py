@@ -11,7 +11,7 @@ from api.auth import Principal, PrincipalDep, QuotaDep
 from api.deadlines import CancelAfterDep
 from api.deps import ServicesDep
 from api.errors import NotFound
-from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
+from api.idempotency import Outcome
 from api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -20,19 +20,23 @@ from api.openai.protocol import (
     Model,
     ModelList,
 )
-from api.openai.serving import Kind, render, stream_job, submit_openai, wait_for_job
+from api.openai.serving import (
+    ClientGone,
+    Kind,
+    create_once,
+    render,
+    stream_job,
+    submit_openai,
+    wait_for_job,
+)
 from api.services import Services
 from api.streams import load_job, sse_response
 from shared.fleet import live_workers
+from shared.headers import JOB_ID
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-JOB_HEADER = "x-inferq-job-id"
 MODEL_NOT_FOUND = "no live worker serves model '{model}'"
-
-
-class _ClientGone(Exception):
-    pass
 
 
 async def _serve(
@@ -49,19 +53,15 @@ async def _serve(
             return Outcome(200, None, job.id)  # the response is the job's stream; a replay streams it again
         finished = await wait_for_job(services, job, request)
         if finished is None:
-            raise _ClientGone
+            raise ClientGone
         return Outcome(200, render(finished, kind).model_dump(mode="json"), job.id)
 
-    try:
-        outcome = await run_idempotent(services, principal, request, create)
-    except _ClientGone:
-        return Response(status_code=499)  # nobody is listening any more
-    assert outcome.job_id is not None
-    headers = {JOB_HEADER: outcome.job_id}
-    if outcome.replayed:
-        headers[REPLAYED_HEADER] = "true"
+    created = await create_once(services, principal, request, create)
+    if isinstance(created, Response):
+        return created
+    outcome, headers = created
     if body.stream:
-        job = await load_job(services, outcome.job_id)
+        job = await load_job(services, headers[JOB_ID])
         assert job is not None
         return sse_response(stream_job(services, job, kind, body.include_usage), services, headers)
     return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)

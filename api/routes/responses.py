@@ -16,7 +16,7 @@ from api.auth import PrincipalDep, QuotaDep
 from api.deadlines import CancelAfterDep
 from api.deps import ServicesDep
 from api.errors import NotFound
-from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
+from api.idempotency import Outcome
 from api.openai.responses import render as view
 from api.openai.responses.protocol import ResponseCreateRequest
 from api.openai.responses.serving import (
@@ -29,10 +29,10 @@ from api.openai.responses.serving import (
     stream_response,
     submit_response,
 )
-from api.openai.serving import wait_for_job
-from api.routes.openai import JOB_HEADER
+from api.openai.serving import ClientGone, create_once, wait_for_job
 from api.services import Services
 from api.streams import load_job, sse_response
+from shared.headers import JOB_ID
 from shared.models import Job
 
 router = APIRouter(prefix="/v1/responses", tags=["openai"])
@@ -47,10 +47,6 @@ _RESPONSE_DOC: dict[int | str, dict[str, Any]] = {
 _JSON_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}}, "description": "OpenAI's shape."}
 }
-
-
-class _ClientGone(Exception):
-    pass
 
 
 def _stream(
@@ -83,19 +79,15 @@ async def create_response(
             return Outcome(200, view.render(job), job.id)
         finished = await wait_for_job(services, job, request)
         if finished is None:
-            raise _ClientGone
+            raise ClientGone
         return Outcome(200, view.render(finished), job.id)
 
-    try:
-        outcome = await run_idempotent(services, principal, request, create)
-    except _ClientGone:
-        return Response(status_code=499)  # nobody is listening any more
-    assert outcome.job_id is not None
-    headers = {JOB_HEADER: outcome.job_id}
-    if outcome.replayed:
-        headers[REPLAYED_HEADER] = "true"
+    created = await create_once(services, principal, request, create)
+    if isinstance(created, Response):
+        return created
+    outcome, headers = created
     if body.stream:
-        job = await load_job(services, outcome.job_id)
+        job = await load_job(services, headers[JOB_ID])
         if job is None:  # deleted since
             raise NotFound(RESPONSE_NOT_FOUND.format(id=outcome.job_id))
         return _stream(services, job, None, headers, foreground=not body.background)
@@ -133,10 +125,10 @@ async def retrieve_response(
 ) -> Response:
     job = await find(services, principal, response_id)
     if not stream:
-        return JSONResponse(view.render(job), headers={JOB_HEADER: job.id})
+        return JSONResponse(view.render(job), headers={JOB_ID: job.id})
     start = _resume_point(starting_after, last_event_id)
     await check_starting_after(services, job, start)
-    return _stream(services, job, start, {JOB_HEADER: job.id}, foreground=False)
+    return _stream(services, job, start, {JOB_ID: job.id}, foreground=False)
 
 
 @router.post(

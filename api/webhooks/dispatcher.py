@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import random
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,6 +64,38 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+class _Slots:
+    """At most `n` deliveries in flight at once per target (an endpoint, or a job webhook's URL); a
+    target's entry goes as soon as no delivery holds or waits for it, so one-off URLs leave nothing."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._users: dict[str, int] = {}
+
+    async def acquire(self, target: str, timeout: float) -> bool:
+        slot = self._slots.setdefault(target, asyncio.Semaphore(self.n))
+        self._users[target] = self._users.get(target, 0) + 1
+        try:
+            await asyncio.wait_for(slot.acquire(), timeout)
+        except TimeoutError:
+            self._leave(target)
+            return False
+        return True
+
+    def release(self, target: str) -> None:
+        self._slots[target].release()
+        self._leave(target)
+
+    def _leave(self, target: str) -> None:
+        self._users[target] -= 1
+        if not self._users[target]:
+            del self._users[target], self._slots[target]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
 class WebhookDispatcher:
     name = "webhook-dispatcher"
 
@@ -73,9 +104,7 @@ class WebhookDispatcher:
         self.settings = services.settings.webhooks
         self.interval = self.settings.tick_seconds
         self._client: httpx.AsyncClient | None = None
-        self._per_target: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(self.settings.per_endpoint)
-        )
+        self._slots = _Slots(self.settings.per_endpoint)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -83,6 +112,11 @@ class WebhookDispatcher:
             # No redirects: a receiver cannot send a delivery on to an address the guard did not check.
             self._client = httpx.AsyncClient(follow_redirects=False, timeout=self.settings.timeout_seconds)
         return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def tick(self) -> None:
         hold = self.settings.timeout_seconds * 3
@@ -105,18 +139,16 @@ class WebhookDispatcher:
             except _Gone as exc:
                 await self._record(delivery, None, str(exc), final=True)
                 return
-        slot = self._per_target[delivery.endpoint_id or url]
-        try:
-            # A slow receiver must not hold its deliveries past their claim (another dispatcher could
-            # take them meanwhile): one that waits too long for a slot goes back for the next tick.
-            await asyncio.wait_for(slot.acquire(), self.settings.timeout_seconds)
-        except TimeoutError:
+        target = delivery.endpoint_id or url
+        # A slow receiver must not hold its deliveries past their claim (another dispatcher could
+        # take them meanwhile): one that waits too long for a slot goes back for the next tick.
+        if not await self._slots.acquire(target, self.settings.timeout_seconds):
             await self._release(delivery.id)
             return
         try:
             await self._send(delivery, endpoint, url, keys, body)
         finally:
-            slot.release()
+            self._slots.release(target)
 
     async def _release(self, delivery_id: str) -> None:
         async with self.services.sessions() as session, session.begin():
