@@ -27,7 +27,7 @@ export function render(root, jobId) {
     statusSlot.replaceChildren(statusBadge(job.status));
     cancel.hidden = TERMINAL.has(job.status);
     const t = job.timings;
-    details.replaceChildren(
+    details.replaceChildren(...[
       card("Timings", facts([
         ["created", fmt.time(job.created_at)], ["started", fmt.time(job.started_at)],
         ["finished", fmt.time(job.finished_at)], ["queue", fmt.ms(t.queue_ms)], ["TTFT", fmt.ms(t.ttft_ms)],
@@ -42,7 +42,7 @@ export function render(root, jobId) {
       ])),
       job.error ? card("Error", h("p", { class: "error", id: "job-error" }, `${job.error.type}: ${job.error.message}`)) : null,
       card("Request", h("pre", { class: "json" }, JSON.stringify(job.request, null, 2))),
-    );
+    ].filter(Boolean));
     return job;
   }
 
