@@ -349,6 +349,10 @@ async def test_console_playground_streams_and_the_job_succeeds_in_the_table(
     row = page.locator(f'#jobs-table tr[data-job-id="{job_id}"]')
     await row.locator('[data-status="succeeded"]').wait_for()
     await t.shot("jobs")
+    await page.select_option("#status-filter", "failed")
+    await row.wait_for(state="detached")
+    await page.select_option("#status-filter", "succeeded")
+    await row.wait_for()
 
     await row.locator("a").first.click()
     await page.locator("#stream-state[data-ended]").wait_for()
@@ -360,7 +364,8 @@ async def test_console_playground_streams_and_the_job_succeeds_in_the_table(
     # The overview, with some samples in its charts, for the README too.
     await page.goto(f"{console.url}{UI_PATH}/#/overview")
     await page.locator(f'#view tr[data-model="{MODEL}"]').wait_for()
-    await page.wait_for_timeout(5000)
+    await page.wait_for_timeout(5000)  # a few samples in the charts
+    assert await page.locator("svg.chart path.line").count() == 3
     shot = await t.shot("overview")
     if os.environ.get("INFERQ_UPDATE_SCREENSHOT"):
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -377,7 +382,7 @@ async def test_console_cancels_a_running_job_from_its_page(
         t = await tab(key)
         await t.page.goto(f"{console.url}{UI_PATH}/#/job/{job['id']}")
         await t.page.locator('#job-status [data-status="running"]').wait_for()
-        await t.page.wait_for_function("document.getElementById('job-output').textContent.length > 20")
+        await t.page.wait_for_function("() => document.getElementById('job-output').textContent.length > 20")
         await t.page.click("#cancel-job")
         await t.page.locator('#job-status [data-status="cancelled"]').wait_for(timeout=30_000)
         await t.page.locator("#stream-state[data-ended]").wait_for(timeout=30_000)
@@ -389,19 +394,25 @@ async def test_console_resumes_a_dropped_stream_without_losing_or_doubling_a_tok
     console: Console, tab: Callable[..., Awaitable[Tab]]
 ) -> None:
     key = await console.key("console-a")
-    async with console.client(key) as a:
-        job = await submit(a, messages=STORY, max_tokens=64, temperature=0)
-        await wait_status(a, job["id"], "running")
-        t = await tab(key)
-        await t.page.goto(f"{console.url}{UI_PATH}/#/job/{job['id']}")
-        await t.page.wait_for_function("document.getElementById('job-output').textContent.length > 0")
-        await t.page.context.set_offline(True)  # the stream's connection fails; the page reconnects
-        await t.page.locator("#stream-state", has_text="reconnecting").wait_for()
-        await asyncio.sleep(1)
-        await t.page.context.set_offline(False)
-        await t.page.locator("#stream-state[data-ended]").wait_for(timeout=60_000)
-        finished = await wait_job(a, job["id"])
+    # The console, loaded through a proxy that ends its first event stream after three tokens.
+    loop = Loopback(api_port=int(console.url.rsplit(":", 1)[1]))
+    proxy = await asyncio.start_server(loop.proxy, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+    try:
+        async with console.client(key) as a:
+            job = await submit(a, messages=STORY, max_tokens=48, temperature=0)
+            await wait_status(a, job["id"], "running")
+            t = await tab(key)
+            await t.page.goto(f"{base}{UI_PATH}/#/job/{job['id']}")
+            await t.page.locator("#stream-state[data-ended]").wait_for(timeout=90_000)
+            finished = await wait_job(a, job["id"])
         assert await t.page.locator("#job-output").text_content() == finished["output"]
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+    streams = [r for r in loop.requests if "/events" in r["line"]]
+    assert loop.cut and len(streams) == 2, streams
+    assert "last-event-id" not in streams[0] and int(streams[1]["last-event-id"]) >= 4  # status + 3 tokens
 
 
 async def test_console_batch_progress_reaches_100_percent(
@@ -416,10 +427,10 @@ async def test_console_batch_progress_reaches_100_percent(
             "body": {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": f"Count to {i}."}],
-                "max_tokens": 16,
+                "max_tokens": 8,
             },
         }
-        for i in range(4)
+        for i in range(3)
     ]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     async with console.client(key) as a:
@@ -446,7 +457,7 @@ async def test_console_batch_progress_reaches_100_percent(
             await row.locator("a.file").first.click()
         saved = await (await download.value).path()
         outputs = [json.loads(x) for x in Path(saved).read_text().splitlines()]
-        assert sorted(o["custom_id"] for o in outputs) == [f"line-{i}" for i in range(4)]
+        assert sorted(o["custom_id"] for o in outputs) == [f"line-{i}" for i in range(3)]
 
 
 # --- a page on another origin ----------------------------------------------------------------------
