@@ -133,6 +133,36 @@ async def test_events_need_no_token_with_auth_off_and_cors_is_off_by_default(
     assert (await client.get(f"{UI_PATH}/config.json")).json()["auth_required"] is False
 
 
+def _gauge(text: str, name: str, labels: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(f"{name}{{{labels}}} "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def test_stats_give_the_figures_of_metrics_as_json(client: httpx.AsyncClient, stack: Stack) -> None:
+    # A job that holds a slot while both are read: running 1, a slot fewer.
+    job = await submit(client, messages=STORY, max_tokens=3000, temperature=0)
+    await wait_status(client, job["id"], "running")
+    try:
+        deadline = time.monotonic() + 10
+        while not any(job["id"] in w["jobs"] for w in (await client.get("/v1/workers")).json()["data"]):
+            assert time.monotonic() < deadline, "the worker's heartbeat never listed the job"
+            await asyncio.sleep(0.2)  # the registry is as fresh as the last heartbeat
+        stats = (await client.get("/v1/stats")).json()
+        text = (await client.get("/metrics")).text
+    finally:
+        await client.post(f"/v1/jobs/{job['id']}/cancel")
+    (model,) = [m for m in stats["models"] if m["model"] == MODEL]
+    capacity = sum(w["capacity"] for w in (await client.get("/v1/workers")).json()["data"])
+    assert model["workers"] == 1 and model["capacity"] == capacity and model["running"] >= 1
+    assert model["free_slots"] == _gauge(text, "inferq:fleet_free_slots", f'model_name="{MODEL}"') < capacity
+    assert model["running"] == _gauge(text, "inferq:num_requests_running", f'model_name="{MODEL}"')
+    for lane in ("interactive", "batch"):
+        labels = f'model_name="{MODEL}",queue="{lane}"'
+        assert model["waiting"][lane] == _gauge(text, "inferq:num_requests_waiting", labels)
+    assert abs(stats["time"] - time.time()) < 60
+    assert (await wait_job(client, job["id"]))["status"] == "cancelled"
+
+
 async def test_stream_token_opens_only_its_job_until_it_expires(console: Console, stack: Stack) -> None:
     key_a, key_b = await console.key("console-a"), await console.key("console-b")
     async with console.client(key_a) as a, console.client(key_b) as b, console.client(None) as anon:
