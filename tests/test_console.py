@@ -28,6 +28,7 @@ from shared import keys
 from shared.apikeys import hash_key, new_key
 from shared.browser import STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH, UI_PATH
 from shared.models import ApiKey, new_key_id
+from shared.settings import Settings
 from tests.conftest import REPO, Proc, Stack, _free_port, start_api
 from tests.helpers import FRANCE, STORY, read_sse, submit, wait_job, wait_status
 
@@ -131,6 +132,15 @@ async def test_events_need_no_token_with_auth_off_and_cors_is_off_by_default(
     page = await client.get(f"{UI_PATH}/")
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
     assert (await client.get(f"{UI_PATH}/config.json")).json()["auth_required"] is False
+
+
+def test_cors_origins_read_as_commas_or_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INFERQ_CORS_ORIGINS", raising=False)
+    assert Settings().cors_origins == []  # off by default
+    monkeypatch.setenv("INFERQ_CORS_ORIGINS", " http://a.test:1, https://b.test ,")
+    assert Settings().cors_origins == ["http://a.test:1", "https://b.test"]
+    monkeypatch.setenv("INFERQ_CORS_ORIGINS", '["https://c.test"]')
+    assert Settings().cors_origins == ["https://c.test"]
 
 
 def _gauge(text: str, name: str, labels: str) -> float:
@@ -339,6 +349,9 @@ async def test_console_playground_streams_and_the_job_succeeds_in_the_table(
     console: Console, tab: Callable[..., Awaitable[Tab]]
 ) -> None:
     key = await console.key("console-a")
+    async with console.client(key) as a:  # enough jobs for two pages of two in the jobs table
+        for _ in range(2):
+            await submit(a, prompt="Hi", max_tokens=2)
     t = await tab()
     page = t.page
     await page.goto(f"{console.url}{UI_PATH}")
@@ -383,6 +396,18 @@ async def test_console_playground_streams_and_the_job_succeeds_in_the_table(
     await row.wait_for(state="detached")
     await page.select_option("#status-filter", "succeeded")
     await row.wait_for()
+    # Pages of two, through the API's cursor: older ones, then back to the newest.
+    await page.goto(f"{console.url}{UI_PATH}/#/jobs/limit=2")
+    rows = page.locator("#jobs-table tbody tr[data-job-id]")
+    await page.locator("#page-info", has_text="page 1").wait_for()
+    first = await rows.evaluate_all("rs => rs.map(r => r.dataset.jobId)")
+    await page.click("#next-page")
+    await page.locator("#page-info", has_text="page 2").wait_for()
+    second = await rows.evaluate_all("rs => rs.map(r => r.dataset.jobId)")
+    assert len(first) == 2 and second and not set(first) & set(second)
+    await page.click("#prev-page")
+    await page.locator("#page-info", has_text="page 1").wait_for()
+    assert await rows.evaluate_all("rs => rs.map(r => r.dataset.jobId)") == first
 
     await row.locator("a").first.click()
     await page.locator("#stream-state[data-ended]").wait_for()

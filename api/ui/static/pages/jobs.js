@@ -10,13 +10,14 @@ const LIMIT = 20;
 export function render(root, query = "") {
   const params = new URLSearchParams(query);
   const state = { status: params.get("status") || "", batch: params.get("batch_id") || "", cursors: [null] };
+  const limit = Math.min(100, Math.max(1, Number(params.get("limit")) || LIMIT));
   const status = h("select", { id: "status-filter", "aria-label": "status" },
     STATUSES.map((s) => h("option", { value: s, selected: s === state.status }, s || "any status")));
   const batch = h("input", { id: "batch-filter", placeholder: "batch id", value: state.batch, size: 30 });
   const prev = h("button", { type: "button", id: "prev-page" }, "‹ Newer");
   const next = h("button", { type: "button", id: "next-page" }, "Older ›");
   const body = h("div");
-  const info = h("span", { class: "muted" });
+  const info = h("span", { class: "muted", id: "page-info" });
   root.append(
     h("h1", {}, "Jobs"),
     h("div", { class: "toolbar" }, status, batch, prev, next, info),
@@ -25,7 +26,7 @@ export function render(root, query = "") {
   let nextAfter = null;
 
   async function load() {
-    const q = new URLSearchParams({ limit: String(LIMIT) });
+    const q = new URLSearchParams({ limit: String(limit) });
     if (state.status) q.set("status", state.status);
     if (state.batch) q.set("batch_id", state.batch);
     const after = state.cursors[state.cursors.length - 1];
