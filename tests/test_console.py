@@ -134,6 +134,18 @@ async def test_events_need_no_token_with_auth_off_and_cors_is_off_by_default(
     assert (await client.get(f"{UI_PATH}/config.json")).json()["auth_required"] is False
 
 
+async def test_console_asks_for_no_key_while_auth_is_off(
+    stack: Stack, tab: Callable[..., Awaitable[Tab]]
+) -> None:
+    # Before any test here makes a key: the session's API (auth `auto`) is open.
+    t = await tab()
+    await t.page.goto(f"{stack.base_url}{UI_PATH}/#/jobs")
+    await t.page.locator("#jobs-table tbody tr").first.wait_for()
+    assert await t.page.locator("#auth-state").text_content() == "auth off"
+    assert await t.page.locator("#key-dialog").is_hidden()
+    assert await t.page.locator("#key-button").is_hidden()
+
+
 def test_cors_origins_read_as_commas_or_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INFERQ_CORS_ORIGINS", raising=False)
     assert Settings().cors_origins == []  # off by default
