@@ -49,6 +49,9 @@ async def stream_principal(
         ),
     ] = None,
 ) -> Principal:
+    """Who reads the stream: with a token (and auth on), that job's tenant, for that job only; else
+    whoever the API key says. No per-key request limit applies to a token: it opens one job's stream,
+    for minutes, and its key was counted when it was minted."""
     if token is None or not await services.auth.required():
         return await authenticate(request, services)
     grant = await verify(services, token, job_id)
