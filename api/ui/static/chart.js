@@ -2,7 +2,7 @@
 const NS = "http://www.w3.org/2000/svg";
 const W = 320;
 const H = 110;
-const PAD = { left: 40, right: 8, top: 8, bottom: 18 };
+const PAD = { left: 46, right: 8, top: 8, bottom: 18 };
 
 function el(tag, attrs) {
   const node = document.createElementNS(NS, tag);

@@ -43,7 +43,8 @@ export function render(root) {
     const sum = (f) => stats.models.reduce((acc, m) => acc + f(m), 0);
     record(history.waiting, t, sum((m) => m.waiting.interactive + m.waiting.batch));
     record(history.rate, t, sum((m) => m.tokens_per_s));
-    record(history.ttft, t, median(done.data.map((j) => j.timings.ttft_ms).filter((v) => v !== null)));
+    const ttft = median(done.data.map((j) => j.timings.ttft_ms).filter((v) => v !== null));
+    record(history.ttft, t, ttft === null ? null : ttft / 1000);
     body.replaceChildren(
       wide("Queues",
         table(["model", "waiting (interactive)", "waiting (batch)", "running", "workers", "free slots", "tokens/s"],
@@ -57,7 +58,7 @@ export function render(root) {
         h("div", { class: "charts" },
           lineChart("Jobs waiting", history.waiting, { span: SPAN_S }),
           lineChart("Tokens/s", history.rate, { span: SPAN_S }),
-          lineChart("TTFT (median of the last 10)", history.ttft, { span: SPAN_S, unit: " ms" })),
+          lineChart("TTFT (median of the last 10 jobs)", history.ttft, { span: SPAN_S, unit: " s" })),
       ),
       wide("Workers",
         table(["id", "host", "device", "model", "running", "tokens/s", "state"],
