@@ -378,7 +378,7 @@ async def test_console_playground_streams_and_the_job_succeeds_in_the_table(
     await page.goto(f"{console.url}{UI_PATH}/#/playground")
     await page.locator(f'#pg-model option[value="{MODEL}"]').wait_for(state="attached")
     await page.fill("#pg-input", "Write a short poem about the sea.")
-    await page.fill("#pg-max-tokens", "48")
+    await page.fill("#pg-max-tokens", "32")
     await page.fill("#pg-temperature", "0")
     # Every change of the output as tokens arrive: more than one means it streamed, not arrived whole.
     await page.evaluate(
@@ -467,7 +467,7 @@ async def test_console_resumes_a_dropped_stream_without_losing_or_doubling_a_tok
     base = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
     try:
         async with console.client(key) as a:
-            job = await submit(a, messages=STORY, max_tokens=48, temperature=0)
+            job = await submit(a, messages=STORY, max_tokens=24, temperature=0)
             await wait_status(a, job["id"], "running")
             t = await tab(key)
             await t.page.goto(f"{base}{UI_PATH}/#/job/{job['id']}")
@@ -578,7 +578,7 @@ function viaEventSource(url) {
 window.result = (async () => {
   const first = await submit(8);
   const fetched = await viaFetch(first.job.id);
-  const second = await submit(48);
+  const second = await submit(24);
   const grant = await (await fetch(api + "/v1/jobs/" + second.job.id + "/stream_token",
                                    {method: "POST", headers: auth})).json();
   const streamed = await viaEventSource(proxy + grant.url);
