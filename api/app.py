@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from api import errors, openapi
 from api import metrics as api_metrics
@@ -15,17 +16,24 @@ from api.auth import authenticate
 from api.batches.manager import BatchManager
 from api.deadlines import Deadlines
 from api.duties import Duty, run_duty
+from api.idempotency import HEADER as IDEMPOTENCY_HEADER
+from api.idempotency import REPLAYED_HEADER
 from api.limits import BodySizeLimit, NulGuard
 from api.metrics import ApiMetrics, HttpMetrics
+from api.ratelimit import HEADER_NAMES as RATE_LIMIT_HEADERS
 from api.ratelimit import RateLimitHeaders
 from api.reaper import Reaper
 from api.reconcile import Reconciler
+from api.requestid import HEADER as REQUEST_ID_HEADER
 from api.requestid import RequestId
 from api.retention import Retention
-from api.routes import batches, events, files, health, jobs, openai, responses, webhooks, workers
+from api.routes import batches, events, files, health, jobs, openai, responses, stats, webhooks, workers
 from api.services import open_services
+from api.ui import console
 from api.webhooks.dispatcher import WebhookDispatcher
 from shared import __version__
+from shared.browser import AUTHORIZATION, CONTENT_TYPE, LAST_EVENT_ID, LOCATION
+from shared.headers import PREFER, PREFERENCE_APPLIED, RETRY_AFTER
 from shared.runtime import freeze_startup_objects
 from shared.schemas import ErrorResponse
 from shared.settings import Settings, get_settings
@@ -81,11 +89,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(HttpMetrics, metrics=metrics)
-    app.add_middleware(RequestId)  # outermost: every response and log line of a request has its id
+    app.add_middleware(RequestId)  # every response and log line of a request has its id
+    if settings.cors_origins:
+        _add_cors(app, settings.cors_origins)
     app.include_router(health.router)  # open: probes and scrapers carry no key
     app.include_router(api_metrics.router)
+    console.install(app)  # open: a page load carries no key; the page asks for one
     secured = [Depends(authenticate)]
-    for module in (jobs, events, openai, responses, files, batches, webhooks, workers):
+    for module in (jobs, openai, responses, files, batches, webhooks, workers, stats):
         app.include_router(module.router, dependencies=secured)
+    # Its routes check who asks themselves: the events route also takes a stream token (EventSource).
+    app.include_router(events.router)
     openapi.install(app)
     return app
+
+
+def _add_cors(app: FastAPI, origins: list[str]) -> None:
+    """Outermost, so that every answer (a 401, a 429, a stream) carries the headers a browser needs to
+    hand it to the page. No cookies are involved (keys travel in Authorization), hence no credentials."""
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=[AUTHORIZATION, CONTENT_TYPE, LAST_EVENT_ID, IDEMPOTENCY_HEADER, PREFER],
+        expose_headers=[
+            RETRY_AFTER,
+            REQUEST_ID_HEADER,
+            LOCATION,
+            PREFERENCE_APPLIED,
+            REPLAYED_HEADER,
+            *RATE_LIMIT_HEADERS,
+        ],
+        max_age=600,
+    )

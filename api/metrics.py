@@ -6,6 +6,7 @@ worker's own `/metrics` (`inferq worker --metrics-port`)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -21,6 +22,7 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ServicesDep
+from api.services import Services
 from shared.fleet import live_workers
 from shared.models import Job
 from shared.states import JobStatus
@@ -119,14 +121,24 @@ class HttpMetrics:
 router = APIRouter(tags=["health"])
 
 
-@router.get(
-    "/metrics",
-    response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
-    summary="Prometheus metrics",
-)
-async def metrics(services: ServicesDep) -> Response:
-    m = services.metrics
+LANES = ("interactive", "batch")
+
+
+@dataclass
+class ModelFigures:
+    """One model's queue and fleet, as /metrics and GET /v1/stats show them."""
+
+    waiting: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LANES, 0))
+    running: int = 0
+    workers: int = 0
+    capacity: int = 0
+    free_slots: int = 0
+    tokens_per_s: float = 0.0
+
+
+async def fleet_figures(services: Services) -> dict[str, ModelFigures]:
+    """Jobs waiting (per lane) and running from Postgres, and the live workers' figures from the registry,
+    per model: every configured model, and any other that has jobs or workers."""
     async with services.sessions() as session:
         rows = (
             await session.execute(
@@ -135,22 +147,40 @@ async def metrics(services: ServicesDep) -> Response:
                 .group_by(Job.model, Job.status, Job.batch_id.is_(None))
             )
         ).all()
-    m.waiting.clear()
-    m.running.clear()
-    for model in services.models:
-        for queue in ("interactive", "batch"):
-            m.waiting.labels(model, queue).set(0)
-        m.running.labels(model).set(0)
+    figures = {model: ModelFigures() for model in services.models}
     for model, status, interactive, count in rows:
+        f = figures.setdefault(model, ModelFigures())
         if status == JobStatus.QUEUED.value:
-            m.waiting.labels(model, "interactive" if interactive else "batch").inc(count)
+            f.waiting[LANES[0] if interactive else LANES[1]] += count
         else:
-            m.running.labels(model).inc(count)
-    for gauge in (m.workers, m.slots, m.rate):
-        gauge.clear()
+            f.running += count
     for w in await live_workers(services.redis):
-        name = str(w.get("model") or "")
-        m.workers.labels(name).inc()
-        m.slots.labels(name).inc(max(0, int(w.get("capacity") or 0) - int(w.get("running") or 0)))
-        m.rate.labels(name).inc(float(w.get("tokens_per_s") or 0))
+        f = figures.setdefault(str(w.get("model") or ""), ModelFigures())
+        capacity = int(w.get("capacity") or 0)
+        f.workers += 1
+        f.capacity += capacity
+        f.free_slots += max(0, capacity - int(w.get("running") or 0))
+        f.tokens_per_s += float(w.get("tokens_per_s") or 0)
+    return figures
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    summary="Prometheus metrics",
+)
+async def metrics(services: ServicesDep) -> Response:
+    m = services.metrics
+    figures = await fleet_figures(services)
+    for gauge in (m.waiting, m.running, m.workers, m.slots, m.rate):
+        gauge.clear()
+    for model, f in figures.items():
+        for lane, count in f.waiting.items():
+            m.waiting.labels(model, lane).set(count)
+        m.running.labels(model).set(f.running)
+        if f.workers:  # a model no live worker serves has no fleet figures
+            m.workers.labels(model).set(f.workers)
+            m.slots.labels(model).set(f.free_slots)
+            m.rate.labels(model).set(f.tokens_per_s)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -15,6 +15,13 @@ from api.errors import QUOTA_EXHAUSTED, RATE_LIMITED, TooManyRequests
 from api.services import Services
 from shared import keys
 
+# Every x-ratelimit-* header a response may carry (CORS exposes them to pages on other origins).
+HEADER_NAMES = tuple(
+    f"x-ratelimit-{part}-{unit}"
+    for unit in ("requests", "tokens")
+    for part in ("limit", "remaining", "reset")
+)
+
 
 def _duration(seconds: float) -> str:
     """OpenAI's reset format: `6m0s`, `12s`, `1h2m3s`."""

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.relay import RESYNC
 from api.services import Services
-from shared.events import Event, read_events
+from shared.events import Event, last_event, read_events
 from shared.models import Job
 from shared.states import TERMINAL, JobStatus
 
@@ -72,6 +72,22 @@ async def _resync(services: Services, job_id: str, last: int) -> list[Event] | N
     return []
 
 
+async def _first(services: Services, job_id: str, after: int) -> list[Event] | None:
+    """What a stream starting after `after` sends first; None when the client has every event."""
+    pending = await read_events(services.redis, job_id, after=after)
+    if pending:
+        return pending
+    if after == 0:
+        job = await load_job(services, job_id)
+        if job is not None and JobStatus(job.status) in TERMINAL:
+            return from_record(job, after)
+        return []
+    # A client that has every event, the end included (a browser's EventSource reconnects after
+    # `done` unless closed): nothing more, at once, rather than the end again a while later.
+    newest = await last_event(services.redis, job_id)
+    return None if newest is not None and newest.is_end and newest.seq <= after else []
+
+
 async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIterator[Event]:
     """Every event of a job after seq `after`, in order, ending with its `done` or `error` (or with
     nothing more, once the job's row has been deleted)."""
@@ -82,11 +98,9 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
         async def backlog() -> list[Event]:
             return await read_events(services.redis, job_id, after=last)
 
-        pending = await backlog()
-        if not pending and last == 0:
-            job = await load_job(services, job_id)
-            if job is not None and JobStatus(job.status) in TERMINAL:
-                pending = from_record(job, last)
+        pending = await _first(services, job_id, last)
+        if pending is None:
+            return
         while True:
             for event in pending:
                 if event.seq <= last:

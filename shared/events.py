@@ -128,3 +128,9 @@ async def read_events(redis: Redis, job_id: str, after: int = 0, count: int | No
     """Events of a job with seq > `after`, oldest first."""
     entries = await redis.xrange(keys.events_stream(job_id), min=f"(0-{after}", max="+", count=count)
     return [Event.from_stream_entry(eid, fields) for eid, fields in entries]
+
+
+async def last_event(redis: Redis, job_id: str) -> Event | None:
+    """The newest event of a job's stream, if the stream is there."""
+    entries = await redis.xrevrange(keys.events_stream(job_id), count=1)
+    return Event.from_stream_entry(*entries[0]) if entries else None

@@ -81,3 +81,8 @@ def wake_channel(queue: str) -> str:
 def fair_clock(queue: str) -> str:
     """Per-tenant virtual start times of one queue (fair queuing between tenants)."""
     return f"{queue}:fair"
+
+
+# The secret stream tokens are signed with when INFERQ_STREAM_TOKEN_SECRET is unset: made once by whichever
+# API process needs it first (SET NX), then read by all, so a token minted by one replica works on another.
+STREAM_TOKEN_SECRET = "inferq:stream-token-secret"

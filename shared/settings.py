@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared import keys
 
@@ -210,6 +211,30 @@ class Settings(BaseSettings):
     cancel_on_disconnect: bool = Field(
         default=True, description="Cancel the job when an OpenAI-route client disconnects before the end."
     )
+    # Browsers as clients: the web console at /ui, and pages on other origins.
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins whose pages may call the API (CORS), e.g. https://app.example.com; a JSON "
+        "list or comma-separated; empty (the default): none.",
+    )
+    stream_token_secret: SecretStr | None = Field(
+        default=None,
+        description="Key of the HMAC that signs stream tokens (EventSource URLs); unset: one kept in "
+        "Redis, made once and shared by every API process.",
+    )
+    stream_token_seconds: int = Field(
+        default=300, ge=1, le=86_400, description="How long a stream token lets a client (re)connect."
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [o.strip() for o in text.split(",") if o.strip()]
+        return value
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     extra_models: dict[str, str] = Field(

@@ -38,6 +38,11 @@ async def test_sse_resume_with_last_event_id_yields_exactly_the_rest(client: htt
         assert [(e.id, e.event, e.data) for e in rest] == [(e.id, e.event, e.data) for e in full[k:]]
     by_query = await read_sse(client, created["id"], params={"after": 2})
     assert [e.id for e in by_query] == [e.id for e in full[2:]]
+    # Resumed after its last event (a browser's EventSource reconnecting after `done`): the stream
+    # ends at once with nothing, rather than sending the end again.
+    t0 = asyncio.get_running_loop().time()
+    assert await read_sse(client, created["id"], headers={"Last-Event-ID": str(full[-1].id)}) == []
+    assert asyncio.get_running_loop().time() - t0 < 2
 
 
 async def test_sse_resume_mid_stream_while_running(client: httpx.AsyncClient) -> None:
