@@ -323,7 +323,7 @@ async def test_webhooks_bad_requests(client: httpx.AsyncClient) -> None:
     assert "unknown event type 'job.exploded'" in resp.json()["error"]["message"]
     resp = await client.post(
         "/v1/jobs",
-        json={"messages": FRANCE, "webhook": "http://127.0.0.1:9/", "webhook_events_filter": ["output"]},
+        json={"messages": FRANCE, "webhook": "http://127.0.0.1:9/", "webhook_events_filter": ["logs"]},
     )
     assert resp.status_code == 400 and resp.json()["error"]["param"].startswith("webhook_events_filter")
     assert (await client.get("/v1/webhook_endpoints/we_nope")).status_code == 404
