@@ -80,8 +80,11 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
         bitmask = torch.full((len(picked), (vocab + 31) // 32), -1, dtype=torch.int32)
         for j, (_, constraint) in enumerate(picked):
             grammar.fill(constraint, bitmask, j)
+        forbidden = grammar.forbidden(bitmask, vocab)
+        if len(picked) == scores.size(0):
+            return scores.masked_fill_(forbidden, -float("inf"))  # every row: in place, no copies
         index = torch.tensor([row for row, _ in picked])
-        scores[index] = scores[index].masked_fill(~grammar.allowed(bitmask, vocab), -float("inf"))
+        scores[index] = scores[index].masked_fill(forbidden, -float("inf"))
         return scores
 
     def __call__(
