@@ -17,7 +17,7 @@ from api.inserts import job_row
 from api.ratelimit import quota_key
 from api.services import ModelInfo, Services
 from api.webhooks import ssrf
-from shared import headers
+from shared import headers, structured
 from shared.models import Job, WebhookSecret, new_job_id
 from shared.prompts import prompt_token_ids
 from shared.schemas import JobCreateRequest
@@ -57,6 +57,13 @@ def _check_limits(services: Services, req: JobCreateRequest) -> None:
         raise InvalidRequest(
             f"metadata is limited to {limits.max_metadata_bytes} bytes of JSON", param="metadata"
         )
+    if req.response_format is not None:
+        try:
+            # The grammar the worker will build, built here too (cached by schema): a schema it could
+            # not enforce is a 400 now, not a failed job later.
+            structured.check(req.response_format.model_dump(exclude_none=True), limits.max_schema_bytes)
+        except structured.SchemaError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
 
 
 def _deadlines(

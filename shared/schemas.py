@@ -20,6 +20,42 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=1_000_000)
 
 
+RESPONSE_FORMAT_SCHEMA_MISSING = (
+    "json_schema with a 'name' and a 'schema' object is required for type 'json_schema'"
+)
+RESPONSE_FORMAT_SCHEMA_EXTRA = "json_schema is only allowed with type 'json_schema'"
+
+
+class JsonSchemaSpec(BaseModel):
+    """OpenAI's `response_format.json_schema`. The schema is kept as given (its key is `schema`, which
+    pydantic models cannot use as a field name, hence the alias)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=4096)
+    json_schema: dict[str, Any] = Field(alias="schema", description="A JSON Schema the output follows.")
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(BaseModel):
+    """`text` (the default), `json_object` (any JSON object) or `json_schema` (JSON that matches the
+    schema): enforced token by token with a grammar in the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError(RESPONSE_FORMAT_SCHEMA_MISSING)
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(RESPONSE_FORMAT_SCHEMA_EXTRA)
+        return self
+
+
 class SamplingParams(BaseModel):
     """What the engine needs to know about one generation; shared by every API shape."""
 
@@ -31,6 +67,9 @@ class SamplingParams(BaseModel):
     )
     stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the generation.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Structured output: a JSON object, or JSON that follows a schema."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

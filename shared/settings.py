@@ -45,6 +45,9 @@ class LimitSettings(BaseModel):
     max_metadata_bytes: int = Field(default=4096, ge=2)
     max_stop: int = Field(default=4, ge=0)
     max_stop_chars: int = Field(default=64, ge=1)
+    max_schema_bytes: int = Field(
+        default=32_768, ge=16, description="Largest response_format JSON schema (canonical JSON bytes)."
+    )
     # Deadlines: a job's running time (timeout_seconds) and its whole life from submission (Cancel-After).
     default_timeout_seconds: float | None = Field(
         default=600.0, gt=0, description="Running time a job gets when it asks for none; null: unbounded."

@@ -20,11 +20,16 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from shared.settings import ModelSettings
 from worker import sampling
+from worker.grammar import Constraint, Grammars
 
 log = logging.getLogger(__name__)
 
 # Below this, dividing the logits by the temperature overflows them: such requests run greedy (as in vLLM).
 GREEDY_BELOW = 1e-5
+STRUCTURED_UNAVAILABLE = (
+    "response_format cannot run on this worker: structured outputs need the CPU sampler (not on GPU "
+    "workers yet) and a fast (Rust) tokenizer"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,8 @@ class SamplingOptions:
     temperature: float
     top_p: float
     top_k: int | None
+    response_format: dict[str, Any] | None = None  # as stored in the job's request; None: plain text
+    grammar_prefix: tuple[int, ...] = ()  # tokens the grammar has seen already (a retried job's text)
 
     def processor_kwargs(self, vocab_size: int) -> dict[str, Any]:
         if self.temperature < GREEDY_BELOW:
@@ -118,6 +125,10 @@ class Engine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._handles: dict[str, RequestHandle] = {}
         self._manager: Any = None
+        self._grammars: Grammars | None = None
+        # The constrained requests' matchers, read by the sampler in the engine's thread (single dict
+        # operations, which the GIL keeps whole).
+        self._constraints: dict[str, Constraint] = {}
         self.step_observer: Callable[[int], None] | None = None  # sees each step's batch size
 
     def start(self) -> None:
@@ -147,9 +158,19 @@ class Engine:
         manager = init(generation_config=gen, continuous_batching_config=cb)
         manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
         if not str(self.model.device).startswith("cuda"):
-            sampling.install(manager)
+            sampling.install(manager, self._constraints)
+            self._grammars = self._build_grammars(eos[0] if isinstance(eos, list) else eos)
         manager.start()
         self._manager = manager
+
+    def _build_grammars(self, eos: int) -> Grammars | None:
+        """llguidance's view of the tokenizer (about a second, once per worker); without it the worker
+        still serves plain requests and fails constrained ones with the reason."""
+        try:
+            return Grammars(self.tokenizer, self.vocab_size, int(eos))
+        except Exception as exc:
+            log.warning("structured outputs are unavailable on this worker: %s", exc)
+            return None
 
     def _default_blocks(self) -> int | None:
         # On a GPU transformers sizes the KV cache from free device memory. On a CPU that rule claims
@@ -170,9 +191,12 @@ class Engine:
     def submit(self, request_id: str, input_ids: list[int], options: SamplingOptions) -> RequestHandle:
         if self._manager is None:
             raise RuntimeError("engine not started")
+        constraint = self._constraint(options)
         handle = RequestHandle(request_id)
         self._handles[request_id] = handle
         self.stats.active = len(self._handles)
+        if constraint is not None:
+            self._constraints[request_id] = constraint
         accepted = self._manager.add_request(
             input_ids,
             request_id=request_id,
@@ -182,12 +206,23 @@ class Engine:
         )
         if accepted is None:
             self._handles.pop(request_id, None)
+            self._constraints.pop(request_id, None)
             raise RuntimeError("the engine is not accepting requests")
         return handle
+
+    def _constraint(self, options: SamplingOptions) -> Constraint | None:
+        """The request's grammar matcher (built from a cached one); a schema that cannot be compiled
+        raises, which fails the job with the reason rather than leaving it stuck."""
+        if not options.response_format:
+            return None
+        if self._grammars is None:
+            raise RuntimeError(STRUCTURED_UNAVAILABLE)
+        return self._grammars.constraint(options.response_format, options.grammar_prefix)
 
     def cancel(self, request_id: str) -> None:
         """Drop a request from the engine; its handle ends at once (the engine sends no final output)."""
         handle = self._handles.pop(request_id, None)
+        self._constraints.pop(request_id, None)
         self.stats.active = len(self._handles)
         if handle is None:
             return
@@ -201,6 +236,7 @@ class Engine:
             self._manager = None
         for rid in list(self._handles):
             self._handles.pop(rid)._close()
+        self._constraints.clear()
 
     def _on_step(self, outputs: list[Any]) -> None:
         size = len(outputs)
@@ -216,4 +252,5 @@ class Engine:
             self.stats.tokens += handle._push(output, size)
             if handle.closed:
                 self._handles.pop(output.request_id, None)
+                self._constraints.pop(output.request_id, None)
         self.stats.active = len(self._handles)

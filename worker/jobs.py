@@ -287,6 +287,8 @@ class JobRunner:
             temperature=float(request.get("temperature", 1.0)),
             top_p=float(request.get("top_p", 1.0)),
             top_k=request.get("top_k"),
+            response_format=request.get("response_format"),
+            grammar_prefix=tuple(resumed),
         )
         decoder = IncrementalDecoder(tokenizer, request.get("stop"), context=resumed)
         if len(resumed) >= max_tokens or run.timed_out:

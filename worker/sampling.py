@@ -15,6 +15,13 @@ even for rows that asked for greedy decoding. On a CPU that is a tenth of a smal
 
 So each token is drawn from the same distribution as in transformers, and the cost scales with the
 rows that sample. It reads per-request values on the host, so it is for CPU runs only.
+
+Structured outputs ride on the same call: the rows of requests with a grammar (`constraints`, by
+request id) get their llguidance token mask applied first, so that a greedy row's token is exactly
+the argmax of its masked logits and a sampled row samples among the allowed tokens. Which row is which
+request is known from `prepare_tensor_args`, which the batch processor calls with the step's requests
+in row order (only those that get a new token have a row); there each matcher also catches up with the
+tokens its request was given in the step before, so it never lags the engine.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
 )
+
+from worker import grammar
 
 
 def _top_k(scores: torch.Tensor, top_k: torch.Tensor, filter_value: float) -> torch.Tensor:
@@ -45,10 +54,45 @@ def _top_k(scores: torch.Tensor, top_k: torch.Tensor, filter_value: float) -> to
 
 
 class BatchSampler(ContinuousBatchingLogitsProcessorList):
+    # Set by install(): the class is swapped on a built instance, so no __init__ of ours runs.
+    constraints: dict[str, grammar.Constraint]
+    _rows: list[grammar.Constraint | None]
+
+    def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
+        rows: list[grammar.Constraint | None] = []
+        if self.constraints:
+            for future in requests_in_batch:
+                if not future.has_new_token:
+                    continue  # still prefilling: no logits row this step
+                constraint = self.constraints.get(future.state.request_id)
+                if constraint is not None:
+                    constraint.catch_up(future.state.generated_tokens)
+                rows.append(constraint)
+        self._rows = rows
+        return super().prepare_tensor_args(requests_in_batch, arg_storage)
+
+    def _mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """-inf on the tokens each constrained row's grammar forbids; the other rows are not touched."""
+        picked = [(row, c) for row, c in enumerate(self._rows[: scores.size(0)]) if c is not None]
+        if not picked:
+            return scores
+        vocab = scores.size(-1)
+        bitmask = torch.full((len(picked), (vocab + 31) // 32), -1, dtype=torch.int32)
+        for j, (_, constraint) in enumerate(picked):
+            grammar.fill(constraint, bitmask, j)
+        forbidden = grammar.forbidden(bitmask, vocab)
+        if len(picked) == scores.size(0):
+            return scores.masked_fill_(forbidden, -float("inf"))  # every row: in place, no copies
+        index = torch.tensor([row for row, _ in picked])
+        scores[index] = scores[index].masked_fill(forbidden, -float("inf"))
+        return scores
+
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.Tensor, logits_processor_args: torch.Tensor
     ) -> torch.Tensor:
         rows = scores.size(0)
+        if self._rows:
+            scores = self._mask(scores)
         args: dict[type, tuple[ContinuousBatchingLogitsProcessor, torch.Tensor]] = {}
         i = 0
         for processor in self.logits_processor:
@@ -82,7 +126,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
         return scores
 
 
-def install(manager: Any) -> None:
+def install(manager: Any, constraints: dict[str, grammar.Constraint]) -> None:
     """Make a not yet started ContinuousBatchingManager sample with BatchSampler: swap its processor
     list's class, and have the batch processor (built by the manager's thread when it starts) run the
     model runner without sampling of its own, so that its argmax picks greedy rows' best token and
@@ -91,4 +135,6 @@ def install(manager: Any) -> None:
     The batch processor must be built in the manager's thread: built in the event loop's thread, the
     engine ran on about 1.5 of 2 cores (and ~30% slower)."""
     manager.logit_processor.__class__ = BatchSampler
+    manager.logit_processor.constraints = constraints
+    manager.logit_processor._rows = []
     manager.generation_config.do_sample = False

@@ -2,7 +2,7 @@
 
 Unknown request fields are accepted and ignored, as OpenAI clients send many optional ones; fields
 whose meaning inferq cannot honour (`n > 1`, `logprobs`) are refused with a clear 400 instead of
-being silently dropped.
+being silently dropped. `response_format` is enforced (shared/structured.py), never ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.schemas import ChatMessage, JobCreateRequest, Usage
+from shared.schemas import ChatMessage, JobCreateRequest, ResponseFormat, Usage
 
 N_UNSUPPORTED = "n > 1 is not supported: send n separate requests"
 LOGPROBS_UNSUPPORTED = "logprobs are not supported"
@@ -84,6 +84,9 @@ class _GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = Field(
+        default=None, description="`json_object` or `json_schema`: the output is JSON, enforced by a grammar."
+    )
     user: str | None = Field(default=None, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -110,6 +113,7 @@ class _GenerationRequest(BaseModel):
             "top_k": self.top_k,
             "stop": self.stop,
             "seed": self.seed,
+            "response_format": self.response_format,
             "metadata": {"user": self.user} if self.user else None,
         }
         if self.temperature is not None:
