@@ -34,6 +34,7 @@ def _job(i: int, max_tokens: int) -> dict[str, Any]:
 
 class _Counter:
     requests = 0
+    errors = 0
 
 
 async def _prefer_wait(client: httpx.AsyncClient, body: dict[str, Any], n: _Counter) -> dict[str, Any]:
@@ -52,9 +53,13 @@ async def _prefer_wait(client: httpx.AsyncClient, body: dict[str, Any], n: _Coun
 async def _poll(client: httpx.AsyncClient, body: dict[str, Any], n: _Counter, every: float) -> dict[str, Any]:
     job: dict[str, Any] = (await client.post("/v1/jobs", json=body)).json()
     n.requests += 1
+    job_id = job["id"]
     while job.get("status") not in TERMINAL:
         await asyncio.sleep(every)
-        job = (await client.get(f"/v1/jobs/{job['id']}")).json()
+        try:
+            job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        except httpx.TransportError:  # a keep-alive connection the server closed: poll again, as clients do
+            n.errors += 1
         n.requests += 1
     return job
 
@@ -104,6 +109,7 @@ async def _mode(base_url: str, api_pid: int, mode: str, args: argparse.Namespace
         "wall_s": round(wall, 2),
         "api_cpu_cores": cores.get("inferq api", 0.0),
         "api_requests": n.requests,
+        "client_transport_errors": n.errors,
         "engine_tokens_per_s": round(tokens / span, 1) if span > 0 else None,
         "result_latency_s": summarize([t for _, t in results]),
     }
