@@ -1,10 +1,10 @@
-"""Waiting for jobs: N clients each submit one chat job and wait for its result, three ways, against one
-stack in one run: `Prefer: wait=60` (one request that returns the finished job), polling
-`GET /v1/jobs/{id}` every 50 ms, and following the job's SSE stream. For each: the API process's CPU,
-the requests it served, and the engine's tokens/s (generated tokens over the first start to the last
-finish, from the jobs' own timestamps).
+"""Waiting for jobs: N clients each submit one chat job at once and wait for its result, three ways,
+against one stack in one run: `Prefer: wait=60` (one request that returns the finished job), polling
+`GET /v1/jobs/{id}` every 50 ms, and following the job's SSE stream. Each mode is measured over the
+same window: the API process's CPU, the requests it served, and the engine's tokens/s (the tokens of
+the mode's jobs that finished inside the window, over the window).
 
-    python -m bench waiting [--clients 200] [--max-tokens 32] [--poll-ms 50]
+    python -m bench waiting [--clients 200] [--max-tokens 32] [--poll-ms 50] [--window 60]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import httpx
 from bench import aio
 from bench.harness import demo_model, running_stack
 from bench.machine import CpuByProcess, describe
-from bench.stats import summarize, write_json
+from bench.stats import write_json
 from shared.headers import PREFER
 
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
@@ -79,39 +79,62 @@ def _ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
+async def _jobs_of(client: httpx.AsyncClient, tag: str) -> list[dict[str, Any]]:
+    """The jobs this mode submitted (by their metadata tag), newest first."""
+    found: list[dict[str, Any]] = []
+    after = None
+    while True:
+        params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
+        page = (await client.get("/v1/jobs", params=params)).json()
+        found += [j for j in page["data"] if (j.get("metadata") or {}).get("bench") == tag]
+        if not page["has_more"]:
+            return found
+        after = page["next_after"]
+
+
 async def _mode(base_url: str, api_pid: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """All clients at once for `window` seconds: the API's CPU and requests, and the engine's tokens/s
+    (tokens of this mode's jobs that finished inside the window, over the window). Then what is left
+    of the mode's jobs is cancelled, so that the next mode starts on an idle engine."""
     n = _Counter()
+    tag = f"{mode}-{time.time_ns()}"
     limits = httpx.Limits(max_connections=args.clients + 16, max_keepalive_connections=args.clients + 16)
     async with httpx.AsyncClient(base_url=base_url, timeout=180, limits=limits) as client:
-        cpu = CpuByProcess({"inferq api": api_pid}).start()
-        t0 = time.perf_counter()
 
-        async def one(i: int) -> tuple[dict[str, Any], float]:
-            body = _job(i, args.max_tokens)
+        async def one(i: int) -> dict[str, Any]:
+            body = {**_job(i, args.max_tokens), "metadata": {"bench": tag}}
             if mode == "prefer_wait":
-                job = await _prefer_wait(client, body, n)
-            elif mode == "poll":
-                job = await _poll(client, body, n, args.poll_ms / 1000)
-            else:
-                job = await _sse(client, body, n)
-            return job, time.perf_counter() - t0
+                return await _prefer_wait(client, body, n)
+            if mode == "poll":
+                return await _poll(client, body, n, args.poll_ms / 1000)
+            return await _sse(client, body, n)
 
-        results = await asyncio.gather(*(one(i) for i in range(args.clients)))
-        wall = time.perf_counter() - t0
+        cpu = CpuByProcess({"inferq api": api_pid}).start()
+        t0_wall, t0 = time.time(), time.perf_counter()
+        tasks = [asyncio.create_task(one(i)) for i in range(args.clients)]
+        done, pending = await asyncio.wait(tasks, timeout=args.window)
+        elapsed = time.perf_counter() - t0
         cores = cpu.cores()
-    jobs = [job for job, _ in results]
-    ok = [j for j in jobs if j["status"] == "succeeded"]
-    tokens = sum(j["usage"]["completion_tokens"] for j in ok)
-    span = max(_ts(j["finished_at"]) for j in ok) - min(_ts(j["started_at"]) for j in ok)
+        requests = n.requests
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        jobs = await _jobs_of(client, tag)
+        for job in jobs:
+            if job["status"] not in TERMINAL:
+                await client.post(f"/v1/jobs/{job['id']}/cancel")
+    inside = [j for j in jobs if j["status"] == "succeeded" and _ts(j["finished_at"]) <= t0_wall + elapsed]
+    tokens = sum(j["usage"]["completion_tokens"] for j in inside)
     return {
         "clients": args.clients,
-        "succeeded": len(ok),
-        "wall_s": round(wall, 2),
+        "window_s": round(elapsed, 1),
+        "clients_with_their_result": len(done),
+        "jobs_finished_in_window": len(inside),
         "api_cpu_cores": cores.get("inferq api", 0.0),
-        "api_requests": n.requests,
+        "api_requests": requests,
+        "api_requests_per_s": round(requests / elapsed, 1),
         "client_transport_errors": n.errors,
-        "engine_tokens_per_s": round(tokens / span, 1) if span > 0 else None,
-        "result_latency_s": summarize([t for _, t in results]),
+        "engine_tokens_per_s": round(tokens / elapsed, 1),
     }
 
 
@@ -120,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--poll-ms", type=float, default=50.0)
+    parser.add_argument("--window", type=float, default=60.0, help="seconds each mode is measured")
+    parser.add_argument("--modes", default="prefer_wait,poll,sse")
     parser.add_argument("--log-dir", type=Path, default=Path("bench/out/logs"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -136,27 +161,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 argparse.Namespace(**{**vars(args), "clients": 8}),
             )
         )
-        for mode in ("prefer_wait", "poll", "sse"):
+        for mode in args.modes.split(","):
             print(f"waiting: {args.clients} clients, {mode}…", flush=True)
             r = aio.run(_mode(stack.base_url, stack.api_pid, mode, args))
             result["modes"][mode] = r
             print(
-                f"  {mode:<12} api {r['api_cpu_cores']:.2f} cores, {r['api_requests']} requests, "
-                f"engine {r['engine_tokens_per_s']} tokens/s, wall {r['wall_s']} s, "
-                f"{r['succeeded']}/{r['clients']} succeeded",
+                f"  {mode:<12} api {r['api_cpu_cores']:.2f} cores, {r['api_requests_per_s']} req/s, "
+                f"engine {r['engine_tokens_per_s']} tokens/s, {r['jobs_finished_in_window']} jobs "
+                f"finished in {r['window_s']} s",
                 flush=True,
             )
     modes = result["modes"]
-    result["poll_vs_wait"] = {
-        "api_cpu_ratio": round(
-            modes["poll"]["api_cpu_cores"] / max(modes["prefer_wait"]["api_cpu_cores"], 0.01), 2
-        ),
-        "engine_tokens_per_s_ratio": round(
-            (modes["poll"]["engine_tokens_per_s"] or 0) / (modes["prefer_wait"]["engine_tokens_per_s"] or 1),
-            3,
-        ),
-    }
-    print(f"  polling every {args.poll_ms:.0f} ms vs Prefer: wait: {result['poll_vs_wait']}")
+    if "poll" in modes and "prefer_wait" in modes:
+        poll, wait = modes["poll"], modes["prefer_wait"]
+        result["poll_vs_wait"] = {
+            "api_cpu_ratio": round(poll["api_cpu_cores"] / max(wait["api_cpu_cores"], 0.01), 2),
+            "engine_tokens_per_s_ratio": round(
+                poll["engine_tokens_per_s"] / max(wait["engine_tokens_per_s"], 0.1), 3
+            ),
+        }
+        print(f"  polling every {args.poll_ms:.0f} ms vs Prefer: wait: {result['poll_vs_wait']}")
     write_json(args.json, result)
     return result
 

@@ -26,6 +26,8 @@ tokens its request was given in the step before, so it never lags the engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -54,9 +56,10 @@ def _top_k(scores: torch.Tensor, top_k: torch.Tensor, filter_value: float) -> to
 
 
 class BatchSampler(ContinuousBatchingLogitsProcessorList):
-    # Set by install(): the class is swapped on a built instance, so no __init__ of ours runs.
-    constraints: dict[str, grammar.Constraint]
-    _rows: list[grammar.Constraint | None]
+    # Set by install(): the class is swapped on a built instance, so no __init__ of ours runs. The
+    # class-level defaults (no constraint, no constrained row) hold for an instance install() never saw.
+    constraints: Mapping[str, grammar.Constraint] = MappingProxyType({})
+    _rows: Sequence[grammar.Constraint | None] = ()
 
     def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
         rows: list[grammar.Constraint | None] = []
