@@ -49,7 +49,7 @@ COPY inferq inferq
 COPY migrations migrations
 RUN pip install --no-deps . \
     && python -c "import importlib.util as u, sys; sys.exit('torch is in the api image' if u.find_spec('torch') else 0)" \
-    && python -c "import api.app, inferq.cli"
+    && python -c "import api.http.app, inferq.cli"
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

@@ -87,14 +87,14 @@ def api(
 ) -> None:
     """Serve the HTTP API (needs INFERQ_REDIS_URL and INFERQ_DATABASE_URL)."""
     if settings_from_stdin:
-        _settings_from_stdin("uvicorn", "api.app", "transformers.models.auto.tokenization_auto")
+        _settings_from_stdin("uvicorn", "api.http.app", "transformers.models.auto.tokenization_auto")
     import uvicorn
 
     settings = get_settings()
     settings.require_urls()
     _logging(settings)
     uvicorn.run(
-        "api.app:create_app",
+        "api.http.app:create_app",
         factory=True,
         host=host,
         port=port,

@@ -22,8 +22,8 @@ from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from api.errors import MISSING_KEY, STREAM_TOKEN_EXPIRED, STREAM_TOKEN_INVALID, STREAM_TOKEN_OTHER_JOB
-from api.streamtokens import sign
+from api.http.errors import MISSING_KEY, STREAM_TOKEN_EXPIRED, STREAM_TOKEN_INVALID, STREAM_TOKEN_OTHER_JOB
+from api.streams.tokens import sign
 from shared import keys
 from shared.apikeys import hash_key, new_key
 from shared.browser import STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH, UI_PATH

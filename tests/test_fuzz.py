@@ -81,7 +81,7 @@ EXCLUDED_CHECKS = [
 ]
 ADDED_CHECKS = [negative_data_rejection_but_lax_types]
 # schemathesis' own list of statuses that reject invalid data, and 413: an invalid request may also be
-# refused for its size, before it is parsed (api/limits.py).
+# refused for its size, before it is parsed (api/tenancy/limits.py).
 REJECTIONS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 
@@ -231,7 +231,7 @@ def _steer(case: Case, known: dict[str, str]) -> None:
 # real id it gets is a finished job's, whose stream replays and ends (after one 5 s quiet recheck when
 # `after` is past its last event); the OpenAI routes' streams end within MAX_TOKENS tokens. schemathesis
 # reads a text/event-stream to its end (or 20 events, or the timeout) and checks each event against the
-# event schema api/openapi.py declares.
+# event schema api/http/openapi.py declares.
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 

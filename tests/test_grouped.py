@@ -9,8 +9,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from api.grouped import Grouped
-from api.inserts import insert_jobs
+from api.jobs.grouped import Grouped
+from api.jobs.inserts import insert_jobs
 from shared.db import create_engine
 from shared.models import Job, new_job_id
 from tests.conftest import Stack

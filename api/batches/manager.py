@@ -15,12 +15,12 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
-from api.auth import Principal
 from api.batches.records import job_counts, rejected_line, result_line
 from api.batches.validation import parse_batch_file
-from api.cancellation import signal_cancel
-from api.enqueue import enqueue
-from api.services import Services
+from api.http.services import Services
+from api.jobs.cancellation import signal_cancel
+from api.jobs.enqueue import enqueue
+from api.tenancy.auth import Principal
 from shared.models import ApiKey, Batch, File, Job
 from shared.states import BATCH_TERMINAL, BatchStatus, FinishReason, JobStatus
 

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.errors import ApiError
+from api.http.errors import ApiError
 from api.openai.protocol import BatchErrors, BatchObject, FileObject, RequestCounts
 from api.openai.serving import render
 from shared.models import Batch, File, Job

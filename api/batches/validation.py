@@ -10,16 +10,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.auth import Principal
-from api.errors import ApiError, describe_validation
+from api.http.errors import ApiError, describe_validation
+from api.http.services import Services
+from api.jobs.submission import prepare_job
 from api.openai.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     BatchError,
     ChatCompletionRequest,
     CompletionRequest,
 )
-from api.services import Services
-from api.submission import prepare_job
+from api.tenancy.auth import Principal
 from shared.models import Job
 
 MAX_CUSTOM_ID = 512

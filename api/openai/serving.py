@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.auth import Principal
-from api.cancellation import cancel_job
-from api.errors import ApiError, InvalidRequest, describe_validation
-from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
+from api.http.errors import ApiError, InvalidRequest, describe_validation
+from api.http.services import Services
+from api.jobs.cancellation import cancel_job
+from api.jobs.submission import submit_job
 from api.openai.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     AssistantMessage,
@@ -33,9 +33,9 @@ from api.openai.protocol import (
     CompletionChoice,
     CompletionRequest,
 )
-from api.services import Services
-from api.streams import job_events, load_job, until_end
-from api.submission import submit_job
+from api.streams.sse import job_events, load_job, until_end
+from api.tenancy.auth import Principal
+from api.tenancy.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from shared import logs
 from shared.events import text_after
 from shared.headers import JOB_ID

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, update
 
-from api.auth import Principal, PrincipalDep, QuotaDep
 from api.batches.records import batch_object, job_counts
-from api.deps import ServicesDep, SessionDep
-from api.errors import Conflict, InvalidRequest, NotFound
-from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
+from api.http.deps import ServicesDep, SessionDep
+from api.http.errors import Conflict, InvalidRequest, NotFound
+from api.http.pagination import newest_first
 from api.openai.protocol import BatchCreateRequest, BatchList, BatchObject
-from api.pagination import newest_first
+from api.tenancy.auth import Principal, PrincipalDep, QuotaDep
+from api.tenancy.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from shared.models import Batch, File
 from shared.states import BATCH_TERMINAL, BatchStatus
 

@@ -12,18 +12,18 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.auth import Principal, PrincipalDep, authenticate
-from api.deps import ServicesDep
-from api.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
-from api.services import Services
-from api.streams import job_events as events_of
-from api.streams import load_job, sse_response
-from api.streamtokens import mint, verify
-from api.views import job_urls
+from api.http.deps import ServicesDep
+from api.http.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
+from api.http.services import Services
+from api.jobs.views import job_urls
+from api.streams.sse import job_events as events_of
+from api.streams.sse import load_job, sse_response
+from api.streams.tokens import mint, verify
+from api.tenancy.auth import Principal, PrincipalDep, authenticate
 from shared.browser import LAST_EVENT_ID, STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH
 from shared.events import Event, dumps
 
-# Included without the app-wide key check (api/app.py): each route checks who asks itself.
+# Included without the app-wide key check (api/http/app.py): each route checks who asks itself.
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids: 64-bit

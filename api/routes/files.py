@@ -10,12 +10,12 @@ from fastapi.responses import Response
 from sqlalchemy import exists, select
 from sqlalchemy.orm import undefer
 
-from api.auth import Principal, PrincipalDep
 from api.batches.records import file_object
-from api.deps import ServicesDep, SessionDep
-from api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from api.http.deps import ServicesDep, SessionDep
+from api.http.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from api.http.pagination import newest_first
 from api.openai.protocol import FileDeleted, FileList, FileObject
-from api.pagination import newest_first
+from api.tenancy.auth import Principal, PrincipalDep
 from shared.models import Batch, File
 
 router = APIRouter(prefix="/v1/files", tags=["files"])

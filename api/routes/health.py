@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.deps import ServicesDep
+from api.http.deps import ServicesDep
 
 router = APIRouter(tags=["health"])
 

@@ -9,18 +9,18 @@ from fastapi import APIRouter, Body, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from api.auth import PrincipalDep, QuotaDep
-from api.cancellation import cancel_job
-from api.deadlines import CancelAfterDep
-from api.deps import ServicesDep, SessionDep
-from api.errors import JOB_NOT_FOUND, Conflict, NotFound
-from api.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
-from api.pagination import newest_first
-from api.retention import remove
-from api.streams import load_job
-from api.submission import submit_job
-from api.views import job_response, job_urls
-from api.waiting import retry_after, wait_for_end, wait_seconds
+from api.duties.retention import remove
+from api.http.deps import ServicesDep, SessionDep
+from api.http.errors import JOB_NOT_FOUND, Conflict, NotFound
+from api.http.pagination import newest_first
+from api.jobs.cancellation import cancel_job
+from api.jobs.deadlines import CancelAfterDep
+from api.jobs.submission import submit_job
+from api.jobs.views import job_response, job_urls
+from api.jobs.waiting import retry_after, wait_for_end, wait_seconds
+from api.streams.sse import load_job
+from api.tenancy.auth import PrincipalDep, QuotaDep
+from api.tenancy.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from shared import logs
 from shared.fleet import live_workers
 from shared.headers import PREFERENCE_APPLIED, RETRY_AFTER

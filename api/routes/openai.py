@@ -7,11 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.auth import Principal, PrincipalDep, QuotaDep
-from api.deadlines import CancelAfterDep
-from api.deps import ServicesDep
-from api.errors import NotFound
-from api.idempotency import Outcome
+from api.http.deps import ServicesDep
+from api.http.errors import NotFound
+from api.http.services import Services
+from api.jobs.deadlines import CancelAfterDep
 from api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -29,8 +28,9 @@ from api.openai.serving import (
     submit_openai,
     wait_for_job,
 )
-from api.services import Services
-from api.streams import load_job, sse_response
+from api.streams.sse import load_job, sse_response
+from api.tenancy.auth import Principal, PrincipalDep, QuotaDep
+from api.tenancy.idempotency import Outcome
 from shared.fleet import live_workers
 from shared.headers import JOB_ID
 

@@ -12,11 +12,10 @@ from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from api.auth import PrincipalDep, QuotaDep
-from api.deadlines import CancelAfterDep
-from api.deps import ServicesDep
-from api.errors import NotFound
-from api.idempotency import Outcome
+from api.http.deps import ServicesDep
+from api.http.errors import NotFound
+from api.http.services import Services
+from api.jobs.deadlines import CancelAfterDep
 from api.openai.responses import render as view
 from api.openai.responses.protocol import ResponseCreateRequest
 from api.openai.responses.serving import (
@@ -30,8 +29,9 @@ from api.openai.responses.serving import (
     submit_response,
 )
 from api.openai.serving import ClientGone, create_once, wait_for_job
-from api.services import Services
-from api.streams import load_job, sse_response
+from api.streams.sse import load_job, sse_response
+from api.tenancy.auth import PrincipalDep, QuotaDep
+from api.tenancy.idempotency import Outcome
 from shared.headers import JOB_ID
 from shared.models import Job
 

@@ -8,8 +8,8 @@ import time
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from api.deps import ServicesDep
-from api.metrics import fleet_figures
+from api.http.deps import ServicesDep
+from api.http.metrics import fleet_figures
 
 router = APIRouter(prefix="/v1/stats", tags=["stats"])
 

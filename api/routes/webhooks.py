@@ -11,11 +11,11 @@ from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
-from api.auth import Principal, PrincipalDep
-from api.deps import ServicesDep, SessionDep
-from api.errors import NotFound
-from api.pagination import newest_first
-from api.services import Services
+from api.http.deps import ServicesDep, SessionDep
+from api.http.errors import NotFound
+from api.http.pagination import newest_first
+from api.http.services import Services
+from api.tenancy.auth import Principal, PrincipalDep
 from api.webhooks import signing, ssrf
 from shared.models import WebhookDelivery, WebhookEndpoint, WebhookSecret
 from shared.webhooks import ENDPOINT_EVENT_TYPES

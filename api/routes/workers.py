@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ServicesDep
+from api.http.deps import ServicesDep
 from shared.fleet import live_workers
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 
-from api.deps import ServicesDep
+from api.http.deps import ServicesDep
 from shared import __version__
 from shared.browser import UI_PATH
 

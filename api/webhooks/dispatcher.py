@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 from sqlalchemy import text, update
 
+from api.http.services import Services
+from api.jobs.views import job_response
 from api.openai.responses import render as response_view
-from api.services import Services
-from api.views import job_response
 from api.webhooks import signing, ssrf
 from shared import headers as names
 from shared import responses as response_wire

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from api.errors import InvalidRequest
+from api.http.errors import InvalidRequest
 from shared.settings import WebhookSettings
 
 # Cloud metadata services: refused whatever allow_private says.

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.errors import InvalidRequest
+from api.http.errors import InvalidRequest
 
 UNSUPPORTED_FIELD = "'{field}' is not supported by this server"
 UNKNOWN_FIELD = "unknown field '{field}'"

@@ -11,17 +11,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.auth import Principal
-from api.cancellation import cancel_job
-from api.errors import ApiError, Conflict, InvalidRequest, NotFound, describe_validation
+from api.duties.retention import remove
+from api.http.errors import ApiError, Conflict, InvalidRequest, NotFound, describe_validation
+from api.http.services import Services
+from api.jobs.cancellation import cancel_job
+from api.jobs.submission import submit_job
 from api.openai.responses import render as view
 from api.openai.responses.events import ResponseEvents, after, finished, last_number
 from api.openai.responses.protocol import ResponseCreateRequest, as_chat, input_items
 from api.openai.serving import cancel_quietly
-from api.retention import remove
-from api.services import Services
-from api.streams import job_events, load_job
-from api.submission import submit_job
+from api.streams.sse import job_events, load_job
+from api.tenancy.auth import Principal
 from shared import logs
 from shared import responses as wire
 from shared.events import read_events

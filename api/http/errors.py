@@ -33,7 +33,7 @@ INVALID_KEY = "the API key is not valid (unknown, malformed or revoked)"
 RATE_LIMITED = "rate limit reached: {limit} requests per {window}s for this key; retry in {retry}s"
 QUOTA_EXHAUSTED = "daily token quota of {limit} tokens used up for this key; it resets at 00:00 UTC"
 QUEUE_FULL = "the queue is {seconds:.0f}s deep, over the {limit:.0f}s limit; retry later"
-# Stream tokens (api/streamtokens.py): what is wrong with one, never whose job it names.
+# Stream tokens (api/streams/tokens.py): what is wrong with one, never whose job it names.
 STREAM_TOKEN_INVALID = "the stream token is not valid (malformed or tampered with)"
 STREAM_TOKEN_EXPIRED = "the stream token has expired; get a new one from POST /v1/jobs/{job_id}/stream_token"
 STREAM_TOKEN_OTHER_JOB = "the stream token is for another job"

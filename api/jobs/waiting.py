@@ -11,9 +11,9 @@ import re
 
 from starlette.requests import Request
 
-from api.errors import InvalidRequest
-from api.services import Services
-from api.streams import until_end
+from api.http.errors import InvalidRequest
+from api.http.services import Services
+from api.streams.sse import until_end
 from shared import headers
 
 MAX_WAIT_SECONDS = 60

@@ -19,9 +19,9 @@ from sqlalchemy import delete, update
 from sqlalchemy.dialects.postgresql import insert
 from starlette.requests import Request
 
-from api.auth import Principal
-from api.errors import Conflict, InvalidRequest
-from api.services import Services
+from api.http.errors import Conflict, InvalidRequest
+from api.http.services import Services
+from api.tenancy.auth import Principal
 from shared.models import IdempotencyRecord
 
 HEADER = "Idempotency-Key"

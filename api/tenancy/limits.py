@@ -8,7 +8,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import BODY_TOO_LARGE, NUL_CHARACTER, error_body
+from api.http.errors import BODY_TOO_LARGE, NUL_CHARACTER, error_body
 
 # Up to this many bytes, an oversized body is read and dropped before the 413 goes out, so that the
 # client sees the answer instead of a connection reset in the middle of its upload.

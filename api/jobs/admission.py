@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Integer, func, select
 
-from api.errors import QUEUE_FULL, TooManyRequests
-from api.services import Services
+from api.http.errors import QUEUE_FULL, TooManyRequests
+from api.http.services import Services
 from shared.fleet import live_workers
 from shared.models import Job
 from shared.states import JobStatus

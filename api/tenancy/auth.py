@@ -13,9 +13,9 @@ from typing import Annotated, Any, Protocol, Self, TypeVar
 from fastapi import Depends, Request
 from sqlalchemy.orm import InstrumentedAttribute
 
-from api.deps import ServicesDep
-from api.errors import INVALID_KEY, MISSING_KEY, Unauthorized
-from api.ratelimit import check_token_quota, limit_requests
+from api.http.deps import ServicesDep
+from api.http.errors import INVALID_KEY, MISSING_KEY, Unauthorized
+from api.tenancy.ratelimit import check_token_quota, limit_requests
 from shared.apikeys import DEFAULT_TENANT, key_id_of, matches
 
 

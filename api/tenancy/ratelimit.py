@@ -11,8 +11,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import QUOTA_EXHAUSTED, RATE_LIMITED, TooManyRequests
-from api.services import Services
+from api.http.errors import QUOTA_EXHAUSTED, RATE_LIMITED, TooManyRequests
+from api.http.services import Services
 from shared import keys
 
 # Every x-ratelimit-* header a response may carry (CORS exposes them to pages on other origins).

@@ -10,10 +10,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api.idempotency import HEADER as IDEMPOTENCY_HEADER
-from api.idempotency import MAX_KEY_CHARS
 from api.openai.serving import JobFailed
 from api.routes.files import PURPOSES
+from api.tenancy.idempotency import HEADER as IDEMPOTENCY_HEADER
+from api.tenancy.idempotency import MAX_KEY_CHARS
 from shared.responses import EVENT_TYPES as RESPONSE_EVENT_TYPES
 
 Schema = dict[str, Any]
@@ -37,13 +37,13 @@ _ERRORS: dict[int, tuple[str, dict[str, Any] | None]] = {
     500: ("The generation job failed.", None),
     503: ("Redis or Postgres is unreachable; retry after `Retry-After`.", _RETRY_AFTER),
 }
-# Operations tagged `health` are open to probes and scrapers (api/app.py); every other one is behind
+# Operations tagged `health` are open to probes and scrapers (api/http/app.py); every other one is behind
 # `authenticate`, which may answer 401 or 429. All but /healthz touch Redis or Postgres, which may be
 # down (503).
 _OPEN_TAG = "health"
 _NO_BACKEND = {"/healthz"}
-# Routes that take an Idempotency-Key (api/idempotency.py): a reuse with another body, or while the first
-# request is in flight, is a 409.
+# Routes that take an Idempotency-Key (api/tenancy/idempotency.py): a reuse with another body, or while
+# the first request is in flight, is a 409.
 _IDEMPOTENT = {
     ("post", "/v1/jobs"),
     ("post", "/v1/chat/completions"),
@@ -145,7 +145,7 @@ def _error_response(status: int, description: str | None = None) -> Schema:
 
 def _fix_operation(method: str, path: str, op: Schema) -> None:
     responses: dict[str, Schema] = op["responses"]
-    responses.pop("422", None)  # FastAPI's; validation errors are 400s here (api/errors.py)
+    responses.pop("422", None)  # FastAPI's; validation errors are 400s here (api/http/errors.py)
     params = op.setdefault("parameters", [])
     if (method, path) in _IDEMPOTENT and all(p["name"] != IDEMPOTENCY_HEADER for p in params):
         params.append(

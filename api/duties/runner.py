@@ -8,8 +8,8 @@ import contextlib
 import logging
 from typing import Protocol
 
-from api.leader import Lease
-from api.services import Services
+from api.duties.leader import Lease
+from api.http.services import Services
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.auth import Principal
-from api.errors import InvalidRequest
+from api.http.errors import InvalidRequest
+from api.tenancy.auth import Principal
 from shared.models import Batch, File, Job, WebhookDelivery, WebhookEndpoint
 
 Row = TypeVar("Row", Job, File, Batch, WebhookEndpoint, WebhookDelivery)

@@ -12,8 +12,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from api.errors import STREAM_TOKEN_EXPIRED, STREAM_TOKEN_INVALID, STREAM_TOKEN_OTHER_JOB, Unauthorized
-from api.services import Services
+from api.http.errors import STREAM_TOKEN_EXPIRED, STREAM_TOKEN_INVALID, STREAM_TOKEN_OTHER_JOB, Unauthorized
+from api.http.services import Services
 from shared import keys
 
 _VERSION = "v1"

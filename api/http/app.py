@@ -10,25 +10,25 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from api import errors, openapi
-from api import metrics as api_metrics
-from api.auth import authenticate
 from api.batches.manager import BatchManager
-from api.deadlines import Deadlines
-from api.duties import Duty, run_duty
-from api.idempotency import HEADER as IDEMPOTENCY_HEADER
-from api.idempotency import REPLAYED_HEADER
-from api.limits import BodySizeLimit, NulGuard
-from api.metrics import ApiMetrics, HttpMetrics
-from api.ratelimit import HEADER_NAMES as RATE_LIMIT_HEADERS
-from api.ratelimit import RateLimitHeaders
-from api.reaper import Reaper
-from api.reconcile import Reconciler
-from api.requestid import HEADER as REQUEST_ID_HEADER
-from api.requestid import RequestId
-from api.retention import Retention
+from api.duties.reaper import Reaper
+from api.duties.reconcile import Reconciler
+from api.duties.retention import Retention
+from api.duties.runner import Duty, run_duty
+from api.http import errors, openapi
+from api.http import metrics as api_metrics
+from api.http.metrics import ApiMetrics, HttpMetrics
+from api.http.requestid import HEADER as REQUEST_ID_HEADER
+from api.http.requestid import RequestId
+from api.http.services import open_services
+from api.jobs.deadlines import Deadlines
 from api.routes import batches, events, files, health, jobs, openai, responses, stats, webhooks, workers
-from api.services import open_services
+from api.tenancy.auth import authenticate
+from api.tenancy.idempotency import HEADER as IDEMPOTENCY_HEADER
+from api.tenancy.idempotency import REPLAYED_HEADER
+from api.tenancy.limits import BodySizeLimit, NulGuard
+from api.tenancy.ratelimit import HEADER_NAMES as RATE_LIMIT_HEADERS
+from api.tenancy.ratelimit import RateLimitHeaders
 from api.ui import console
 from api.webhooks.dispatcher import WebhookDispatcher
 from shared import __version__

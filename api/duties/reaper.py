@@ -18,8 +18,8 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from api.enqueue import enqueue
-from api.services import Services
+from api.http.services import Services
+from api.jobs.enqueue import enqueue
 from shared import keys
 from shared.fleet import live_workers
 from shared.models import Job

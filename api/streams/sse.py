@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.relay import RESYNC
-from api.services import Services
+from api.http.services import Services
+from api.streams.relay import RESYNC
 from shared.events import Event, last_event, read_events
 from shared.models import Job
 from shared.states import TERMINAL, JobStatus

@@ -14,9 +14,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Header
 from sqlalchemy import func, select, update
 
-from api.errors import InvalidRequest
-from api.reaper import forget, queue_of
-from api.services import Services
+from api.duties.reaper import forget, queue_of
+from api.http.errors import InvalidRequest
+from api.http.services import Services
 from shared import headers
 from shared.deadlines import BAD_DURATION, ended, expire_unstarted, parse_duration
 from shared.events import read_events, text_of

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.services import Services
+from api.http.services import Services
 
 
 async def get_services(request: Request) -> Services:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import bindparam, text, update
 
-from api.services import Services
+from api.http.services import Services
 from shared import keys
 from shared.models import WebhookDelivery
 

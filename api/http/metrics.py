@@ -21,8 +21,8 @@ from prometheus_client import (
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import ServicesDep
-from api.services import Services
+from api.http.deps import ServicesDep
+from api.http.services import Services
 from shared.fleet import live_workers
 from shared.models import Job
 from shared.states import JobStatus

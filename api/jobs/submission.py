@@ -10,12 +10,12 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy import delete
 
-from api.auth import Principal
-from api.enqueue import Enqueue
-from api.errors import InvalidRequest, ServiceUnavailable
-from api.inserts import job_row
-from api.ratelimit import quota_key
-from api.services import ModelInfo, Services
+from api.http.errors import InvalidRequest, ServiceUnavailable
+from api.http.services import ModelInfo, Services
+from api.jobs.enqueue import Enqueue
+from api.jobs.inserts import job_row
+from api.tenancy.auth import Principal
+from api.tenancy.ratelimit import quota_key
 from api.webhooks import ssrf
 from shared import headers, structured
 from shared.models import Job, WebhookSecret, new_job_id
@@ -192,7 +192,7 @@ async def submit_job(
     if req.webhook is not None:
         await check_job_webhook(services, req.webhook, job.tenant or principal.owner)
     await services.admission.admit(job.model, (job.prompt_tokens or 0) + int(job.request["max_tokens"]))
-    # Concurrent submissions share one INSERT + commit, then one Redis pipeline (api/grouped.py).
+    # Concurrent submissions share one INSERT + commit, then one Redis pipeline (api/jobs/grouped.py).
     job.created_at = await services.insert_job(job_row(job))
     try:
         await services.enqueue_job(Enqueue(services.settings.queues.for_model(job.model), job.id, job.tenant))

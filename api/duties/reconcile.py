@@ -9,8 +9,8 @@ from datetime import timedelta
 
 from sqlalchemy import func, or_, select
 
-from api.reaper import ensure_enqueued, queue_of
-from api.services import Services
+from api.duties.reaper import ensure_enqueued, queue_of
+from api.http.services import Services
 from shared import keys
 from shared.models import Batch, Job
 from shared.states import JobStatus

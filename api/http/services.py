@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from api.enqueue import Enqueue, enqueue_many
-from api.grouped import Grouped
-from api.inserts import insert_jobs
-from api.keystore import KeyStore
-from api.relay import RelayHub
+from api.jobs.enqueue import Enqueue, enqueue_many
+from api.jobs.grouped import Grouped
+from api.jobs.inserts import insert_jobs
+from api.streams.relay import RelayHub
+from api.tenancy.keystore import KeyStore
 from shared.db import check_schema, create_engine, session_factory
 from shared.events import EventWriter
 from shared.settings import Settings
 
 if TYPE_CHECKING:
-    from api.admission import Admission
-    from api.metrics import ApiMetrics
+    from api.http.metrics import ApiMetrics
+    from api.jobs.admission import Admission
 
 
 @dataclass
@@ -109,7 +109,7 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
             models,
             KeyStore(settings, sessions),
         )
-        from api.admission import Admission  # it needs Services itself
+        from api.jobs.admission import Admission  # it needs Services itself
 
         services.admission = Admission(services)
         services.insert_job = Grouped(partial(insert_jobs, db))

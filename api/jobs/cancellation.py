@@ -8,9 +8,9 @@ import logging
 
 from sqlalchemy import func, select
 
-from api.auth import OPEN, Principal
-from api.errors import JOB_FINISHED, JOB_NOT_FOUND, Conflict, NotFound
-from api.services import Services
+from api.http.errors import JOB_FINISHED, JOB_NOT_FOUND, Conflict, NotFound
+from api.http.services import Services
+from api.tenancy.auth import OPEN, Principal
 from shared import keys
 from shared.models import Job
 from shared.states import TERMINAL, FinishReason, JobStatus

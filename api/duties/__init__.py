@@ -1,0 +1,1 @@
+"""Background duties of the API processes: leases and the loops that run under them."""

@@ -1,0 +1,1 @@
+"""The request path of a job: submission, enqueue, admission, cancellation, deadlines, waiting, views."""

@@ -1,0 +1,1 @@
+"""Tenants: API keys, authentication, limits, rate limits and idempotency keys."""
