@@ -1,8 +1,9 @@
 """Waiting for jobs: N clients each submit one chat job at once and wait for its result, three ways,
 against one stack in one run: `Prefer: wait=60` (one request that returns the finished job), polling
 `GET /v1/jobs/{id}` every 50 ms, and following the job's SSE stream. Each mode is measured over the
-same window: the API process's CPU, the requests it served, and the engine's tokens/s (the tokens of
-the mode's jobs that finished inside the window, over the window).
+same window: the CPU of every process of the stack (API, worker, PostgreSQL, Valkey) and of the
+clients, the requests the API served, and the engine's tokens/s (the worker's own counter of
+generated tokens, read at both ends of the window).
 
     python -m bench waiting [--clients 200] [--max-tokens 32] [--poll-ms 50] [--window 60]
 """
@@ -19,8 +20,9 @@ from typing import Any
 import httpx
 
 from bench import aio
-from bench.harness import demo_model, running_stack
-from bench.machine import CpuByProcess, describe
+from bench.harness import RunningStack, demo_model, running_stack
+from bench.machine import CpuByProcess, describe, stack_markers
+from bench.procs import free_port
 from bench.stats import write_json
 from shared.headers import PREFER
 
@@ -92,14 +94,25 @@ async def _jobs_of(client: httpx.AsyncClient, tag: str) -> list[dict[str, Any]]:
         after = page["next_after"]
 
 
-async def _mode(base_url: str, api_pid: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """All clients at once for `window` seconds: the API's CPU and requests, and the engine's tokens/s
-    (tokens of this mode's jobs that finished inside the window, over the window). Then what is left
-    of the mode's jobs is cancelled, so that the next mode starts on an idle engine."""
+async def _generated(metrics_url: str) -> float:
+    """The worker's count of generated tokens (its Prometheus counter)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(metrics_url)).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inferq:generation_tokens_total")
+    )
+
+
+async def _mode(stack: RunningStack, metrics_url: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """All clients at once for `window` seconds: every process's CPU, the API's requests, and the
+    engine's tokens/s over the window. Then what is left of the mode's jobs is cancelled, so that the
+    next mode starts on an idle engine."""
     n = _Counter()
     tag = f"{mode}-{time.time_ns()}"
     limits = httpx.Limits(max_connections=args.clients + 16, max_keepalive_connections=args.clients + 16)
-    async with httpx.AsyncClient(base_url=base_url, timeout=180, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=180, limits=limits) as client:
 
         async def one(i: int) -> dict[str, Any]:
             body = {**_job(i, args.max_tokens), "metadata": {"bench": tag}}
@@ -109,13 +122,16 @@ async def _mode(base_url: str, api_pid: int, mode: str, args: argparse.Namespace
                 return await _poll(client, body, n, args.poll_ms / 1000)
             return await _sse(client, body, n)
 
-        cpu = CpuByProcess({"inferq api": api_pid}).start()
+        named = {"inferq api": stack.api_pid, "inferq worker": stack.worker_pid or 0}
+        cpu = CpuByProcess(named, stack_markers(stack.redis_url, stack.database_url)).start()
+        tokens0 = await _generated(metrics_url)
         t0_wall, t0 = time.time(), time.perf_counter()
         tasks = [asyncio.create_task(one(i)) for i in range(args.clients)]
         done, pending = await asyncio.wait(tasks, timeout=args.window)
         elapsed = time.perf_counter() - t0
         cores = cpu.cores()
         requests = n.requests
+        tokens = await _generated(metrics_url) - tokens0
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -124,13 +140,13 @@ async def _mode(base_url: str, api_pid: int, mode: str, args: argparse.Namespace
             if job["status"] not in TERMINAL:
                 await client.post(f"/v1/jobs/{job['id']}/cancel")
     inside = [j for j in jobs if j["status"] == "succeeded" and _ts(j["finished_at"]) <= t0_wall + elapsed]
-    tokens = sum(j["usage"]["completion_tokens"] for j in inside)
     return {
         "clients": args.clients,
         "window_s": round(elapsed, 1),
         "clients_with_their_result": len(done),
         "jobs_finished_in_window": len(inside),
         "api_cpu_cores": cores.get("inferq api", 0.0),
+        "cpu_cores_by_process": cores,
         "api_requests": requests,
         "api_requests_per_s": round(requests / elapsed, 1),
         "client_transport_errors": n.errors,
@@ -145,30 +161,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--poll-ms", type=float, default=50.0)
     parser.add_argument("--window", type=float, default=60.0, help="seconds each mode is measured")
     parser.add_argument("--modes", default="prefer_wait,poll,sse")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the stack's processes")
     parser.add_argument("--log-dir", type=Path, default=Path("bench/out/logs"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    env = {"INFERQ_AUTH": "off", "INFERQ_MAX_QUEUE_SECONDS": "1000000000"}
+    metrics_port = free_port()
+    env = {
+        "INFERQ_AUTH": "off",
+        "INFERQ_MAX_QUEUE_SECONDS": "1000000000",
+        "INFERQ_WORKER__METRICS_PORT": str(metrics_port),
+        "INFERQ_WORKER__METRICS_HOST": "127.0.0.1",
+    }
+    env.update(dict(e.split("=", 1) for e in args.env))
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     result: dict[str, Any] = {"benchmark": "waiting", "machine": describe(), "modes": {}}
     with running_stack(demo_model(), log_dir=args.log_dir, extra_env=env) as stack:
         # One warm-up round, so that the first mode does not pay for the engine's first steps.
         aio.run(
             _mode(
-                stack.base_url,
-                stack.api_pid,
+                stack,
+                metrics_url,
                 "prefer_wait",
                 argparse.Namespace(**{**vars(args), "clients": 8}),
             )
         )
         for mode in args.modes.split(","):
             print(f"waiting: {args.clients} clients, {mode}…", flush=True)
-            r = aio.run(_mode(stack.base_url, stack.api_pid, mode, args))
+            r = aio.run(_mode(stack, metrics_url, mode, args))
             result["modes"][mode] = r
             print(
                 f"  {mode:<12} api {r['api_cpu_cores']:.2f} cores, {r['api_requests_per_s']} req/s, "
                 f"engine {r['engine_tokens_per_s']} tokens/s, {r['jobs_finished_in_window']} jobs "
-                f"finished in {r['window_s']} s",
+                f"finished in {r['window_s']} s; cores {r['cpu_cores_by_process']}",
                 flush=True,
             )
     modes = result["modes"]

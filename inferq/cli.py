@@ -125,6 +125,11 @@ def worker(
     settings_from_stdin: FromStdinOpt = False,
 ) -> None:
     """Run one GPU worker: one model on one device, continuous batching."""
+    # Before torch (and its OpenMP runtime) loads: OpenMP threads that spin while they wait turned a
+    # CPU engine sharing its cores with the API, the databases or clients from ~30 into ~2 tokens/s
+    # (bench/RESULTS.md, waiting); a GPU worker's CPU threads barely use OpenMP. A value the user set
+    # wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if settings_from_stdin:
         _settings_from_stdin("worker.main", "transformers.models.auto.modeling_auto")
     from worker.main import run

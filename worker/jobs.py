@@ -299,12 +299,16 @@ class JobRunner:
             run.handle = self.engine.submit(f"{run.job_id}#{run.claim.attempt}", input_ids + resumed, options)
         index = run.next_index
         itl = metrics.itl.labels(self.model_name)
+        # Counted as the engine makes them, so that a rate of this counter is live (not a lump at
+        # each job's end) and counts what a failed or lost job generated too.
+        generated = metrics.generation_tokens.labels(self.model_name)
         last_token_at = 0.0
         while run.handle is not None and not run.stopped:
             update_ = await run.handle.next()
             if update_.error:
                 raise RuntimeError(update_.error)
             if update_.new_tokens:
+                generated.inc(len(update_.new_tokens))
                 now = time.monotonic()
                 if run.t_first is None:
                     run.t_first = now
@@ -398,7 +402,6 @@ class JobRunner:
         name = self.model_name
         metrics.e2e.labels(name).observe(timings["total_ms"] / 1000)
         metrics.prompt_tokens.labels(name).inc(prompt)
-        metrics.generation_tokens.labels(name).inc(completion)
         metrics.success.labels(name, reason.value).inc()
         log.info(
             "job ended: %s, %d tokens",

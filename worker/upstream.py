@@ -137,6 +137,7 @@ class UpstreamRunner(JobRunner):
         completion = int((usage or {}).get("completion_tokens") or index)
         prompt = int((usage or {}).get("prompt_tokens") or run.claim.prompt_tokens or 0)
         self.upstream.stats.tokens += completion
+        metrics.generation_tokens.labels(self.model_name).inc(completion)  # the upstream tells at the end
         if run.cancelled:
             reason = FinishReason.CANCELLED
         elif run.timed_out:
