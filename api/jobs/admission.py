@@ -31,10 +31,13 @@ def _budget() -> ColumnElement[Any]:
     )
 
 
-async def fleet_capacity(services: Services, model: str) -> tuple[float, int]:
-    """The fleet's rate for `model` (tokens/s) and its free engine slots."""
+async def fleet_capacity(
+    services: Services, model: str, workers: list[dict[str, Any]] | None = None
+) -> tuple[float, int]:
+    """The fleet's rate for `model` (tokens/s) and its free engine slots (from `workers`, the registry
+    as the caller read it, or read now)."""
     rate, free = 0.0, 0
-    for w in await live_workers(services.redis):
+    for w in workers if workers is not None else await live_workers(services.redis):
         if w.get("model") == model and not w.get("draining"):
             rate += max(float(w.get("tokens_per_s") or 0), float(w.get("tokens_per_s_peak") or 0))
             free += max(0, int(w.get("capacity") or 0) - int(w.get("running") or 0))
@@ -108,7 +111,9 @@ class Admission:
         backlog.tokens += tokens  # until the next refresh, count what this process admits
         backlog.jobs += 1
 
-    async def position(self, job: Job) -> tuple[int, float | None]:
+    async def position(
+        self, job: Job, workers: list[dict[str, Any]] | None = None
+    ) -> tuple[int, float | None]:
         """Where a queued interactive job stands (1 = next), and the seconds until it should start."""
         async with self.services.sessions() as session:
             ahead, tokens = (
@@ -121,6 +126,6 @@ class Admission:
                     )
                 )
             ).one()
-        rate, free = await fleet_capacity(self.services, job.model)
+        rate, free = await fleet_capacity(self.services, job.model, workers)
         waiting = _Backlog(0.0, int(tokens), int(ahead), rate, free)
         return int(ahead) + 1, (round(waiting.wait_seconds(), 1) if rate > 0 else None)

@@ -125,11 +125,11 @@ async def get_job(
                 WebhookDeliveryStatus.model_validate(d, from_attributes=True) for d in deliveries
             ]
     if job.status == JobStatus.QUEUED.value:
-        serving = {w.get("model") for w in await live_workers(services.redis) if not w.get("draining")}
-        if job.model not in serving:
+        workers = await live_workers(services.redis)  # read once per poll: a SCAN of the keyspace
+        if job.model not in {w.get("model") for w in workers if not w.get("draining")}:
             response.waiting = NO_WORKER.format(model=job.model)
         elif job.batch_id is None:
-            response.queue_position, response.eta_seconds = await services.admission.position(job)
+            response.queue_position, response.eta_seconds = await services.admission.position(job, workers)
     hint = retry_after(job.status, response.eta_seconds)
     if hint is not None:  # a poll of an unfinished job: when asking again is worth it
         reply.headers[RETRY_AFTER] = hint
