@@ -22,10 +22,16 @@ from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from api.http.errors import MISSING_KEY, STREAM_TOKEN_EXPIRED, STREAM_TOKEN_INVALID, STREAM_TOKEN_OTHER_JOB
+from api.http.errors import (
+    MISSING_KEY,
+    STREAM_TOKEN_EXPIRED,
+    STREAM_TOKEN_INVALID,
+    STREAM_TOKEN_OTHER_JOB,
+    STREAM_TOKEN_REVOKED,
+)
 from api.streams.tokens import sign
 from shared import keys
-from shared.apikeys import hash_key, new_key
+from shared.apikeys import hash_key, key_id_of, new_key
 from shared.browser import STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH, UI_PATH
 from shared.models import ApiKey, new_key_id
 from shared.settings import Settings
@@ -56,12 +62,14 @@ class Console:
     db: AsyncEngine
     made: list[str] = field(default_factory=list)
 
-    async def key(self, tenant: str) -> str:
+    async def key(self, tenant: str, rate_per_minute: int | None = None) -> str:
         key_id = new_key_id()
         key = new_key(key_id)
         async with self.db.begin() as conn:
             await conn.execute(
-                ApiKey.__table__.insert().values(id=key_id, tenant=tenant, key_hash=hash_key(key))
+                ApiKey.__table__.insert().values(
+                    id=key_id, tenant=tenant, key_hash=hash_key(key), rate_per_minute=rate_per_minute
+                )
             )
         self.made.append(key_id)
         return key
@@ -183,6 +191,26 @@ async def test_stats_give_the_figures_of_metrics_as_json(client: httpx.AsyncClie
         assert model["waiting"][lane] == _gauge(text, "inferq:num_requests_waiting", labels)
     assert abs(stats["time"] - time.time()) < 60
     assert (await wait_job(client, job["id"]))["status"] == "cancelled"
+
+
+async def test_stream_token_counts_against_its_key_and_ends_with_it(console: Console, stack: Stack) -> None:
+    key = await console.key("console-limited", rate_per_minute=4)
+    if time.time() % 60 > 40:  # the limit's window is the UTC minute: run all five requests inside one
+        await asyncio.sleep(60 - time.time() % 60)
+    async with console.client(key) as c, console.client(None) as anon:
+        job = await submit(c, messages=FRANCE, max_tokens=4, temperature=0)  # request 1 of the window
+        minted = await c.post(f"/v1/jobs/{job['id']}/{STREAM_TOKEN_PATH}")  # 2
+        assert minted.status_code == 200, minted.text
+        token = minted.json()["token"]
+        for _ in range(2):  # 3 and 4: a reconnecting EventSource is a client like any other
+            events = await read_sse(anon, job["id"], params={STREAM_TOKEN_PARAM: token})
+            assert events[-1].event == "done"
+        over = _error(await anon.get(f"/v1/jobs/{job['id']}/events", params={STREAM_TOKEN_PARAM: token}), 429)
+        assert over["code"] == "rate_limit_exceeded"
+        await _revoke(console.db, [key_id_of(key)])
+        await asyncio.sleep(1.0)  # the API trusts what it read about keys for 0.5 s here
+        gone = _error(await anon.get(f"/v1/jobs/{job['id']}/events", params={STREAM_TOKEN_PARAM: token}), 401)
+        assert gone["message"] == STREAM_TOKEN_REVOKED
 
 
 async def test_stream_token_opens_only_its_job_until_it_expires(console: Console, stack: Stack) -> None:

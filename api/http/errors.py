@@ -37,6 +37,7 @@ QUEUE_FULL = "the queue is {seconds:.0f}s deep, over the {limit:.0f}s limit; ret
 STREAM_TOKEN_INVALID = "the stream token is not valid (malformed or tampered with)"
 STREAM_TOKEN_EXPIRED = "the stream token has expired; get a new one from POST /v1/jobs/{job_id}/stream_token"
 STREAM_TOKEN_OTHER_JOB = "the stream token is for another job"
+STREAM_TOKEN_REVOKED = "the API key that made this stream token has been revoked"
 
 
 class ApiError(Exception):

@@ -13,13 +13,14 @@ from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.http.deps import ServicesDep
-from api.http.errors import JOB_NOT_FOUND, InvalidRequest, NotFound
+from api.http.errors import JOB_NOT_FOUND, STREAM_TOKEN_REVOKED, InvalidRequest, NotFound, Unauthorized
 from api.http.services import Services
 from api.jobs.views import job_urls
 from api.streams.sse import job_events as events_of
 from api.streams.sse import load_job, sse_response
 from api.streams.tokens import mint, verify
 from api.tenancy.auth import Principal, PrincipalDep, authenticate
+from api.tenancy.ratelimit import limit_requests
 from shared.browser import LAST_EVENT_ID, STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH
 from shared.events import Event, dumps
 
@@ -50,12 +51,19 @@ async def stream_principal(
     ] = None,
 ) -> Principal:
     """Who reads the stream: with a token (and auth on), that job's tenant, for that job only; else
-    whoever the API key says. No per-key request limit applies to a token: it opens one job's stream,
-    for minutes, and its key was counted when it was minted."""
+    whoever the API key says. A token ends with the key that minted it (revoked: refused, within the
+    key cache's time), and each stream it opens counts against that key's request limit, so that a
+    reconnecting EventSource is limited like any other client."""
     if token is None or not await services.auth.required():
         return await authenticate(request, services)
     grant = await verify(services, token, job_id)
-    return Principal(tenant=grant.tenant)
+    if grant.key_id is None:  # minted while the API was open
+        return Principal(tenant=grant.tenant)
+    key = await services.auth.lookup(grant.key_id)
+    if key is None or key.revoked:
+        raise Unauthorized(STREAM_TOKEN_REVOKED, code="invalid_stream_token")
+    await limit_requests(services, key.id, key.rate_per_minute, request)
+    return Principal(grant.tenant, key.id, key.rate_per_minute, key.tokens_per_day)
 
 
 def _sse(event: Event) -> ServerSentEvent:
@@ -110,6 +118,6 @@ async def stream_token(job_id: str, services: ServicesDep, principal: PrincipalD
     job = await load_job(services, job_id)
     if job is None or not principal.owns(job.tenant):
         raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
-    token, expires_at = await mint(services, job.id, job.tenant)
+    token, expires_at = await mint(services, job.id, job.tenant, principal.key_id)
     url = f"{job_urls(job.id).events}?{STREAM_TOKEN_PARAM}={quote(token)}"
     return StreamToken(token=token, expires_at=expires_at, url=url)

@@ -24,11 +24,14 @@ _CODE = "invalid_stream_token"
 
 @dataclass(frozen=True)
 class StreamGrant:
-    """What a valid token lets its bearer do: read one job's events, as that job's tenant, until then."""
+    """What a valid token lets its bearer do: read one job's events, as that job's tenant, until then;
+    `key_id` is the API key that minted it (None while the API was open), whose revocation ends it and
+    whose request limit its reconnects count against."""
 
     job_id: str
     tenant: str | None
     expires_at: int
+    key_id: str | None = None
 
 
 def _b64(raw: bytes) -> str:
@@ -57,16 +60,18 @@ def _mac(secret: bytes, payload: bytes) -> bytes:
     return hmac.new(key, payload, hashlib.sha256).digest()
 
 
-def sign(secret: bytes, job_id: str, tenant: str | None, expires_at: int) -> str:
+def sign(secret: bytes, job_id: str, tenant: str | None, expires_at: int, key_id: str | None = None) -> str:
     """The token itself: its claims, readable, and their HMAC."""
-    payload = json.dumps({"job": job_id, "tenant": tenant, "exp": expires_at}, separators=(",", ":")).encode()
+    claims = {"job": job_id, "tenant": tenant, "key": key_id, "exp": expires_at}
+    payload = json.dumps(claims, separators=(",", ":")).encode()
     return f"{_VERSION}.{_b64(payload)}.{_b64(_mac(secret, payload))}"
 
 
-async def mint(services: Services, job_id: str, tenant: str | None) -> tuple[str, int]:
-    """A token for the events of `job_id` (owned by `tenant`), and when it expires (Unix seconds)."""
+async def mint(services: Services, job_id: str, tenant: str | None, key_id: str | None) -> tuple[str, int]:
+    """A token for the events of `job_id` (owned by `tenant`), minted by `key_id`, and when it expires
+    (Unix seconds)."""
     expires_at = int(time.time()) + services.settings.stream_token_seconds
-    return sign(await _secret(services), job_id, tenant, expires_at), expires_at
+    return sign(await _secret(services), job_id, tenant, expires_at, key_id), expires_at
 
 
 async def verify(services: Services, token: str, job_id: str) -> StreamGrant:
@@ -85,4 +90,4 @@ async def verify(services: Services, token: str, job_id: str) -> StreamGrant:
         raise Unauthorized(STREAM_TOKEN_OTHER_JOB, code=_CODE)
     if claims["exp"] <= time.time():
         raise Unauthorized(STREAM_TOKEN_EXPIRED.format(job_id=job_id), code=_CODE)
-    return StreamGrant(claims["job"], claims["tenant"], int(claims["exp"]))
+    return StreamGrant(claims["job"], claims["tenant"], int(claims["exp"]), claims.get("key"))
