@@ -229,6 +229,7 @@ async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(
         body = {"messages": [{"role": "user", "content": f"Count from 1 to {i % 9 + 3}."}], "max_tokens": 24}
         ids.append((await submit(fc, **body, temperature=0))["id"])
     reclaims: list[float] = []
+    detections: list[float] = []  # SIGKILL -> the reaper has put the worker's jobs back in the queue
     for _ in range(3):
         # Kill only while the other worker is up: reclaim is measured, not the restart of a process.
         await asyncio.to_thread(fleet.stack.wait_workers, 2)
@@ -242,6 +243,13 @@ async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(
         victim.send(signal.SIGKILL)
         await asyncio.to_thread(victim.popen.wait)  # type: ignore[union-attr]
         victim.start()
+        while any(  # the reaper has found the loss once no job runs on the dead worker any more
+            j["worker_id"] == victim_id
+            for j in (await fc.get("/v1/jobs", params={"status": "running", "limit": 100})).json()["data"]
+        ):
+            assert time.time() - killed_at < 60, "the reaper never took the dead worker's jobs back"
+            await asyncio.sleep(0.2)
+        detections.append(time.time() - killed_at)
         restarts = []
         for job_id, attempts in held.items():
             job = await _poll(
@@ -256,17 +264,21 @@ async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(
     with capsys.disabled():
         print(
             f"\nreclaim time (SIGKILL -> running again), per kill: {', '.join(f'{r:.1f}s' for r in reclaims)}"
+            f"; of which finding the loss: {', '.join(f'{r:.1f}s' for r in detections)}"
         )
     assert [j["status"] for j in finals] == ["succeeded"] * 100
     assert all(j["usage"]["completion_tokens"] > 0 for j in finals)
     assert not (await fc.get("/v1/jobs", params={"status": "running"})).json()["data"]
     for job_id in ids:
         assert [e for e, _ in _events(fleet.stack.servers.redis_url, job_id)].count("done") == 1
-    # SIGKILL to running again: the registry key's expiry (3 beats) and the reaper's grace (2 s) are
-    # about 5 s; the rest is waiting for a slot on the surviving worker, whose engine is full (8 of 8,
-    # ~90 jobs queued), which on a quiet 2-core machine takes up to 13 s, and up to 20 s while other
-    # work shares the two cores (measured: 17.4, 8.3, 20.2 s with a second test session running).
-    assert max(reclaims) <= 20.0, reclaims
+    # SIGKILL to requeued is inferq's own part: the registry key's expiry (3 beats of 1 s), the
+    # reaper's grace (2 s) and its tick, about 5 s. Requeued to running again is waiting for a slot on
+    # the surviving worker, whose engine is full (8 of 8, ~90 jobs queued): how long depends on how
+    # fast that engine runs, 3 to 13 s on a quiet 2-core machine and past 20 s while other work shares
+    # the cores (17.4, 8.3, 20.2 and 8.5, 14.7, 20.8 s measured with other test sessions running);
+    # the 60 s poll above bounds it.
+    assert max(detections) <= 10.0, detections
+    assert max(reclaims) <= 30.0, reclaims
     try:
         got = await receiver.wait(100, timeout=60)
     finally:
