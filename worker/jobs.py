@@ -289,6 +289,7 @@ class JobRunner:
             top_k=request.get("top_k"),
             response_format=request.get("response_format"),
             grammar_prefix=tuple(resumed),
+            seed=request.get("seed"),
         )
         decoder = IncrementalDecoder(tokenizer, request.get("stop"), context=resumed)
         if len(resumed) >= max_tokens or run.timed_out:
