@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from shared import keys
+from shared.logprobs import LOGPROBS
 
 EventType = Literal["status", "token", "done", "error"]
 END_EVENTS: frozenset[str] = frozenset({"done", "error"})
@@ -76,6 +77,25 @@ def text_of(events: list[Event]) -> str:
     for event in events:
         text = text_after(text, event)
     return text
+
+
+def logprobs_of(events: list[Event]) -> list[dict[str, Any]]:
+    """The logprobs (shared.logprobs) of a job's text so far, from its events in order, kept as
+    `text_of` keeps the text: an attempt that starts over drops them, one that continues keeps the
+    tokens that fit in the characters it continues from."""
+    entries: list[dict[str, Any]] = []
+    for event in events:
+        if event.event == "token":
+            entries += event.data.get(LOGPROBS) or []
+        elif event.event == "status" and event.data.get("status") == "running":
+            keep, chars = [], int(event.data.get(RESUME_FROM) or 0)
+            for entry in entries:
+                chars -= len(entry["token"])
+                if chars < 0:
+                    break
+                keep.append(entry)
+            entries = keep
+    return entries
 
 
 def dumps(data: dict[str, Any]) -> str:

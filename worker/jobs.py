@@ -18,15 +18,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared import keys, logs
 from shared.deadlines import ended, expire_unstarted
-from shared.events import RESUME_FROM, read_events, text_of
+from shared.events import RESUME_FROM, logprobs_of, read_events, text_of
+from shared.logprobs import LOGPROBS
 from shared.models import Job
 from shared.prompts import prompt_token_ids
 from shared.states import FinishReason, JobStatus
 from shared.webhooks import OUTPUT, queue_output_delivery
 from worker import metrics
-from worker.detok import IncrementalDecoder
+from worker.detok import IncrementalDecoder, TokenTexts
 from worker.engine import Engine, RequestHandle, SamplingOptions
 from worker.publisher import EventBatcher
+from worker.sampling import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class _Run:
     job_id: str
     claim: _Claim
     resume: str = ""  # the text an earlier attempt published, which this one continues
+    resume_logprobs: list[dict[str, Any]] = field(default_factory=list)  # that text's tokens' logprobs
     next_index: int = 0  # index of the next token event
     handle: RequestHandle | None = None
     cancelled: bool = False
@@ -101,6 +104,29 @@ class JobRunner:
         self.model_name = model_name
         self.output_webhook_seconds = output_webhook_seconds
         self.running: dict[str, _Run] = {}
+        self._token_texts: TokenTexts | None = None
+
+    def _logprob_dicts(self, entries: list[TokenLogprob], eos: set[int]) -> list[dict[str, Any]]:
+        """The sampler's entries as shared.logprobs.TokenLogprob dicts; the end-of-sequence token that
+        ends a generation is not one of the answer's tokens (nor at OpenAI)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.engine.tokenizer)
+        texts = self._token_texts
+        out = []
+        for entry in entries:
+            if entry.token in eos:
+                continue
+            token, raw = texts(entry.token)
+            top = []
+            for alt, logprob in entry.top:
+                alt_token, alt_raw = texts(alt)
+                top.append({"token": alt_token, "logprob": logprob, "bytes": alt_raw})
+            out.append({"token": token, "logprob": entry.logprob, "bytes": raw, "top_logprobs": top})
+        return out
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.engine.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
 
     async def run(self, job_id: str) -> str:
         logs.job_id.set(job_id)  # this task's log lines name the job (and, once claimed, its request)
@@ -122,7 +148,7 @@ class JobRunner:
         )
         run = _Run(job_id, claim)
         if claim.attempt > 1:
-            run.resume, run.next_index = await self._published(job_id)
+            run.resume, run.next_index, run.resume_logprobs = await self._published(job_id)
         self.running[job_id] = run
         metrics.queue_time.labels(self.model_name).observe(_ms(claim.started_at - claim.created_at) / 1000)
         metrics.running.labels(self.model_name).inc()
@@ -201,19 +227,20 @@ class JobRunner:
         await self.events.flush()
         return True
 
-    async def _published(self, job_id: str) -> tuple[str, int]:
+    async def _published(self, job_id: str) -> tuple[str, int, list[dict[str, Any]]]:
         """The text earlier attempts of a job published (this attempt continues it rather than start
-        over, so that what clients already have stays true), and the next token event's index."""
+        over, so that what clients already have stays true), the next token event's index, and the
+        logprobs of that text's tokens (for a job that asked for them)."""
         try:
             events = await read_events(self.redis, job_id)
         except Exception as exc:
             log.warning("job %s: cannot read the text it had so far (%s); starting over", job_id, exc)
-            return "", 0
+            return "", 0, []
         indexes = [int(e.data.get("index", 0)) for e in events if e.event == "token"]
         text = text_of(events)
         if text:
             log.info("job %s continues from the %d characters it had published", job_id, len(text))
-        return text, max(indexes, default=-1) + 1
+        return text, max(indexes, default=-1) + 1, logprobs_of(events)
 
     def cancel(self, job_id: str) -> bool:
         """Stop a running job mid-generation; its tokens so far are kept."""
@@ -290,7 +317,11 @@ class JobRunner:
             response_format=request.get("response_format"),
             grammar_prefix=tuple(resumed),
             seed=request.get("seed"),
+            top_logprobs=int(request.get("top_logprobs") or 0) if request.get("logprobs") else None,
         )
+        eos = self._eos_ids()
+        pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is not published yet
+        logprobs: list[dict[str, Any]] = list(run.resume_logprobs)
         decoder = IncrementalDecoder(tokenizer, request.get("stop"), context=resumed)
         if len(resumed) >= max_tokens or run.timed_out:
             pass  # max_tokens used up by the text it continues from, or its deadline passed already
@@ -316,9 +347,16 @@ class JobRunner:
                         itl.observe((now - last_token_at) / len(update_.new_tokens))
                 last_token_at = now
             run.peak_batch = max(run.peak_batch, update_.batch_size)
+            consumed = len(decoder.token_ids)
             text = decoder.push(update_.new_tokens)
+            if update_.logprobs is not None:
+                # The decoder takes tokens from the front and stops at a stop string: its share.
+                consumed = len(decoder.token_ids) - consumed
+                pending += self._logprob_dicts(update_.logprobs[:consumed], eos)
             if text:
-                self.events.emit(run.job_id, "token", {"index": index, "text": text})
+                self.events.emit(run.job_id, "token", self._token_event(index, text, pending, options))
+                logprobs += pending
+                pending = []
                 index += 1
                 self._output_webhook(run)
             if decoder.stopped:
@@ -327,12 +365,23 @@ class JobRunner:
             if update_.finished:
                 break
         tail = decoder.finish()
-        if tail:
-            self.events.emit(run.job_id, "token", {"index": index, "text": tail})
+        if tail or pending:
+            self.events.emit(run.job_id, "token", self._token_event(index, tail, pending, options))
+            logprobs += pending
         reason = self._finish_reason(run, decoder, options.max_tokens, already=len(resumed))
         status = JobStatus.CANCELLED if run.stopped else JobStatus.SUCCEEDED
         output, completion = run.resume + decoder.text, len(resumed) + len(decoder.token_ids)
-        return await self._complete(run, status, output, completion, reason, len(input_ids))
+        kept = logprobs if options.top_logprobs is not None else None
+        return await self._complete(run, status, output, completion, reason, len(input_ids), kept)
+
+    @staticmethod
+    def _token_event(
+        index: int, text: str, logprobs: list[dict[str, Any]], options: SamplingOptions
+    ) -> dict[str, Any]:
+        event: dict[str, Any] = {"index": index, "text": text}
+        if options.top_logprobs is not None:
+            event[LOGPROBS] = logprobs
+        return event
 
     def _finish_reason(
         self, run: _Run, decoder: IncrementalDecoder, max_tokens: int, already: int = 0
@@ -345,9 +394,7 @@ class JobRunner:
             return FinishReason.LENGTH
         if decoder.stopped:
             return FinishReason.STOP
-        eos = self.engine.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        if decoder.token_ids and decoder.token_ids[-1] in eos_ids:
+        if decoder.token_ids and decoder.token_ids[-1] in self._eos_ids():
             return FinishReason.STOP
         return FinishReason.LENGTH if len(decoder.token_ids) >= max_tokens else FinishReason.STOP
 
@@ -359,6 +406,7 @@ class JobRunner:
         completion: int,
         reason: FinishReason,
         prompt_tokens: int,
+        logprobs: list[dict[str, Any]] | None = None,
     ) -> str:
         now = time.monotonic()
         queue_ms = (run.claim.started_at - run.claim.created_at).total_seconds() * 1000
@@ -372,6 +420,7 @@ class JobRunner:
         values = {
             "status": status.value,
             "output": output,
+            "logprobs": logprobs,
             "finish_reason": reason.value,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,

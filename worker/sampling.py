@@ -185,8 +185,9 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
             if bool((values.view(dtype=torch.float32) < 1.0).any()):
                 sub = top_p[0](sub, values)
         tokens = self._draw(torch.softmax(sub, dim=-1), sampled, extra_rows)
-        drawn = dict(zip(sampled.tolist(), tokens.squeeze(-1).tolist(), strict=True))
-        self._record_logprobs(scores, extra_rows, drawn)
+        if extra_rows:
+            drawn = dict(zip(sampled.tolist(), tokens.squeeze(-1).tolist(), strict=True))
+            self._record_logprobs(scores, extra_rows, drawn)
         onehot = torch.full_like(sub, -float("inf")).scatter_(-1, tokens, 0.0)
         scores = scores.clone()
         scores[sampled] = onehot

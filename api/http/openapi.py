@@ -239,10 +239,6 @@ def _fix_requests(components: dict[str, Schema]) -> None:
         stop = prop(model, "stop")
         if stop is not None:  # a string or a list of them, none empty (JobCreateRequest takes both too)
             stop["anyOf"] = [dict(non_empty), {"type": "array", "items": dict(non_empty)}, {"type": "null"}]
-    for model, only in (("ChatCompletionRequest", [{"const": False}]), ("CompletionRequest", [])):
-        logprobs = prop(model, "logprobs")
-        if logprobs is not None:
-            logprobs["anyOf"] = [*only, {"type": "null"}]
     prompt = prop("CompletionRequest", "prompt")
     if prompt is not None:
         one = {"type": "array", "items": dict(non_empty), "minItems": 1, "maxItems": 1}

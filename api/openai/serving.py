@@ -29,8 +29,10 @@ from api.openai.protocol import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
 )
 from api.streams.sse import job_events, load_job, until_end
@@ -39,6 +41,7 @@ from api.tenancy.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from shared import logs
 from shared.events import text_after
 from shared.headers import JOB_ID
+from shared.logprobs import LOGPROBS, completion_logprobs
 from shared.models import Job
 from shared.schemas import Usage
 from shared.states import FinishReason, JobStatus
@@ -107,19 +110,25 @@ def render(job: Job, kind: Kind) -> ChatCompletion | Completion:
         raise JobCancelled((JOB_TIMED_OUT if timed_out else JOB_CANCELLED).format(job_id=job.id))
     reason: Any = "length" if job.finish_reason == FinishReason.LENGTH.value else "stop"
     created = int(job.created_at.timestamp())
+    logprobs = job.logprobs if job.request.get("logprobs") else None
     if kind == "chat":
+        message = AssistantMessage(content=job.output or "")
+        chat_logprobs = ChoiceLogprobs.model_validate({"content": logprobs}) if logprobs is not None else None
         return ChatCompletion(
             id=response_id(kind, job.id),
             created=created,
             model=job.model,
-            choices=[ChatChoice(message=AssistantMessage(content=job.output or ""), finish_reason=reason)],
+            choices=[ChatChoice(message=message, finish_reason=reason, logprobs=chat_logprobs)],
             usage=_usage(job),
         )
+    text_logprobs = None
+    if logprobs is not None:
+        text_logprobs = CompletionLogprobs.model_validate(completion_logprobs(logprobs))
     return Completion(
         id=response_id(kind, job.id),
         created=created,
         model=job.model,
-        choices=[CompletionChoice(text=job.output or "", finish_reason=reason)],
+        choices=[CompletionChoice(text=job.output or "", finish_reason=reason, logprobs=text_logprobs)],
         usage=_usage(job),
     )
 
@@ -168,6 +177,8 @@ class _Chunks:
         self.model = job.model
         self.created = int(time.time())
         self.include_usage = include_usage
+        self.logprobs = bool(job.request.get("logprobs"))
+        self._offset = 0  # characters of the logprobs' tokens so far (completions' text_offset)
 
     def _dump(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         chunk: dict[str, Any] = {
@@ -181,14 +192,24 @@ class _Chunks:
             chunk["usage"] = usage
         return json.dumps(chunk, separators=(",", ":"))
 
-    def text(self, text: str, finish_reason: str | None = None) -> str:
+    def text(
+        self, text: str, finish_reason: str | None = None, logprobs: list[dict[str, Any]] | None = None
+    ) -> str:
         if self.kind == "chat":
             delta = {"content": text} if text or finish_reason is None else {}
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason}
-        choice["logprobs"] = None
+        choice["logprobs"] = self._logprobs(logprobs) if self.logprobs and finish_reason is None else None
         return self._dump([choice])
+
+    def _logprobs(self, entries: list[dict[str, Any]] | None) -> dict[str, Any]:
+        entries = entries or []
+        if self.kind == "chat":
+            return {"content": entries, "refusal": None}
+        shaped = completion_logprobs(entries, self._offset)
+        self._offset += sum(len(e["token"]) for e in entries)
+        return shaped
 
     def role(self) -> str:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
@@ -211,9 +232,9 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
         async for event in job_events(services, job.id):
             text = text_after(text, event)
             if event.event == "token":
-                if len(text) > sent:
-                    new, sent = text[sent:], len(text)
-                    yield chunks.text(new)
+                if len(text) > sent or event.data.get(LOGPROBS):
+                    new, sent = text[sent:], max(sent, len(text))
+                    yield chunks.text(new, logprobs=event.data.get(LOGPROBS))
             elif event.event == "done":
                 ended = True
                 reason = event.data.get("finish_reason")
