@@ -71,6 +71,11 @@ class SamplingParams(BaseModel):
     response_format: ResponseFormat | None = Field(
         default=None, description="Structured output: a JSON object, or JSON that follows a schema."
     )
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many outputs to generate for the prompt (at most the server's limit, 8 by default).",
+    )
     logprobs: bool | None = Field(
         default=None,
         description="Give each generated token's log-probability (in the job, and in its token events).",
@@ -191,6 +196,15 @@ class WebhookDeliveryStatus(BaseModel):
     last_error: str | None
 
 
+class JobChoice(BaseModel):
+    """One of the outputs of a job that asked for n > 1 (`output` is the first one's text)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
 class JobError(BaseModel):
     type: str
     message: str
@@ -208,6 +222,9 @@ class JobResponse(BaseModel):
     output: str | None
     logprobs: list[TokenLogprob] | None = Field(
         default=None, description="For a job that asked for logprobs: one per generated token."
+    )
+    choices: list[JobChoice] | None = Field(
+        default=None, description="For a job that asked for n > 1: every output; usage counts them all."
     )
     finish_reason: str | None
     usage: Usage | None

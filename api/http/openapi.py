@@ -234,8 +234,6 @@ def _fix_requests(components: dict[str, Schema]) -> None:
         part["properties"].update(type={"const": "text"}, text={"type": "string"})
         part["required"] = ["type", "text"]
     for model in ("ChatCompletionRequest", "CompletionRequest", "JobCreateRequest"):
-        for branch in _branches(prop(model, "n")):
-            branch["maximum"] = 1
         stop = prop(model, "stop")
         if stop is not None:  # a string or a list of them, none empty (JobCreateRequest takes both too)
             stop["anyOf"] = [dict(non_empty), {"type": "array", "items": dict(non_empty)}, {"type": "null"}]

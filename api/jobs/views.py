@@ -31,6 +31,7 @@ def job_response(job: Job) -> JobResponse:
         request=job.request,
         output=job.output,
         logprobs=job.logprobs,  # type: ignore[arg-type]
+        choices=job.choices,  # type: ignore[arg-type]
         finish_reason=job.finish_reason,
         usage=usage,
         timings=Timings(

@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI requests and responses inferq speaks (the subset it can honour).
 
 Unknown request fields are accepted and ignored, as OpenAI clients send many optional ones; fields
-whose meaning inferq cannot honour (`n > 1`, the prompt's logprobs with `echo`) are refused with a
+whose meaning inferq cannot honour (the prompt's logprobs with `echo`) are refused with a
 clear 400 instead of being silently dropped. `response_format` is enforced (shared/structured.py) and
 `logprobs` computed in the worker's sampler (shared/logprobs.py), never ignored.
 """
@@ -22,7 +22,6 @@ from shared.logprobs import (
 )
 from shared.schemas import ChatMessage, JobCreateRequest, ResponseFormat, Usage
 
-N_UNSUPPORTED = "n > 1 is not supported: send n separate requests"
 ECHO_LOGPROBS_UNSUPPORTED = "logprobs with echo would need the prompt's logprobs, which are not supported"
 NON_TEXT_CONTENT = "only text content parts are supported"
 TOOL_MESSAGES_UNSUPPORTED = "tool messages are not supported"
@@ -90,20 +89,17 @@ class _GenerationRequest(BaseModel):
     )
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many choices to generate (at most the server's limit, 8 by default).",
+    )
     response_format: ResponseFormat | None = Field(
         default=None, description="`json_object` or `json_schema`: the output is JSON, enforced by a grammar."
     )
     user: str | None = Field(default=None, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, value: int | None) -> int | None:
-        if value is not None and value > 1:
-            raise ValueError(N_UNSUPPORTED)
-        return value
 
     @property
     def include_usage(self) -> bool:
@@ -120,6 +116,7 @@ class _GenerationRequest(BaseModel):
             "top_k": self.top_k,
             "stop": self.stop,
             "seed": self.seed,
+            "n": self.n if self.n and self.n > 1 else None,
             "response_format": self.response_format,
             "metadata": {"user": self.user} if self.user else None,
         }
