@@ -16,12 +16,18 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from shared import keys
+from shared.logprobs import LOGPROBS
 
 EventType = Literal["status", "token", "done", "error"]
 END_EVENTS: frozenset[str] = frozenset({"done", "error"})
 # On a `running` status: how many characters of the text so far this attempt continues from. A job
 # tried again after losing its worker continues from the text its earlier attempts published.
 RESUME_FROM = "resume_from_chars"
+# A job with n > 1 outputs: a token event's output (absent: 0); on a `running` status, each output's
+# `resume_from_chars`; on `done`, each output's `{index, finish_reason}`.
+CHOICE = "choice"
+RESUME_FROM_BY_CHOICE = "resume_from_chars_by_choice"
+CHOICES = "choices"
 
 _PUBLISH_LUA = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', 'e', ARGV[3], 'd', ARGV[4])
@@ -60,22 +66,55 @@ class Event:
         )
 
 
-def text_after(text: str, event: Event) -> str:
-    """A job's text so far, after one more of its events: a token adds its text; an attempt that starts
-    keeps the first `resume_from_chars` characters (none when it starts over) and drops the rest."""
+def choice_of(event: Event) -> int:
+    """Which of a job's outputs a token event belongs to (0 for a job with one)."""
+    return int(event.data.get(CHOICE) or 0)
+
+
+def _resume_from(event: Event, choice: int) -> int:
+    by_choice = event.data.get(RESUME_FROM_BY_CHOICE)
+    if isinstance(by_choice, list) and choice < len(by_choice):
+        return int(by_choice[choice] or 0)
+    return int(event.data.get(RESUME_FROM) or 0)
+
+
+def text_after(text: str, event: Event, choice: int = 0) -> str:
+    """A job's text so far (of its output `choice`), after one more of its events: a token of that output
+    adds its text; an attempt that starts keeps the first `resume_from_chars` characters (none when it
+    starts over) and drops the rest."""
     if event.event == "token":
-        return text + str(event.data["text"])
+        return text + str(event.data["text"]) if choice_of(event) == choice else text
     if event.event == "status" and event.data.get("status") == "running":
-        return text[: int(event.data.get(RESUME_FROM) or 0)]
+        return text[: _resume_from(event, choice)]
     return text
 
 
-def text_of(events: list[Event]) -> str:
-    """A job's text so far, from its events in order."""
+def text_of(events: list[Event], choice: int = 0) -> str:
+    """A job's text so far (of its output `choice`), from its events in order."""
     text = ""
     for event in events:
-        text = text_after(text, event)
+        text = text_after(text, event, choice)
     return text
+
+
+def logprobs_of(events: list[Event], choice: int = 0) -> list[dict[str, Any]]:
+    """The logprobs (shared.logprobs) of a job's text so far, from its events in order, kept as
+    `text_of` keeps the text: an attempt that starts over drops them, one that continues keeps the
+    tokens that fit in the characters it continues from."""
+    entries: list[dict[str, Any]] = []
+    for event in events:
+        if event.event == "token":
+            if choice_of(event) == choice:
+                entries += event.data.get(LOGPROBS) or []
+        elif event.event == "status" and event.data.get("status") == "running":
+            keep, chars = [], _resume_from(event, choice)
+            for entry in entries:
+                chars -= len(entry["token"])
+                if chars < 0:
+                    break
+                keep.append(entry)
+            entries = keep
+    return entries
 
 
 def dumps(data: dict[str, Any]) -> str:

@@ -65,6 +65,10 @@ class Job(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB, nullable=True)
 
     output: Mapped[str | None] = mapped_column(Text)
+    # For a job that asked for logprobs: shared.logprobs.TokenLogprob dicts, one per generated token.
+    logprobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB, nullable=True)
+    # For a job with n > 1 outputs: each as {index, text, finish_reason, logprobs}; `output` is the first.
+    choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB, nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)

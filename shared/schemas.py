@@ -6,9 +6,10 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from shared.deadlines import parse_duration
+from shared.logprobs import MAX_TOP_LOGPROBS, TOP_LOGPROBS_WITHOUT_LOGPROBS, TokenLogprob
 from shared.states import JobStatus
 from shared.webhooks import JobWebhookEvent
 
@@ -70,6 +71,28 @@ class SamplingParams(BaseModel):
     response_format: ResponseFormat | None = Field(
         default=None, description="Structured output: a JSON object, or JSON that follows a schema."
     )
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many outputs to generate for the prompt (at most the server's limit, 8 by default).",
+    )
+    logprobs: bool | None = Field(
+        default=None,
+        description="Give each generated token's log-probability (in the job, and in its token events).",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: also the most likely tokens at each position, this many.",
+    )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError(TOP_LOGPROBS_WITHOUT_LOGPROBS)
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -173,6 +196,15 @@ class WebhookDeliveryStatus(BaseModel):
     last_error: str | None
 
 
+class JobChoice(BaseModel):
+    """One of the outputs of a job that asked for n > 1 (`output` is the first one's text)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
 class JobError(BaseModel):
     type: str
     message: str
@@ -188,6 +220,12 @@ class JobResponse(BaseModel):
     finished_at: datetime | None
     request: dict[str, Any]
     output: str | None
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None, description="For a job that asked for logprobs: one per generated token."
+    )
+    choices: list[JobChoice] | None = Field(
+        default=None, description="For a job that asked for n > 1: every output; usage counts them all."
+    )
     finish_reason: str | None
     usage: Usage | None
     timings: Timings

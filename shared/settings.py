@@ -44,6 +44,7 @@ class LimitSettings(BaseModel):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_metadata_bytes: int = Field(default=4096, ge=2)
     max_stop: int = Field(default=4, ge=0)
+    max_n: int = Field(default=8, ge=1, description="Most outputs (n) one request may ask for.")
     max_stop_chars: int = Field(default=64, ge=1)
     max_schema_bytes: int = Field(
         default=32_768, ge=16, description="Largest response_format JSON schema (canonical JSON bytes)."

@@ -131,9 +131,9 @@ async def test_openai_models_lists_configured_models_before_any_worker_serves_th
 
 async def test_openai_rejects_unsupported_parameters_clearly(oai: AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        await oai.chat.completions.create(model=MODEL, messages=FRANCE, n=2)  # type: ignore[arg-type]
+        await oai.chat.completions.create(model=MODEL, messages=FRANCE, n=9)  # type: ignore[arg-type]
     assert err.value.body["param"] == "n"  # type: ignore[index]
-    assert "n > 1 is not supported" in err.value.body["message"]  # type: ignore[index]
+    assert "n must be at most 8" in err.value.body["message"]  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         await oai.chat.completions.create(model=MODEL, messages=[])
     with pytest.raises(openai.BadRequestError) as err:

@@ -356,7 +356,7 @@ async def test_responses_worker_lost_mid_response_streams_one_consistent_text(
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "not supported"),
         ({"reasoning": {"effort": "low"}}, "reasoning", "not supported"),
         ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format.type", "'text'"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format.type", "'json_schema'"),
         ({"background": True, "store": False}, "store", "must be stored"),
         ({"frobnicate": 1}, "frobnicate", "unknown field"),
         (

@@ -60,6 +60,29 @@ async def test_restarting_the_worker_mid_job_still_succeeds_with_one_result(
     assert rows == 1
 
 
+async def test_restarting_the_worker_mid_job_continues_each_of_n_outputs_with_its_logprobs(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    body = {"messages": STORY, "max_tokens": 40, "temperature": 0.9, "n": 2, "logprobs": True}
+    created = await submit(client, **body)
+    async for event in iter_sse(client, created["id"]):
+        if event.event == "token" and event.data["index"] >= 4:
+            break
+    await asyncio.to_thread(stack.restart_worker, signal.SIGTERM)
+
+    job = await wait_job(client, created["id"])
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    events = [Event(e.id, e.event, e.data) for e in await read_sse(client, created["id"])]
+    restart = next(e for e in events if e.event == "status" and e.data.get("attempt") == 2)
+    for i, choice in enumerate(job["choices"]):
+        before = text_of([e for e in events if e.seq < restart.seq], i)
+        assert restart.data["resume_from_chars_by_choice"][i] == len(before)
+        assert choice["text"].startswith(before) and choice["text"] == text_of(events, i)
+        # The logprobs of the text the first attempt published are kept, and the second's follow them.
+        assert "".join(e["token"] for e in choice["logprobs"]) == choice["text"]
+    assert job["output"] == job["choices"][0]["text"]
+
+
 async def test_api_refuses_to_start_on_an_unmigrated_database(stack: Stack) -> None:
     from tests.conftest import _admin
 

@@ -218,3 +218,51 @@ async def test_structured_bad_response_format_is_a_400_naming_the_field(
     resp = await client.post("/v1/jobs", json={"messages": FRANCE, "response_format": response_format})
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == param
+
+
+async def test_structured_responses_parse_text_format_gives_a_parsed_object(
+    oai: AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    """`text.format` on the Responses route runs the same grammar: the SDK's responses.parse sends a
+    strict json_schema and parses the answer into the model."""
+    raw = await oai.responses.with_raw_response.parse(
+        model=MODEL, input=CITY[0]["content"], text_format=City, temperature=1, max_output_tokens=300
+    )
+    response = raw.parse()
+    assert response.status == "completed"
+    assert isinstance(response.output_parsed, City), response.output_text
+    assert response.text is not None and response.text.format is not None
+    assert response.text.format.type == "json_schema"
+    job = await wait_job(client, raw.headers["x-inferq-job-id"])
+    assert job["request"]["response_format"]["type"] == "json_schema"
+
+    plain = await oai.responses.create(
+        model=MODEL,
+        input="What is the capital of France?",
+        text={"format": {"type": "json_object"}},
+        temperature=0,
+        max_output_tokens=200,
+    )
+    assert isinstance(json.loads(plain.output_text), dict)
+    assert (
+        plain.text is not None and plain.text.format is not None and plain.text.format.type == "json_object"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text_format", "param"),
+    [
+        ({"type": "json_schema", "name": "x", "schema": {"type": "wat"}}, "text.format.schema"),
+        ({"type": "json_schema", "name": "x"}, "text.format"),
+        ({"type": "json_object", "schema": {"type": "object"}}, "text.format"),
+        ({"type": "xml"}, "text.format.type"),
+    ],
+)
+async def test_structured_responses_bad_text_format_is_a_400_naming_the_field(
+    client: httpx.AsyncClient, text_format: dict[str, Any], param: str
+) -> None:
+    resp = await client.post(
+        "/v1/responses", json={"model": MODEL, "input": "Hi", "text": {"format": text_format}}
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param, resp.json()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 # Tokens of context decoded with each new one: enough for a tokenizer to place spaces and join bytes.
 _CONTEXT_TOKENS = 6
 
@@ -98,3 +100,38 @@ class IncrementalDecoder:
         out = self._buffer[self._released : end]
         self._released = end
         return out
+
+
+class TokenTexts:
+    """Each token's text and exact bytes, for logprobs (cached: the same few thousand tokens come back).
+
+    A byte-level BPE vocabulary (GPT-2's, SmolLM2's) spells each byte as a printable character; mapping
+    them back gives the token's bytes, of which a token may hold part of a character. Other tokenizers
+    give the bytes of the token's decoded text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._unbyte: dict[str, int] = {c: b for b, c in bytes_to_unicode().items()}  # type: ignore[no-untyped-call]
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        self._added: dict[int, str] = {int(i): str(t.content) for i, t in added.items()}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            hit = (raw.decode("utf-8", errors="replace"), list(raw))
+            self._cache[token_id] = hit
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        added = self._added.get(token_id)
+        if added is not None:
+            return added.encode()
+        if self._byte_level:
+            piece = self._tok.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and all(c in self._unbyte for c in piece):
+                return bytes([self._unbyte[c] for c in piece])
+        return str(self._tok.decode([token_id])).encode()

@@ -21,6 +21,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 from shared.settings import ModelSettings
 from worker import sampling
 from worker.grammar import Constraint, Grammars
+from worker.sampling import RequestExtras, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ STRUCTURED_UNAVAILABLE = (
     "response_format cannot run on this worker: structured outputs need the CPU sampler (not on GPU "
     "workers yet) and a fast (Rust) tokenizer"
 )
+# Rather than run a seeded request unseeded, or drop the logprobs it asked for, the job fails saying why.
+SAMPLER_UNAVAILABLE = "{what} cannot run on this worker: it needs the CPU sampler (not on GPU workers yet)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,8 @@ class SamplingOptions:
     top_k: int | None
     response_format: dict[str, Any] | None = None  # as stored in the job's request; None: plain text
     grammar_prefix: tuple[int, ...] = ()  # tokens the grammar has seen already (a retried job's text)
+    seed: int | None = None  # the request draws from its own generator, seeded with this
+    top_logprobs: int | None = None  # None: no logprobs; else that many alternatives per token
 
     def processor_kwargs(self, vocab_size: int) -> dict[str, Any]:
         if self.temperature < GREEDY_BELOW:
@@ -60,6 +65,7 @@ class StepUpdate:
     batch_size: int
     finished: bool = False
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, for a request that asked for them
 
 
 @dataclass
@@ -76,6 +82,7 @@ class RequestHandle:
     """What one job sees of its request: token updates as the engine produces them."""
 
     request_id: str
+    extras: RequestExtras | None = None
     _queue: asyncio.Queue[StepUpdate] = field(default_factory=asyncio.Queue)
     _seen: int = 0
     closed: bool = False
@@ -83,10 +90,15 @@ class RequestHandle:
     def _push(self, output: Any, batch_size: int) -> int:
         tokens = output.generated_tokens
         new = list(tokens[self._seen :])
+        logprobs = None
+        if self.extras is not None and self.extras.top_logprobs is not None:
+            # The sampler wrote these in the step that produced the tokens, before the output was sent.
+            logprobs = self.extras.logprobs[self._seen : len(tokens)]
         self._seen = len(tokens)
         failed = output.status == RequestStatus.FAILED or output.error is not None
         finished = bool(output.is_finished())
-        self._queue.put_nowait(StepUpdate(new, batch_size, finished, output.error if failed else None))
+        error = output.error if failed else None
+        self._queue.put_nowait(StepUpdate(new, batch_size, finished, error, logprobs))
         if finished:
             self.closed = True
         return len(new)
@@ -129,6 +141,9 @@ class Engine:
         # The constrained requests' matchers, read by the sampler in the engine's thread (single dict
         # operations, which the GIL keeps whole).
         self._constraints: dict[str, Constraint] = {}
+        # Seeded requests' generators and logprobs requests' lists, likewise (sampling.RequestExtras).
+        self._extras: dict[str, RequestExtras] = {}
+        self._sampler = False  # whether our BatchSampler runs (CPU workers)
         self.step_observer: Callable[[int], None] | None = None  # sees each step's batch size
 
     def start(self) -> None:
@@ -158,7 +173,8 @@ class Engine:
         manager = init(generation_config=gen, continuous_batching_config=cb)
         manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
         if not str(self.model.device).startswith("cuda"):
-            sampling.install(manager, self._constraints)
+            sampling.install(manager, self._constraints, self._extras)
+            self._sampler = True
             self._grammars = self._build_grammars(eos[0] if isinstance(eos, list) else eos)
         manager.start()
         self._manager = manager
@@ -192,11 +208,18 @@ class Engine:
         if self._manager is None:
             raise RuntimeError("engine not started")
         constraint = self._constraint(options)
-        handle = RequestHandle(request_id)
+        extras = RequestExtras.of(options.seed, options.top_logprobs)
+        if extras is not None and not self._sampler:
+            raise RuntimeError(
+                SAMPLER_UNAVAILABLE.format(what="seed" if options.seed is not None else "logprobs")
+            )
+        handle = RequestHandle(request_id, extras)
         self._handles[request_id] = handle
         self.stats.active = len(self._handles)
         if constraint is not None:
             self._constraints[request_id] = constraint
+        if extras is not None:
+            self._extras[request_id] = extras
         accepted = self._manager.add_request(
             input_ids,
             request_id=request_id,
@@ -205,8 +228,7 @@ class Engine:
             **options.processor_kwargs(self.vocab_size),
         )
         if accepted is None:
-            self._handles.pop(request_id, None)
-            self._constraints.pop(request_id, None)
+            self._forget(request_id)
             raise RuntimeError("the engine is not accepting requests")
         return handle
 
@@ -221,9 +243,8 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Drop a request from the engine; its handle ends at once (the engine sends no final output)."""
-        handle = self._handles.pop(request_id, None)
-        self._constraints.pop(request_id, None)
-        self.stats.active = len(self._handles)
+        handle = self._handles.get(request_id)
+        self._forget(request_id)
         if handle is None:
             return
         if self._manager is not None:
@@ -237,6 +258,13 @@ class Engine:
         for rid in list(self._handles):
             self._handles.pop(rid)._close()
         self._constraints.clear()
+        self._extras.clear()
+
+    def _forget(self, request_id: str) -> None:
+        self._handles.pop(request_id, None)
+        self._constraints.pop(request_id, None)
+        self._extras.pop(request_id, None)
+        self.stats.active = len(self._handles)
 
     def _on_step(self, outputs: list[Any]) -> None:
         size = len(outputs)
@@ -251,6 +279,5 @@ class Engine:
                 continue  # cancelled: its late tokens are dropped
             self.stats.tokens += handle._push(output, size)
             if handle.closed:
-                self._handles.pop(output.request_id, None)
-                self._constraints.pop(output.request_id, None)
+                self._forget(output.request_id)
         self.stats.active = len(self._handles)

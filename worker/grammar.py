@@ -34,10 +34,13 @@ class Constraint:
         if prefix:  # a retried job continues the text an earlier attempt published
             matcher.consume_tokens(list(prefix))
 
-    def catch_up(self, generated: Sequence[int]) -> None:
-        if len(generated) > self.consumed:
-            self.matcher.consume_tokens(list(generated[self.consumed :]))
-            self.consumed = len(generated)
+    def catch_up(self, recent: Sequence[int], total: int) -> None:
+        """`total`: how many tokens the request generated; `recent`: the last of them (all of them, unless
+        the engine restarted the request, which moves the earlier ones into its prompt)."""
+        new = total - self.consumed
+        if new > 0:
+            self.matcher.consume_tokens(list(recent[len(recent) - new :]))
+            self.consumed = total
 
 
 class Grammars:

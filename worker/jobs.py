@@ -18,15 +18,25 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared import keys, logs
 from shared.deadlines import ended, expire_unstarted
-from shared.events import RESUME_FROM, read_events, text_of
+from shared.events import (
+    CHOICE,
+    CHOICES,
+    RESUME_FROM,
+    RESUME_FROM_BY_CHOICE,
+    logprobs_of,
+    read_events,
+    text_of,
+)
+from shared.logprobs import LOGPROBS
 from shared.models import Job
 from shared.prompts import prompt_token_ids
 from shared.states import FinishReason, JobStatus
 from shared.webhooks import OUTPUT, queue_output_delivery
 from worker import metrics
-from worker.detok import IncrementalDecoder
+from worker.detok import IncrementalDecoder, TokenTexts
 from worker.engine import Engine, RequestHandle, SamplingOptions
 from worker.publisher import EventBatcher
+from worker.sampling import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +63,34 @@ class _Claim:
 
 
 @dataclass
+class _Output:
+    """One of a job's n outputs as it is generated."""
+
+    index: int
+    resume: str  # the text an earlier attempt published for it
+    resumed: list[int]  # those tokens, which count as generated
+    max_tokens: int
+    options: SamplingOptions
+    decoder: IncrementalDecoder
+    logprobs: list[dict[str, Any]]  # of its published tokens
+    pending: list[dict[str, Any]] = field(default_factory=list)  # of tokens whose text is held back
+    handle: RequestHandle | None = None
+
+    @property
+    def text(self) -> str:
+        return self.resume + self.decoder.text
+
+
+@dataclass
 class _Run:
     job_id: str
     claim: _Claim
-    resume: str = ""  # the text an earlier attempt published, which this one continues
+    n: int = 1  # outputs asked for
+    # The text each output's earlier attempts published, which this one continues, and its logprobs.
+    resumes: list[str] = field(default_factory=lambda: [""])
+    resume_logprobs: list[list[dict[str, Any]]] = field(default_factory=lambda: [[]])
     next_index: int = 0  # index of the next token event
-    handle: RequestHandle | None = None
+    handles: list[RequestHandle] = field(default_factory=list)  # its requests in the engine
     cancelled: bool = False
     timed_out: bool = False  # its deadline passed while it ran
     hook_at: float = 0.0  # when its last `output` webhook was queued
@@ -101,6 +133,29 @@ class JobRunner:
         self.model_name = model_name
         self.output_webhook_seconds = output_webhook_seconds
         self.running: dict[str, _Run] = {}
+        self._token_texts: TokenTexts | None = None
+
+    def _logprob_dicts(self, entries: list[TokenLogprob], eos: set[int]) -> list[dict[str, Any]]:
+        """The sampler's entries as shared.logprobs.TokenLogprob dicts; the end-of-sequence token that
+        ends a generation is not one of the answer's tokens (nor at OpenAI)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.engine.tokenizer)
+        texts = self._token_texts
+        out = []
+        for entry in entries:
+            if entry.token in eos:
+                continue
+            token, raw = texts(entry.token)
+            top = []
+            for alt, logprob in entry.top:
+                alt_token, alt_raw = texts(alt)
+                top.append({"token": alt_token, "logprob": logprob, "bytes": alt_raw})
+            out.append({"token": token, "logprob": entry.logprob, "bytes": raw, "top_logprobs": top})
+        return out
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.engine.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
 
     async def run(self, job_id: str) -> str:
         logs.job_id.set(job_id)  # this task's log lines name the job (and, once claimed, its request)
@@ -120,14 +175,18 @@ class JobRunner:
             claim.attempt,
             _ms(claim.started_at - claim.created_at),
         )
-        run = _Run(job_id, claim)
+        n = int(claim.request.get("n") or 1)
+        run = _Run(job_id, claim, n=n, resumes=[""] * n, resume_logprobs=[[] for _ in range(n)])
         if claim.attempt > 1:
-            run.resume, run.next_index = await self._published(job_id)
+            run.resumes, run.next_index, run.resume_logprobs = await self._published(job_id, n)
         self.running[job_id] = run
         metrics.queue_time.labels(self.model_name).observe(_ms(claim.started_at - claim.created_at) / 1000)
         metrics.running.labels(self.model_name).inc()
         status = {"status": "running", "worker_id": self.worker_id, "attempt": claim.attempt}
-        self.events.emit(job_id, "status", {**status, RESUME_FROM: len(run.resume)})
+        status[RESUME_FROM] = len(run.resumes[0])
+        if n > 1:
+            status[RESUME_FROM_BY_CHOICE] = [len(text) for text in run.resumes]
+        self.events.emit(job_id, "status", status)
         timer = self._arm_deadline(run)
         try:
             return await self._generate(run)
@@ -201,19 +260,21 @@ class JobRunner:
         await self.events.flush()
         return True
 
-    async def _published(self, job_id: str) -> tuple[str, int]:
+    async def _published(self, job_id: str, n: int) -> tuple[list[str], int, list[list[dict[str, Any]]]]:
         """The text earlier attempts of a job published (this attempt continues it rather than start
-        over, so that what clients already have stays true), and the next token event's index."""
+        over, so that what clients already have stays true), the next token event's index, and the
+        logprobs of that text's tokens (for a job that asked for them)."""
         try:
             events = await read_events(self.redis, job_id)
         except Exception as exc:
             log.warning("job %s: cannot read the text it had so far (%s); starting over", job_id, exc)
-            return "", 0
+            return [""] * n, 0, [[] for _ in range(n)]
         indexes = [int(e.data.get("index", 0)) for e in events if e.event == "token"]
-        text = text_of(events)
-        if text:
-            log.info("job %s continues from the %d characters it had published", job_id, len(text))
-        return text, max(indexes, default=-1) + 1
+        texts = [text_of(events, i) for i in range(n)]
+        if any(texts):
+            chars = sum(len(t) for t in texts)
+            log.info("job %s continues from the %d characters it had published", job_id, chars)
+        return texts, max(indexes, default=-1) + 1, [logprobs_of(events, i) for i in range(n)]
 
     def cancel(self, job_id: str) -> bool:
         """Stop a running job mid-generation; its tokens so far are kept."""
@@ -226,8 +287,9 @@ class JobRunner:
 
     def _stop(self, run: _Run) -> None:
         """Make the engine drop the job's request, if it still runs."""
-        if run.handle is not None and not run.handle.closed:
-            self.engine.cancel(run.handle.request_id)
+        for handle in run.handles:
+            if not handle.closed:
+                self.engine.cancel(handle.request_id)
 
     async def _claim(self, job_id: str) -> _Claim | None:
         """Queued -> running, unless its deadline passed before it ever started. The running-time bound
@@ -277,11 +339,69 @@ class JobRunner:
 
     async def _generate(self, run: _Run) -> str:
         request = run.claim.request
-        tokenizer = self.engine.tokenizer
-        input_ids = prompt_token_ids(tokenizer, request)
-        # A retried job continues after the text it had: those tokens count as generated already.
-        resumed = list(tokenizer.encode(run.resume, add_special_tokens=False)) if run.resume else []
+        input_ids = prompt_token_ids(self.engine.tokenizer, request)
         max_tokens = int(request.get("max_tokens") or self.default_max_tokens)
+        outputs = [self._output(run, i, max_tokens) for i in range(run.n)]
+        if run.timed_out:
+            pass  # its deadline passed already
+        elif await self.redis.exists(keys.cancel_flag(run.job_id)):
+            run.cancelled = True
+        else:
+            # The outputs after the first start once its prompt is in the engine's cache, whose full
+            # pages they then share (prefix sharing) instead of computing the prompt n times; a prompt
+            # shorter than a page has none to share, so they start with it.
+            prefilled = asyncio.Event()
+            share = len(input_ids) >= self.engine.settings.page_size
+            tasks = [
+                asyncio.create_task(
+                    self._decode(run, out, input_ids, prefilled, wait=share and out.index > 0)
+                )
+                for out in outputs
+            ]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                # One output failed (or the worker stops): the others end now, before the job's end.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        reasons = [self._finish_reason(run, out) for out in outputs]
+        first = outputs[0]
+        status = JobStatus.CANCELLED if run.stopped else JobStatus.SUCCEEDED
+        completion = sum(len(o.resumed) + len(o.decoder.token_ids) for o in outputs)
+        asked = first.options.top_logprobs is not None
+        choices = None
+        if run.n > 1:
+            choices = [
+                {
+                    "index": o.index,
+                    "text": o.text,
+                    "finish_reason": reason.value,
+                    **({"logprobs": o.logprobs} if asked else {}),
+                }
+                for o, reason in zip(outputs, reasons, strict=True)
+            ]
+        return await self._complete(
+            run,
+            status,
+            first.text,
+            completion,
+            reasons[0],
+            len(input_ids),
+            first.logprobs if asked else None,
+            choices,
+        )
+
+    def _output(self, run: _Run, index: int, max_tokens: int) -> _Output:
+        request = run.claim.request
+        tokenizer = self.engine.tokenizer
+        resume = run.resumes[index]
+        # A retried job continues after the text it had: those tokens count as generated already.
+        resumed = list(tokenizer.encode(resume, add_special_tokens=False)) if resume else []
+        seed = request.get("seed")
+        if seed is not None and index:
+            seed = (int(seed) + index) % 2**63  # n outputs of one seed: n different, reproducible texts
         options = SamplingOptions(
             max_tokens=max(1, max_tokens - len(resumed)),
             temperature=float(request.get("temperature", 1.0)),
@@ -289,22 +409,47 @@ class JobRunner:
             top_k=request.get("top_k"),
             response_format=request.get("response_format"),
             grammar_prefix=tuple(resumed),
+            seed=seed,
+            top_logprobs=int(request.get("top_logprobs") or 0) if request.get("logprobs") else None,
         )
         decoder = IncrementalDecoder(tokenizer, request.get("stop"), context=resumed)
-        if len(resumed) >= max_tokens or run.timed_out:
-            pass  # max_tokens used up by the text it continues from, or its deadline passed already
-        elif await self.redis.exists(keys.cancel_flag(run.job_id)):
-            run.cancelled = True
-        else:
-            run.handle = self.engine.submit(f"{run.job_id}#{run.claim.attempt}", input_ids + resumed, options)
-        index = run.next_index
+        return _Output(index, resume, resumed, max_tokens, options, decoder, list(run.resume_logprobs[index]))
+
+    async def _decode(
+        self, run: _Run, out: _Output, input_ids: list[int], prefilled: asyncio.Event, *, wait: bool
+    ) -> None:
+        """Run one output in the engine and publish its tokens; `prefilled` is set once the first output
+        has its first token (or ended), which is when the others start if `wait`."""
+        try:
+            if len(out.resumed) >= out.max_tokens:
+                return  # max_tokens used up by the text it continues from
+            if wait:
+                await prefilled.wait()
+            if run.stopped:
+                return
+            suffix = f"/{out.index}" if run.n > 1 else ""
+            out.handle = self.engine.submit(
+                f"{run.job_id}#{run.claim.attempt}{suffix}", input_ids + out.resumed, out.options
+            )
+            run.handles.append(out.handle)
+            await self._stream(run, out, out.handle, prefilled)
+        finally:
+            prefilled.set()
+        tail = out.decoder.finish()
+        if tail or out.pending:
+            self._emit_token(run, out, tail)
+
+    async def _stream(self, run: _Run, out: _Output, handle: RequestHandle, prefilled: asyncio.Event) -> None:
+        decoder, eos = out.decoder, self._eos_ids()
         itl = metrics.itl.labels(self.model_name)
         # Counted as the engine makes them, so that a rate of this counter is live (not a lump at
         # each job's end) and counts what a failed or lost job generated too.
         generated = metrics.generation_tokens.labels(self.model_name)
         last_token_at = 0.0
-        while run.handle is not None and not run.stopped:
-            update_ = await run.handle.next()
+        while not run.stopped:
+            update_ = await handle.next()
+            if out.index == 0:
+                prefilled.set()
             if update_.error:
                 raise RuntimeError(update_.error)
             if update_.new_tokens:
@@ -314,45 +459,52 @@ class JobRunner:
                     run.t_first = now
                     queued = _ms(run.claim.started_at - run.claim.created_at) / 1000
                     metrics.ttft.labels(self.model_name).observe(queued + now - run.t_start)
-                else:
+                elif last_token_at:
                     for _ in update_.new_tokens:
                         itl.observe((now - last_token_at) / len(update_.new_tokens))
                 last_token_at = now
             run.peak_batch = max(run.peak_batch, update_.batch_size)
+            consumed = len(decoder.token_ids)
             text = decoder.push(update_.new_tokens)
+            if update_.logprobs is not None:
+                # The decoder takes tokens from the front and stops at a stop string: its share.
+                consumed = len(decoder.token_ids) - consumed
+                out.pending += self._logprob_dicts(update_.logprobs[:consumed], eos)
             if text:
-                self.events.emit(run.job_id, "token", {"index": index, "text": text})
-                index += 1
+                self._emit_token(run, out, text)
                 self._output_webhook(run)
             if decoder.stopped:
-                self.engine.cancel(run.handle.request_id)
+                self.engine.cancel(handle.request_id)
                 break
             if update_.finished:
                 break
-        tail = decoder.finish()
-        if tail:
-            self.events.emit(run.job_id, "token", {"index": index, "text": tail})
-        reason = self._finish_reason(run, decoder, options.max_tokens, already=len(resumed))
-        status = JobStatus.CANCELLED if run.stopped else JobStatus.SUCCEEDED
-        output, completion = run.resume + decoder.text, len(resumed) + len(decoder.token_ids)
-        return await self._complete(run, status, output, completion, reason, len(input_ids))
 
-    def _finish_reason(
-        self, run: _Run, decoder: IncrementalDecoder, max_tokens: int, already: int = 0
-    ) -> FinishReason:
+    def _emit_token(self, run: _Run, out: _Output, text: str) -> None:
+        """One token event of an output: its text and (when asked) the logprobs of the tokens it carries,
+        and of those held back before it; its index counts every output's events together."""
+        event: dict[str, Any] = {"index": run.next_index, "text": text}
+        if run.n > 1:
+            event[CHOICE] = out.index
+        if out.options.top_logprobs is not None:
+            event[LOGPROBS] = out.pending
+        self.events.emit(run.job_id, "token", event)
+        run.next_index += 1
+        out.logprobs += out.pending
+        out.pending = []
+
+    def _finish_reason(self, run: _Run, out: _Output) -> FinishReason:
+        decoder = out.decoder
         if run.cancelled:
             return FinishReason.CANCELLED
         if run.timed_out:
             return FinishReason.TIMEOUT
-        if run.handle is None and already:  # the text it continues from had used up max_tokens
+        if out.handle is None and out.resumed:  # the text it continues from had used up max_tokens
             return FinishReason.LENGTH
         if decoder.stopped:
             return FinishReason.STOP
-        eos = self.engine.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        if decoder.token_ids and decoder.token_ids[-1] in eos_ids:
+        if decoder.token_ids and decoder.token_ids[-1] in self._eos_ids():
             return FinishReason.STOP
-        return FinishReason.LENGTH if len(decoder.token_ids) >= max_tokens else FinishReason.STOP
+        return FinishReason.LENGTH if len(decoder.token_ids) >= out.options.max_tokens else FinishReason.STOP
 
     async def _complete(
         self,
@@ -362,6 +514,8 @@ class JobRunner:
         completion: int,
         reason: FinishReason,
         prompt_tokens: int,
+        logprobs: list[dict[str, Any]] | None = None,
+        choices: list[dict[str, Any]] | None = None,
     ) -> str:
         now = time.monotonic()
         queue_ms = (run.claim.started_at - run.claim.created_at).total_seconds() * 1000
@@ -375,6 +529,8 @@ class JobRunner:
         values = {
             "status": status.value,
             "output": output,
+            "logprobs": logprobs,
+            "choices": choices,
             "finish_reason": reason.value,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
@@ -392,9 +548,10 @@ class JobRunner:
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
-        self.events.emit(
-            run.job_id, "done", {"finish_reason": reason.value, "usage": usage, "timings": timings}
-        )
+        done: dict[str, Any] = {"finish_reason": reason.value, "usage": usage, "timings": timings}
+        if choices is not None:
+            done[CHOICES] = [{"index": c["index"], "finish_reason": c["finish_reason"]} for c in choices]
+        self.events.emit(run.job_id, "done", done)
         await self.events.flush()
         return status.value
 

@@ -22,13 +22,23 @@ the argmax of its masked logits and a sampled row samples among the allowed toke
 request is known from `prepare_tensor_args`, which the batch processor calls with the step's requests
 in row order (only those that get a new token have a row); there each matcher also catches up with the
 tokens its request was given in the step before, so it never lags the engine.
+
+Seeds and logprobs ride on it too, for the requests registered in `extras` (by request id):
+- a seeded request draws with its own `torch.Generator`, seeded when the request starts and advanced
+  by its own draws only, one row at a time, so its draws do not depend on what shares the batch (the
+  logits themselves can differ in their last bits with the batch's size: see docs/sampling.md);
+- a request that asked for logprobs gets, for each token, the log-softmax of the model's logits (after
+  its grammar mask, before temperature, top-k and top-p) at the chosen token and its `top_logprobs`
+  best tokens, appended in the engine's thread to the request's own list, which the event loop reads
+  when the step's output arrives (the token is then in the output, so its entry is already there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import (
@@ -55,23 +65,73 @@ def _top_k(scores: torch.Tensor, top_k: torch.Tensor, filter_value: float) -> to
     return scores.masked_fill(scores < thresholds, filter_value)
 
 
+class TokenLogprob(NamedTuple):
+    """One generated token's log-probability and the best `top_logprobs` tokens at its position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(slots=True)
+class RequestExtras:
+    """What one request asked of the sampler beyond temperature, top-k and top-p."""
+
+    generator: torch.Generator | None = None  # its own draws, for a seeded request
+    top_logprobs: int | None = None  # None: no logprobs; 0..20: that many alternatives per token
+    # By position in the request's generated tokens: written in the engine's thread, read in the loop's.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, seed: int | None, top_logprobs: int | None) -> RequestExtras | None:
+        if seed is None and top_logprobs is None:
+            return None
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return cls(generator, top_logprobs)
+
+    def record(self, position: int, entry: TokenLogprob) -> None:
+        if position < len(self.logprobs):
+            self.logprobs[position] = entry
+        else:
+            self.logprobs.append(entry)
+
+
+def generated_count(state: Any) -> int:
+    """How many tokens a request has generated, as its outputs count them: a request the engine restarted
+    (offloaded without room to keep its cache) carries its earlier tokens in its prompt."""
+    earlier = len(state.initial_tokens) - state._true_initial_tokens if state._true_initial_tokens else 0
+    return earlier + len(state.generated_tokens)
+
+
 class BatchSampler(ContinuousBatchingLogitsProcessorList):
     # Set by install(): the class is swapped on a built instance, so no __init__ of ours runs. The
     # class-level defaults (no constraint, no constrained row) hold for an instance install() never saw.
     constraints: Mapping[str, grammar.Constraint] = MappingProxyType({})
+    extras: Mapping[str, RequestExtras] = MappingProxyType({})
     _rows: Sequence[grammar.Constraint | None] = ()
+    _extra_rows: Sequence[tuple[int, int, RequestExtras]] = ()  # (row, token position, extras)
 
     def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
         rows: list[grammar.Constraint | None] = []
-        if self.constraints:
+        extra_rows: list[tuple[int, int, RequestExtras]] = []
+        if self.constraints or self.extras:
+            row = 0
             for future in requests_in_batch:
                 if not future.has_new_token:
                     continue  # still prefilling: no logits row this step
-                constraint = self.constraints.get(future.state.request_id)
-                if constraint is not None:
-                    constraint.catch_up(future.state.generated_tokens)
+                request_id = future.state.request_id
+                constraint = self.constraints.get(request_id)
+                extras = self.extras.get(request_id)
+                if constraint is not None or extras is not None:
+                    generated = generated_count(future.state)
+                    if constraint is not None:
+                        constraint.catch_up(future.state.generated_tokens, generated)
+                    if extras is not None:
+                        extra_rows.append((row, generated, extras))
                 rows.append(constraint)
-        self._rows = rows
+                row += 1
+        self._rows = rows if any(c is not None for c in rows) else ()
+        self._extra_rows = extra_rows
         return super().prepare_tensor_args(requests_in_batch, arg_storage)
 
     def _mask(self, scores: torch.Tensor) -> torch.Tensor:
@@ -104,12 +164,14 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
                 i += 1
             else:
                 scores = processor(input_ids, scores)  # batch-wide processors apply to every row
+        extra_rows = [e for e in self._extra_rows if e[0] < rows]
         top_k = args.get(ContinuousBatchingTopKLogitsWarper)
         if top_k is None:
             sampled = torch.arange(rows)
         else:
             sampled = (top_k[1] != 1).nonzero().squeeze(-1)
         if sampled.numel() == 0:
+            self._record_logprobs(scores, extra_rows, {})
             return scores
         sub = scores[sampled]
         temperature = args.get(ContinuousBatchingTemperatureLogitsWarper)
@@ -122,14 +184,63 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
             values = top_p[1][sampled]
             if bool((values.view(dtype=torch.float32) < 1.0).any()):
                 sub = top_p[0](sub, values)
-        tokens = torch.multinomial(torch.softmax(sub, dim=-1), num_samples=1)
+        tokens = self._draw(torch.softmax(sub, dim=-1), sampled, extra_rows)
+        if extra_rows:
+            drawn = dict(zip(sampled.tolist(), tokens.squeeze(-1).tolist(), strict=True))
+            self._record_logprobs(scores, extra_rows, drawn)
         onehot = torch.full_like(sub, -float("inf")).scatter_(-1, tokens, 0.0)
         scores = scores.clone()
         scores[sampled] = onehot
         return scores
 
+    @staticmethod
+    def _draw(
+        probs: torch.Tensor, sampled: torch.Tensor, extra_rows: Sequence[tuple[int, int, RequestExtras]]
+    ) -> torch.Tensor:
+        """One token per sampled row: a seeded request's from its own generator, on its row alone (so
+        nothing else in the batch moves its draws); the others in one call on the global generator."""
+        seeded = {row: e.generator for row, _, e in extra_rows if e.generator is not None}
+        if not seeded:
+            return torch.multinomial(probs, num_samples=1)
+        tokens = torch.empty((probs.size(0), 1), dtype=torch.int64)
+        free = []
+        for j, row in enumerate(sampled.tolist()):
+            generator = seeded.get(row)
+            if generator is None:
+                free.append(j)
+            else:
+                tokens[j] = torch.multinomial(probs[j], num_samples=1, generator=generator)
+        if free:
+            index = torch.tensor(free)
+            tokens[index] = torch.multinomial(probs[index], num_samples=1)
+        return tokens
 
-def install(manager: Any, constraints: dict[str, grammar.Constraint]) -> None:
+    @staticmethod
+    def _record_logprobs(
+        scores: torch.Tensor, extra_rows: Sequence[tuple[int, int, RequestExtras]], drawn: dict[int, int]
+    ) -> None:
+        """Log-softmax of the rows that asked for logprobs only; a greedy row's token is its argmax (what
+        the model runner then picks), a sampled row's the one drawn."""
+        wanted = [(row, pos, e) for row, pos, e in extra_rows if e.top_logprobs is not None]
+        if not wanted:
+            return
+        logprobs = torch.log_softmax(scores[torch.tensor([row for row, _, _ in wanted])], dim=-1)
+        k = max(int(e.top_logprobs or 0) for _, _, e in wanted)
+        top = torch.topk(logprobs, k, dim=-1) if k else None
+        for j, (row, pos, extras) in enumerate(wanted):
+            token = drawn.get(row)
+            if token is None:
+                token = int(torch.argmax(scores[row]))
+            n = int(extras.top_logprobs or 0)
+            best: list[tuple[int, float]] = []
+            if top is not None and n:
+                best = list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist(), strict=True))
+            extras.record(pos, TokenLogprob(token, float(logprobs[j, token]), best))
+
+
+def install(
+    manager: Any, constraints: dict[str, grammar.Constraint], extras: dict[str, RequestExtras]
+) -> None:
     """Make a not yet started ContinuousBatchingManager sample with BatchSampler: swap its processor
     list's class, and have the batch processor (built by the manager's thread when it starts) run the
     model runner without sampling of its own, so that its argmax picks greedy rows' best token and
@@ -139,5 +250,7 @@ def install(manager: Any, constraints: dict[str, grammar.Constraint]) -> None:
     engine ran on about 1.5 of 2 cores (and ~30% slower)."""
     manager.logit_processor.__class__ = BatchSampler
     manager.logit_processor.constraints = constraints
-    manager.logit_processor._rows = []
+    manager.logit_processor.extras = extras
+    manager.logit_processor._rows = ()
+    manager.logit_processor._extra_rows = ()
     manager.generation_config.do_sample = False

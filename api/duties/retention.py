@@ -21,7 +21,8 @@ _TOMBSTONE = """
     request = jsonb_strip_nulls(jsonb_build_object(
         'model', request -> 'model', 'endpoint', request -> 'endpoint', 'max_tokens', request -> 'max_tokens'
     )),
-    output = NULL, metadata = NULL, error_message = NULL, data_removed_at = now()
+    output = NULL, logprobs = NULL, choices = NULL, metadata = NULL, error_message = NULL,
+    data_removed_at = now()
 """
 _REMOVE = text(
     f"UPDATE jobs SET {_TOMBSTONE} WHERE id IN :ids AND data_removed_at IS NULL "

@@ -234,15 +234,9 @@ def _fix_requests(components: dict[str, Schema]) -> None:
         part["properties"].update(type={"const": "text"}, text={"type": "string"})
         part["required"] = ["type", "text"]
     for model in ("ChatCompletionRequest", "CompletionRequest", "JobCreateRequest"):
-        for branch in _branches(prop(model, "n")):
-            branch["maximum"] = 1
         stop = prop(model, "stop")
         if stop is not None:  # a string or a list of them, none empty (JobCreateRequest takes both too)
             stop["anyOf"] = [dict(non_empty), {"type": "array", "items": dict(non_empty)}, {"type": "null"}]
-    for model, only in (("ChatCompletionRequest", [{"const": False}]), ("CompletionRequest", [])):
-        logprobs = prop(model, "logprobs")
-        if logprobs is not None:
-            logprobs["anyOf"] = [*only, {"type": "null"}]
     prompt = prop("CompletionRequest", "prompt")
     if prompt is not None:
         one = {"type": "array", "items": dict(non_empty), "minItems": 1, "maxItems": 1}

@@ -26,6 +26,7 @@ from shared.states import JobStatus
 log = logging.getLogger(__name__)
 
 _TOKENIZE_IN_THREAD_CHARS = 20_000
+N_OVER_LIMIT = "n must be at most {limit}"
 NO_WEBHOOK_SECRET = (
     "this tenant has no webhook signing secret yet: create one with POST /v1/webhook_secret "
     "(or `inferq webhooks secret`) and keep it to verify deliveries"
@@ -46,6 +47,8 @@ def _check_limits(services: Services, req: JobCreateRequest) -> None:
     limits = services.settings.limits
     if req.max_tokens is not None and req.max_tokens > limits.max_tokens:
         raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}", param="max_tokens")
+    if req.n is not None and req.n > limits.max_n:
+        raise InvalidRequest(N_OVER_LIMIT.format(limit=limits.max_n), param="n")
     if req.stop is not None:
         if len(req.stop) > limits.max_stop:
             raise InvalidRequest(f"at most {limits.max_stop} stop strings are allowed", param="stop")
@@ -191,7 +194,10 @@ async def submit_job(
     job.request_id = request_id
     if req.webhook is not None:
         await check_job_webhook(services, req.webhook, job.tenant or principal.owner)
-    await services.admission.admit(job.model, (job.prompt_tokens or 0) + int(job.request["max_tokens"]))
+    outputs = int(job.request.get("n") or 1)  # the prompt once, each output's tokens
+    await services.admission.admit(
+        job.model, (job.prompt_tokens or 0) + outputs * int(job.request["max_tokens"])
+    )
     # Concurrent submissions share one INSERT + commit, then one Redis pipeline (api/jobs/grouped.py).
     job.created_at = await services.insert_job(job_row(job))
     try:

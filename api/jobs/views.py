@@ -30,6 +30,8 @@ def job_response(job: Job) -> JobResponse:
         finished_at=job.finished_at,
         request=job.request,
         output=job.output,
+        logprobs=job.logprobs,  # type: ignore[arg-type]
+        choices=job.choices,  # type: ignore[arg-type]
         finish_reason=job.finish_reason,
         usage=usage,
         timings=Timings(

@@ -1,8 +1,9 @@
 """Pydantic models of the OpenAI requests and responses inferq speaks (the subset it can honour).
 
 Unknown request fields are accepted and ignored, as OpenAI clients send many optional ones; fields
-whose meaning inferq cannot honour (`n > 1`, `logprobs`) are refused with a clear 400 instead of
-being silently dropped. `response_format` is enforced (shared/structured.py), never ignored.
+whose meaning inferq cannot honour (the prompt's logprobs with `echo`) are refused with a
+clear 400 instead of being silently dropped. `response_format` is enforced (shared/structured.py) and
+`logprobs` computed in the worker's sampler (shared/logprobs.py), never ignored.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from shared.logprobs import (
+    MAX_COMPLETION_LOGPROBS,
+    MAX_TOP_LOGPROBS,
+    TOP_LOGPROBS_WITHOUT_LOGPROBS,
+    TokenLogprob,
+)
 from shared.schemas import ChatMessage, JobCreateRequest, ResponseFormat, Usage
 
-N_UNSUPPORTED = "n > 1 is not supported: send n separate requests"
-LOGPROBS_UNSUPPORTED = "logprobs are not supported"
+ECHO_LOGPROBS_UNSUPPORTED = "logprobs with echo would need the prompt's logprobs, which are not supported"
 NON_TEXT_CONTENT = "only text content parts are supported"
 TOOL_MESSAGES_UNSUPPORTED = "tool messages are not supported"
 PROMPT_SHAPE = "prompt must be a string or a list holding exactly one string"
@@ -83,20 +89,17 @@ class _GenerationRequest(BaseModel):
     )
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many choices to generate (at most the server's limit, 8 by default).",
+    )
     response_format: ResponseFormat | None = Field(
         default=None, description="`json_object` or `json_schema`: the output is JSON, enforced by a grammar."
     )
     user: str | None = Field(default=None, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, value: int | None) -> int | None:
-        if value is not None and value > 1:
-            raise ValueError(N_UNSUPPORTED)
-        return value
 
     @property
     def include_usage(self) -> bool:
@@ -113,6 +116,7 @@ class _GenerationRequest(BaseModel):
             "top_k": self.top_k,
             "stop": self.stop,
             "seed": self.seed,
+            "n": self.n if self.n and self.n > 1 else None,
             "response_format": self.response_format,
             "metadata": {"user": self.user} if self.user else None,
         }
@@ -126,26 +130,37 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(
         default=None, ge=1, description="Takes precedence over max_tokens."
     )
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(default=None, description="Give each output token's log-probability.")
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: also the most likely tokens at each position, this many.",
+    )
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError(LOGPROBS_UNSUPPORTED)
+    def _top_logprobs_with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError(TOP_LOGPROBS_WITHOUT_LOGPROBS)
         return value
 
     def to_job(self) -> JobCreateRequest:
-        return JobCreateRequest(
-            messages=[m.to_message() for m in self.messages],
-            **self._job_fields(self.max_completion_tokens or self.max_tokens),
-        )
+        fields = self._job_fields(self.max_completion_tokens or self.max_tokens)
+        if self.logprobs:
+            fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        return JobCreateRequest(messages=[m.to_message() for m in self.messages], **fields)
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
-    logprobs: int | None = None
     echo: bool | None = False
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Give each output token's log-probability and this many most likely tokens.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -158,9 +173,9 @@ class CompletionRequest(_GenerationRequest):
 
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError(LOGPROBS_UNSUPPORTED)
+    def _no_prompt_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError(ECHO_LOGPROBS_UNSUPPORTED)
         return value
 
     @property
@@ -168,7 +183,10 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_job(self) -> JobCreateRequest:
-        return JobCreateRequest(prompt=self.prompt_text, **self._job_fields(self.max_tokens))
+        fields = self._job_fields(self.max_tokens)
+        if self.logprobs is not None:
+            fields.update(logprobs=True, top_logprobs=self.logprobs)
+        return JobCreateRequest(prompt=self.prompt_text, **fields)
 
 
 # Responses ---------------------------------------------------------------------------------------
@@ -181,11 +199,27 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChoiceLogprobs(BaseModel):
+    """A chat choice's logprobs, as OpenAI gives them."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A legacy completion choice's logprobs: `text_offset` counts characters of the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -202,7 +236,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

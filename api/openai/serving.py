@@ -29,16 +29,19 @@ from api.openai.protocol import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
 )
 from api.streams.sse import job_events, load_job, until_end
 from api.tenancy.auth import Principal
 from api.tenancy.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from shared import logs
-from shared.events import text_after
+from shared.events import CHOICES, choice_of, text_after
 from shared.headers import JOB_ID
+from shared.logprobs import LOGPROBS, completion_logprobs
 from shared.models import Job
 from shared.schemas import Usage
 from shared.states import FinishReason, JobStatus
@@ -105,23 +108,50 @@ def render(job: Job, kind: Kind) -> ChatCompletion | Completion:
     if job.status != JobStatus.SUCCEEDED.value:
         timed_out = job.finish_reason == FinishReason.TIMEOUT.value
         raise JobCancelled((JOB_TIMED_OUT if timed_out else JOB_CANCELLED).format(job_id=job.id))
-    reason: Any = "length" if job.finish_reason == FinishReason.LENGTH.value else "stop"
     created = int(job.created_at.timestamp())
+    asked = bool(job.request.get("logprobs"))
+    outputs = job.choices or [
+        {"index": 0, "text": job.output or "", "finish_reason": job.finish_reason, "logprobs": job.logprobs}
+    ]
     if kind == "chat":
         return ChatCompletion(
             id=response_id(kind, job.id),
             created=created,
             model=job.model,
-            choices=[ChatChoice(message=AssistantMessage(content=job.output or ""), finish_reason=reason)],
+            choices=[
+                ChatChoice(
+                    index=out["index"],
+                    message=AssistantMessage(content=out["text"]),
+                    finish_reason=_reason(out["finish_reason"]),
+                    logprobs=ChoiceLogprobs.model_validate({"content": out.get("logprobs") or []})
+                    if asked
+                    else None,
+                )
+                for out in outputs
+            ],
             usage=_usage(job),
         )
     return Completion(
         id=response_id(kind, job.id),
         created=created,
         model=job.model,
-        choices=[CompletionChoice(text=job.output or "", finish_reason=reason)],
+        choices=[
+            CompletionChoice(
+                index=out["index"],
+                text=out["text"],
+                finish_reason=_reason(out["finish_reason"]),
+                logprobs=CompletionLogprobs.model_validate(completion_logprobs(out.get("logprobs") or []))
+                if asked
+                else None,
+            )
+            for out in outputs
+        ],
         usage=_usage(job),
     )
+
+
+def _reason(finish_reason: str | None) -> Any:
+    return "length" if finish_reason == FinishReason.LENGTH.value else "stop"
 
 
 async def cancel_quietly(services: Services, job_id: str) -> None:
@@ -168,6 +198,9 @@ class _Chunks:
         self.model = job.model
         self.created = int(time.time())
         self.include_usage = include_usage
+        self.logprobs = bool(job.request.get("logprobs"))
+        # Per choice, characters of the logprobs' tokens so far (completions' text_offset).
+        self._offsets: dict[int, int] = {}
 
     def _dump(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         chunk: dict[str, Any] = {
@@ -181,17 +214,32 @@ class _Chunks:
             chunk["usage"] = usage
         return json.dumps(chunk, separators=(",", ":"))
 
-    def text(self, text: str, finish_reason: str | None = None) -> str:
+    def text(
+        self,
+        text: str,
+        finish_reason: str | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
+        index: int = 0,
+    ) -> str:
         if self.kind == "chat":
             delta = {"content": text} if text or finish_reason is None else {}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason}
-        choice["logprobs"] = None
+            choice = {"index": index, "text": text, "finish_reason": finish_reason}
+        shaped = self._logprobs(logprobs, index) if self.logprobs and finish_reason is None else None
+        choice["logprobs"] = shaped
         return self._dump([choice])
 
-    def role(self) -> str:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    def _logprobs(self, entries: list[dict[str, Any]] | None, index: int) -> dict[str, Any]:
+        entries = entries or []
+        if self.kind == "chat":
+            return {"content": entries, "refusal": None}
+        offset = self._offsets.get(index, 0)
+        self._offsets[index] = offset + sum(len(e["token"]) for e in entries)
+        return completion_logprobs(entries, offset)
+
+    def role(self, index: int = 0) -> str:
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         return self._dump([{**choice, "logprobs": None}])
 
     def usage(self, usage: dict[str, Any]) -> str:
@@ -203,17 +251,21 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
     (when so configured)."""
     chunks = _Chunks(kind, job, include_usage)
     ended = False
-    sent = 0  # characters already streamed
-    text = ""  # the job's text so far (a retried job continues it; only text past `sent` goes out)
+    n = int(job.request.get("n") or 1)
+    sent = [0] * n  # characters already streamed, per choice
+    # Each choice's text so far (a retried job continues it; only text past `sent` goes out).
+    texts = [""] * n
     try:
         if kind == "chat":
-            yield chunks.role()
+            for i in range(n):
+                yield chunks.role(i)
         async for event in job_events(services, job.id):
-            text = text_after(text, event)
+            texts = [text_after(text, event, i) for i, text in enumerate(texts)]
             if event.event == "token":
-                if len(text) > sent:
-                    new, sent = text[sent:], len(text)
-                    yield chunks.text(new)
+                i = min(choice_of(event), n - 1)
+                if len(texts[i]) > sent[i] or event.data.get(LOGPROBS):
+                    new, sent[i] = texts[i][sent[i] :], max(sent[i], len(texts[i]))
+                    yield chunks.text(new, logprobs=event.data.get(LOGPROBS), index=i)
             elif event.event == "done":
                 ended = True
                 reason = event.data.get("finish_reason")
@@ -221,7 +273,9 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
                     why = JOB_TIMED_OUT if reason == FinishReason.TIMEOUT.value else JOB_CANCELLED
                     yield _error_chunk(why.format(job_id=job.id), JobCancelled.type)
                 else:
-                    yield chunks.text("", "length" if reason == FinishReason.LENGTH.value else "stop")
+                    ends = event.data.get(CHOICES) or [{"index": 0, "finish_reason": reason}]
+                    for end in ends:
+                        yield chunks.text("", _reason(end["finish_reason"]), index=int(end["index"]))
                     if include_usage:
                         yield chunks.usage(event.data["usage"])
                 break

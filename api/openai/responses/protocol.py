@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.http.errors import InvalidRequest
+from shared.schemas import ResponseFormat
 
 UNSUPPORTED_FIELD = "'{field}' is not supported by this server"
 UNKNOWN_FIELD = "unknown field '{field}'"
@@ -18,6 +19,8 @@ NON_TEXT_PART = "content parts of type '{type}' are not supported; only input_te
 NON_MESSAGE_ITEM = "input items of type '{type}' are not supported; only messages"
 BAD_ROLE = "role must be one of user, assistant, system, developer"
 BAD_CONTENT = "content must be a string or a list of text parts"
+FORMAT_SCHEMA_MISSING = "a 'name' and a 'schema' object are required for type 'json_schema'"
+FORMAT_SCHEMA_EXTRA = "name, description, schema and strict are only allowed with type 'json_schema'"
 METADATA_SHAPE = (
     "metadata holds at most 16 string values, keys of at most 64 and values of at most 512 characters"
 )
@@ -56,9 +59,49 @@ Role = Literal["user", "assistant", "system", "developer"]
 
 
 class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """`text` (the default), `json_object`, or `json_schema` with the schema's fields beside `type` (the
+    Responses API's flat shape): enforced by the same grammar as chat's `response_format`."""
 
-    type: Literal["text"] = Field(description="Only `text`: other formats are not supported yet.")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=4096)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> TextFormat:
+        given = [n for n in ("name", "description", "json_schema", "strict") if getattr(self, n) is not None]
+        if self.type == "json_schema" and (self.name is None or self.json_schema is None):
+            raise ValueError(FORMAT_SCHEMA_MISSING)
+        if self.type != "json_schema" and given:
+            raise ValueError(FORMAT_SCHEMA_EXTRA)
+        return self
+
+    def response_format(self) -> ResponseFormat | None:
+        """The chat `response_format` a job runs with (None: plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat(type="json_object")
+        spec: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "schema": self.json_schema,
+            "strict": self.strict,
+        }
+        return ResponseFormat.model_validate(
+            {"type": "json_schema", "json_schema": {k: v for k, v in spec.items() if v is not None}}
+        )
+
+
+def format_param(param: str | None) -> str | None:
+    """A job's `response_format...` field as the Responses request names it (`text.format...`)."""
+    if param is None or not param.startswith("response_format"):
+        return param
+    rest = param.removeprefix("response_format").removeprefix(".json_schema")
+    return "text.format" + rest
 
 
 class TextConfig(BaseModel):

@@ -121,7 +121,7 @@ def render(job: Job, phase: Phase = "final") -> dict[str, Any]:
         "previous_response_id": a.get("previous_response_id"),
         "store": a.get("store", True),
         "temperature": float(request.get("temperature", 1.0)),
-        "text": {"format": {"type": "text"}},
+        "text": {"format": a.get("text_format") or {"type": "text"}},
         "tool_choice": a.get("tool_choice", "auto"),
         "tools": [],
         "top_p": float(request.get("top_p", 1.0)),
