@@ -195,6 +195,13 @@ class EventSettings(BaseModel):
     stream_maxlen: int = Field(default=20_000, ge=100, description="Cap of a job's Redis event stream.")
     ttl_seconds: int = Field(default=86_400, ge=60, description="How long a job's events stay in Redis.")
     ping_seconds: float = Field(default=15.0, gt=0)
+    coalesce_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=50,
+        description="How long a job's token event may wait for its next tokens and take them in (one "
+        "event for several engine steps, fewer Redis calls); 0, the default: one event per step.",
+    )
 
 
 class Settings(BaseSettings):

@@ -126,7 +126,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     batcher = EventBatcher(
         EventWriter(
             events_redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
-        )
+        ),
+        coalesce_seconds=settings.events.coalesce_ms / 1000,
     )
     batcher.start()
     ctx["batcher"] = batcher

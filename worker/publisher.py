@@ -4,6 +4,11 @@ per shard (one in all on a plain Redis).
 Each job's events wait in a lane of their own, in order. A send takes every waiting lane of one shard;
 a shard whose send fails (away, restarting, failing over) holds back only the lanes of its jobs, which
 are tried again with backoff, while the other shards' events go on as before.
+
+With a coalescing window (`INFERQ_EVENTS__COALESCE_MS`, off by default), a job's token event waits up to
+that long for the job's next tokens and takes them in: one event (one script call, one message to each
+listener) for several engine steps. The text a client gets is the same; the number of token events
+is not, which is why it is off unless asked for. Token indexes stay consecutive.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ class _Lane:
     sending: int = 0  # of its items, how many the send in flight took (0: none in flight)
     retry_at: float = 0.0
     delay: float = _FIRST_DELAY
+    hold_until: float = 0.0  # its last item, a token event, may take in more tokens until then
+
+    def tail_open(self, now: float) -> bool:
+        """Whether its last item is a token event that may still take in tokens."""
+        return len(self.items) > self.sending and self.items[-1][1] == "token" and now < self.hold_until
 
 
 @dataclass(eq=False)
@@ -44,8 +54,10 @@ class _Waiter:
 
 
 class EventBatcher:
-    def __init__(self, writer: EventWriter) -> None:
+    def __init__(self, writer: EventWriter, *, coalesce_seconds: float = 0.0) -> None:
         self._writer = writer
+        self._coalesce = coalesce_seconds
+        self._merged: dict[str, int] = {}  # per job: token events taken into an earlier one (index shift)
         self._lanes: dict[str, _Lane] = {}
         self._busy: set[str] = set()  # shards with a send in flight: one at a time each, in order
         self._waiters: list[_Waiter] = []
@@ -71,6 +83,20 @@ class EventBatcher:
         lane = self._lanes.get(job_id)
         if lane is None:
             lane = self._lanes[job_id] = _Lane(job_id)
+        if self._coalesce and event == "token":
+            now = asyncio.get_running_loop().time()
+            if lane.tail_open(now):
+                _, _, tail = lane.items[-1]
+                lane.items[-1] = (job_id, "token", {**tail, "text": str(tail["text"]) + str(data["text"])})
+                self._merged[job_id] = self._merged.get(job_id, 0) + 1
+                return
+            shift = self._merged.get(job_id)
+            if shift:
+                data = {**data, "index": int(data["index"]) - shift}
+            lane.hold_until = now + self._coalesce
+        elif event != "token":
+            # A new attempt numbers its tokens on from what its stream holds; an ended job has no more.
+            self._merged.pop(job_id, None)
         lane.items.append((job_id, event, data))
         lane.emitted += 1
         self._wake.set()
@@ -99,6 +125,8 @@ class EventBatcher:
                 if lane.sending or not lane.items:
                     continue
                 due = lane.retry_at
+                if self._coalesce and lane.tail_open(now) and not self._awaited(lane):
+                    due = max(due, lane.hold_until)
                 if due > now:
                     next_retry = due if next_retry is None else min(next_retry, due)
                     continue
@@ -155,6 +183,10 @@ class EventBatcher:
         self._busy.discard(route)
         self._resolve()
         self._wake.set()
+
+    def _awaited(self, lane: _Lane) -> bool:
+        """Whether a flush waits for this lane: it goes out at once, window or not."""
+        return any(target is lane for w in self._waiters for target, _ in w.targets)
 
     def _resolve(self) -> None:
         still = []
