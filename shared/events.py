@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import AskError, NoScriptError, ResponseError
 
 from shared import keys
 from shared.eventredis import REDIRECTS, ClusterTopology, EventsRedis, NodeLinks
@@ -36,13 +36,14 @@ redis.call('PUBLISH', ARGV[5], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
 return seq
 """
 
-# The cluster's variant: the channel is declared as a key (KEYS[2], the stream's slot), as a sharded
-# channel must be, so the server checks it belongs to the shard the script runs on.
+# The cluster's variant: a sharded channel in the stream's slot, so the server routes and checks it
+# with the stream. It travels as an argument: declared as a key it would count as a missing key while
+# its slot is being migrated, and every event of the slot would fail with TRYAGAIN until the end.
 _SPUBLISH_LUA = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', 'e', ARGV[3], 'd', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local seq = string.sub(id, 3)
-redis.call('SPUBLISH', KEYS[2], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('SPUBLISH', ARGV[5], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
 return seq
 """
 
@@ -131,28 +132,16 @@ class EventWriter:
             return "?"
 
     def _args(self, job_id: str, event: str, data: dict[str, Any]) -> tuple[Any, ...]:
-        if self._topology is None:
-            return (
-                "EVALSHA",
-                self._sha,
-                1,
-                keys.events_stream(job_id),
-                self._maxlen,
-                self._ttl_ms,
-                event,
-                dumps(data),
-                keys.live_channel(job_id),
-            )
         return (
             "EVALSHA",
             self._sha,
-            2,
+            1,
             keys.events_stream(job_id),
-            keys.live_channel(job_id),
             self._maxlen,
             self._ttl_ms,
             event,
             dumps(data),
+            keys.live_channel(job_id),
         )
 
     async def publish(self, job_id: str, event: EventType, data: dict[str, Any]) -> int:
@@ -208,6 +197,7 @@ class EventWriter:
                     continue
                 by_node.setdefault(node.name, (node, []))[1].append(i)
             await asyncio.gather(*(self._send(node, idx, items, results) for node, idx in by_node.values()))
+            await self._follow_asks([i for i in todo if isinstance(results[i], AskError)], items, results)
             redirected = [i for i in todo if isinstance(results[i], REDIRECTS)]
             if not redirected or attempt == _REDIRECT_TRIES - 1:
                 break
@@ -220,16 +210,38 @@ class EventWriter:
             asyncio.get_running_loop().create_task(self._topology.refresh())
         return _suffix_failures(items, results)
 
-    async def _send(self, node: Any, idx: list[int], items: Sequence[Item], results: list[Any]) -> None:
+    async def _send(
+        self, node: Any, idx: list[int], items: Sequence[Item], results: list[Any], *, asking: bool = False
+    ) -> None:
         assert self._links is not None
-        commands = [self._args(*items[i]) for i in idx]
+        commands: list[tuple[Any, ...]] = []
+        for i in idx:
+            if asking:
+                commands.append(("ASKING",))
+            commands.append(self._args(*items[i]))
         replies = await self._links.pipeline(node, commands)
         if any(isinstance(r, NoScriptError) for r in replies):
             # A node that restarted (or a new primary) has lost its script cache; none of these ran.
             await self._links.pipeline(node, [("SCRIPT", "LOAD", self._lua)])
             replies = await self._links.pipeline(node, commands)
+        if asking:
+            replies = replies[1::2]
         for i, reply in zip(idx, replies, strict=True):
             results[i] = reply if isinstance(reply, BaseException) else int(reply)
+
+    async def _follow_asks(self, asked: list[int], items: Sequence[Item], results: list[Any]) -> None:
+        """Events of a slot being migrated whose stream has moved already: sent, in order, to the node
+        the slot is moving to, each after ASKING (the slot map still names the old node until the end)."""
+        assert self._topology is not None
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i in asked:
+            err = results[i]
+            node = self._topology.cluster.get_node(host=err.host, port=err.port)
+            if node is not None:
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+        await asyncio.gather(
+            *(self._send(node, idx, items, results, asking=True) for node, idx in by_node.values())
+        )
 
     async def aclose(self) -> None:
         if self._links is not None:

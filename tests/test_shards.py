@@ -2,7 +2,8 @@
 own: three `valkey-server` processes with the 16,384 slots split between them. The whole life cycle runs
 on it (submit, SSE with resume, cancels, a batch, a worker killed and its job reclaimed, two API
 processes relaying each other's jobs), the events land on every shard, a shard's primary restarted in
-the middle of a stream leaves the other shards' streams untouched, and no CROSSSLOT, MOVED or ASK
+the middle of a stream leaves the other shards' streams untouched, a slot moved to another shard in the
+middle of a stream (MIGRATING, ASK, then MOVED) loses nothing, and no CROSSSLOT, MOVED or ASK
 error reaches a client or a log."""
 
 from __future__ import annotations
@@ -262,12 +263,67 @@ async def test_shards_primary_restart_mid_stream(
         return [b - a for a, b in pairs if (down_at <= b and a <= up_at) == inside]
 
     # The victim's stream stood still while its shard was down (then caught up from the stream); the
-    # bystander's kept its pace: its tokens came during the outage as they did before and after.
+    # bystander's tokens kept coming during the outage. (How evenly depends on the engine's pace on a
+    # machine shared with other work, so the bound on its gaps is loose; the logs below are exact.)
     assert max(gaps(seen[victim["id"]], inside=True)) >= 1.5
     during, elsewhere = gaps(seen[bystander["id"]], True), gaps(seen[bystander["id"]], False)
     assert during and elsewhere
     pace = statistics.median(elsewhere)
-    assert max(during) < max(1.5, 3 * pace), (max(during), pace)
+    assert max(during) < max(3.0, 5 * pace), (max(during), pace)
+    # Only the restarted shard was ever failed to, by the worker's writer and by the API's relay.
+    victim_node = f"127.0.0.1:{shards.ports[victim_shard]}"
+    failed_to = set()
+    for path in shard_stack.api.log_dir.glob("*.log"):
+        text = path.read_text(errors="replace")
+        failed_to |= set(re.findall(r"publishing events of \d+ job\(s\) to (\S+) failed", text))
+        failed_to |= set(re.findall(r"relay lost its connection to shard (\S+) ", text))
+    assert failed_to == {victim_node}, failed_to
+
+
+def _migrate_slot(shards: ValkeyCluster, slot: int, src: int, dst: int, pause: float) -> None:
+    """Move one slot between shards the way a resharding does (IMPORTING/MIGRATING, MIGRATE the keys,
+    SETSLOT NODE on every node), pausing in each phase while the job's events keep coming."""
+    a, b = shards.client(src), shards.client(dst)
+    a_id = a.execute_command("CLUSTER MYID").decode()  # type: ignore[no-untyped-call]
+    b_id = b.execute_command("CLUSTER MYID").decode()  # type: ignore[no-untyped-call]
+    b.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", a_id)  # type: ignore[no-untyped-call]
+    a.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", b_id)  # type: ignore[no-untyped-call]
+    time.sleep(pause)  # still on the source: served there
+    while moving := a.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):  # type: ignore[no-untyped-call]
+        a.execute_command(  # type: ignore[no-untyped-call]
+            "MIGRATE", "127.0.0.1", shards.ports[dst], "", 0, 5000, "KEYS", *moving
+        )
+    time.sleep(pause)  # the stream on the target, the slot still the source's: ASK
+    for i in range(len(shards.nodes)):
+        r = shards.client(i)
+        r.execute_command("CLUSTER SETSLOT", slot, "NODE", b_id)  # type: ignore[no-untyped-call]
+        r.close()
+    a.close()
+    b.close()
+
+
+async def test_shards_slot_moved_mid_stream(sc: httpx.AsyncClient, shards: ValkeyCluster) -> None:
+    from redis.crc import key_slot
+
+    job = await submit(sc, messages=STORY, max_tokens=40, temperature=0)
+    stream = keys.events_stream(job["id"])
+    src = _shard(shards, job["id"])
+    dst = (src + 1) % 3
+    out: list[tuple[float, SseEvent]] = []
+    reader = asyncio.create_task(_timed(sc, job["id"], out))
+    deadline = time.monotonic() + 300
+    while sum(e.event == "token" for _, e in out) < 3:
+        assert time.monotonic() < deadline and not reader.done()
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(_migrate_slot, shards, key_slot(stream.encode()), src, dst, 1.0)
+    await asyncio.wait_for(reader, 400)
+    done = await wait_job(sc, job["id"])
+    events = [e for _, e in out]
+    assert [e.id for e in events] == list(range(1, len(events) + 1))  # no gap, nothing twice
+    assert events[-1].event == "done" and tokens_text(events) == done["output"]
+    slot = key_slot(stream.encode())
+    assert shards.client(dst).exists(stream)  # the stream lives on its new shard now, nothing on the old
+    assert shards.client(src).execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0  # type: ignore[no-untyped-call]
 
 
 async def test_shards_events_land_on_every_shard(sc: httpx.AsyncClient, shards: ValkeyCluster) -> None:

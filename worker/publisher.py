@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.eventredis import REDIRECTS
 from shared.events import EventType, EventWriter, Item
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ class EventBatcher:
                 lane.delay = _FIRST_DELAY
                 if not lane.items and self._lanes.get(lane.job_id) is lane:
                     del self._lanes[lane.job_id]
-        if failed:
+        if failed and all(isinstance(e, REDIRECTS) for _, e in failed):
+            # A slot still moving after the writer's own redirects: expected, and over in moments.
+            log.info("events of %d job(s) wait for their slot to settle; retrying", len(failed))
+        elif failed:
             first, error = failed[0]
             log.warning(
                 "publishing events of %d job(s)%s failed (%s); retrying in %.2fs",
