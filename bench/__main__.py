@@ -7,6 +7,7 @@ overhead    idle TTFT through inferq minus the same engine's TTFT in-process
 startup     time to "inferq is up": cached starts, and (--fresh) a fresh clone
 responses   background responses: create rate vs POST /v1/jobs, resume request to first event
 waiting     200 clients waiting for their jobs: Prefer: wait vs polling every 50 ms vs SSE
+events      token events/s of one Valkey core with the event script vs three shards; per-job costs
 structured  engine tokens/s at concurrency 16 with 0 %, 50 % and 100 % of requests JSON-schema constrained
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
@@ -28,6 +29,7 @@ COMMANDS = {
     "responses": "bench.responses",
     "waiting": "bench.waiting",
     "structured": "bench.structured",
+    "events": "bench.events",
     "all": "bench.run_all",
     "chart": "bench.chart",
 }

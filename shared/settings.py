@@ -183,9 +183,26 @@ class RetentionSettings(BaseModel):
 
 
 class EventSettings(BaseModel):
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for job events (streams, live channels, cancel flags), e.g. a Redis or Valkey "
+        "Cluster of many shards; unset: the queue's Redis (INFERQ_REDIS_URL).",
+    )
+    cluster: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Whether the events Redis is a cluster (sharded pub/sub, a client per shard); auto: "
+        "asks the server (INFO cluster).",
+    )
     stream_maxlen: int = Field(default=20_000, ge=100, description="Cap of a job's Redis event stream.")
     ttl_seconds: int = Field(default=86_400, ge=60, description="How long a job's events stay in Redis.")
     ping_seconds: float = Field(default=15.0, gt=0)
+    coalesce_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=50,
+        description="How long a job's token event may wait for its next tokens and take them in (one "
+        "event for several engine steps, fewer Redis calls); 0, the default: one event per step.",
+    )
 
 
 class Settings(BaseSettings):

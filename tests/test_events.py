@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import redis.asyncio as aioredis
 
+from shared import keys
 from tests.conftest import Stack
 from tests.helpers import FRANCE, STORY, iter_sse, read_sse, submit, tokens_text, wait_job
 
@@ -73,7 +74,7 @@ async def test_sse_replays_from_postgres_when_redis_events_expired(
     created = await submit(client, messages=FRANCE, max_tokens=32, temperature=0)
     job = await wait_job(client, created["id"])
     r = aioredis.Redis.from_url(stack.servers.redis_url)
-    await r.delete(f"inferq:{{{created['id']}}}:events")
+    await r.delete(keys.events_stream(created["id"]))
     await r.aclose()
     events = await read_sse(client, created["id"])
     assert [e.event for e in events] == ["status", "token", "done"]

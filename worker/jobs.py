@@ -12,12 +12,14 @@ from typing import Any
 
 from arq.worker import Retry
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import Interval, func, literal_column, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared import keys, logs
 from shared.deadlines import ended, expire_unstarted
+from shared.eventredis import EventsRedis
 from shared.events import (
     CHOICE,
     CHOICES,
@@ -118,6 +120,7 @@ class JobRunner:
         engine: Engine,
         sessions: async_sessionmaker[AsyncSession],
         redis: Redis,
+        events_redis: EventsRedis,
         events: EventBatcher,
         worker_id: str,
         default_max_tokens: int,
@@ -126,7 +129,8 @@ class JobRunner:
     ) -> None:
         self.engine = engine
         self.sessions = sessions
-        self.redis = redis
+        self.redis = redis  # the queue's: quota counters
+        self.events_redis = events_redis  # job events and cancel flags (the cluster, when there is one)
         self.events = events
         self.worker_id = worker_id
         self.default_max_tokens = default_max_tokens
@@ -257,15 +261,25 @@ class JobRunner:
             return False
         log.info("job expired: its deadline passed before it started")
         self.events.emit(job_id, "done", ended(row.prompt_tokens, 0, JobStatus.EXPIRED))
-        await self.events.flush()
+        await self.events.flush(job_id)
         return True
+
+    async def cancel_flagged(self, job_id: str) -> bool:
+        """Whether a cancel was asked before this worker claimed the job. The job's shard being away
+        (restarting, failing over) does not stop the job from starting: a cancel asked now still comes
+        as a message on the queue's Redis."""
+        try:
+            return bool(await self.events_redis.exists(keys.cancel_flag(job_id)))
+        except RedisError as exc:
+            log.warning("job %s: cannot read its cancel flag (%s); starting it", job_id, exc)
+            return False
 
     async def _published(self, job_id: str, n: int) -> tuple[list[str], int, list[list[dict[str, Any]]]]:
         """The text earlier attempts of a job published (this attempt continues it rather than start
         over, so that what clients already have stays true), the next token event's index, and the
         logprobs of that text's tokens (for a job that asked for them)."""
         try:
-            events = await read_events(self.redis, job_id)
+            events = await read_events(self.events_redis, job_id)
         except Exception as exc:
             log.warning("job %s: cannot read the text it had so far (%s); starting over", job_id, exc)
             return [""] * n, 0, [[] for _ in range(n)]
@@ -344,7 +358,7 @@ class JobRunner:
         outputs = [self._output(run, i, max_tokens) for i in range(run.n)]
         if run.timed_out:
             pass  # its deadline passed already
-        elif await self.redis.exists(keys.cancel_flag(run.job_id)):
+        elif await self.cancel_flagged(run.job_id):
             run.cancelled = True
         else:
             # The outputs after the first start once its prompt is in the engine's cache, whose full
@@ -552,7 +566,7 @@ class JobRunner:
         if choices is not None:
             done[CHOICES] = [{"index": c["index"], "finish_reason": c["finish_reason"]} for c in choices]
         self.events.emit(run.job_id, "done", done)
-        await self.events.flush()
+        await self.events.flush(run.job_id)
         return status.value
 
     def _observe(self, timings: dict[str, Any], prompt: int, completion: int, reason: FinishReason) -> None:
@@ -613,7 +627,7 @@ class JobRunner:
         with contextlib.suppress(Exception):
             if await self._write_final(run, values):
                 self.events.emit(run.job_id, "error", {"type": error_type, "message": message[:2000]})
-                await self.events.flush()
+                await self.events.flush(run.job_id)
 
     async def _requeue(self, run: _Run) -> None:
         stmt = (
@@ -636,6 +650,6 @@ class JobRunner:
                         "attempt": run.claim.attempt,
                     },
                 )
-                await asyncio.wait_for(self.events.flush(), 2)
+                await asyncio.wait_for(self.events.flush(run.job_id), 2)
         except Exception:
             log.exception("could not hand job %s back to the queue", run.job_id)

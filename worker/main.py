@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from shared import keys, logs
 from shared.db import check_schema, create_engine, session_factory
+from shared.eventredis import check_queue_redis, connect_events
 from shared.events import EventWriter
 from shared.runtime import freeze_startup_objects
 from shared.settings import Settings
@@ -114,8 +115,19 @@ async def startup(ctx: dict[str, Any]) -> None:
         await schema
     finally:
         schema.cancel()
+    await check_queue_redis(redis)
+    events_redis, owned = await connect_events(
+        settings.events.redis_url or settings.require_urls()[0],
+        settings.events.cluster,
+        None if settings.events.redis_url else redis,
+    )
+    if owned:
+        ctx["events_redis"] = events_redis
     batcher = EventBatcher(
-        EventWriter(redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds)
+        EventWriter(
+            events_redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
+        ),
+        coalesce_seconds=settings.events.coalesce_ms / 1000,
     )
     batcher.start()
     ctx["batcher"] = batcher
@@ -124,6 +136,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     common: dict[str, Any] = {
         "sessions": session_factory(db),
         "redis": redis,
+        "events_redis": events_redis,
         "events": batcher,
         "worker_id": worker_id,
         "default_max_tokens": settings.limits.default_max_tokens,
@@ -200,6 +213,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await _bounded("removing the registry entry", ctx["heartbeat"].stop(), 3)
     if "batcher" in ctx:
         await _bounded("publishing the last events", ctx["batcher"].stop(), 3)
+    if "events_redis" in ctx:
+        await _bounded("closing the events Redis", ctx["events_redis"].aclose(), 2)
     if "engine" in ctx:
         await _bounded("stopping the engine", asyncio.to_thread(ctx["engine"].stop), 15)
         if isinstance(ctx["engine"], UpstreamEngine):

@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 
-from shared import keys
 from shared.states import FinishReason, JobStatus
 from worker import metrics
 from worker.engine import EngineStats
@@ -106,7 +105,7 @@ class UpstreamRunner(JobRunner):
     async def _generate(self, run: _Run) -> str:
         request = run.claim.request
         path, body = _body(request, self.upstream_model)
-        if await self.redis.exists(keys.cancel_flag(run.job_id)):
+        if await self.cancel_flagged(run.job_id):
             run.cancelled = True
         text, index, usage, finish = "", 0, None, None
         if not run.stopped:

@@ -104,7 +104,7 @@ class Reaper:
         services = self.services
         queue = queue_of(services, row.model, row.batch_id)
         guard = (Job.id == row.id, Job.status == JobStatus.RUNNING.value, Job.attempts == row.attempts)
-        cancel_asked = bool(await services.redis.exists(keys.cancel_flag(row.id)))
+        cancel_asked = bool(await services.events_redis.exists(keys.cancel_flag(row.id)))
         if cancel_asked:
             values: dict[str, Any] = {
                 "status": JobStatus.CANCELLED.value,

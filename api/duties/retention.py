@@ -51,7 +51,7 @@ async def _forget(services: Services, ids: Sequence[str]) -> None:
         await session.execute(
             update(WebhookDelivery).where(WebhookDelivery.subject_id.in_(ids)).values(body=None)
         )
-    async with services.redis.pipeline(transaction=False) as pipe:
+    async with services.events_redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
             pipe.delete(keys.events_stream(job_id), keys.cancel_flag(job_id))
         await pipe.execute()

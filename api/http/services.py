@@ -12,14 +12,17 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis, RedisCluster
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.jobs.enqueue import Enqueue, enqueue_many
 from api.jobs.grouped import Grouped
 from api.jobs.inserts import insert_jobs
 from api.streams.relay import RelayHub
+from api.streams.sharded import ShardedRelayHub
 from api.tenancy.keystore import KeyStore
 from shared.db import check_schema, create_engine, session_factory
+from shared.eventredis import EventsRedis, check_queue_redis, connect_events
 from shared.events import EventWriter
 from shared.settings import Settings
 
@@ -40,9 +43,10 @@ class Services:
     settings: Settings
     db: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    redis: ArqRedis
+    redis: ArqRedis  # the queue's: arq, leases, the registry, rate limits, the cancel broadcast
+    events_redis: EventsRedis  # job events and cancel flags: the queue's Redis, or a cluster
     events: EventWriter
-    relay: RelayHub
+    relay: RelayHub | ShardedRelayHub
     model: ModelInfo  # the default: the one jobs that name no model run on
     models: dict[str, ModelInfo]
     auth: KeyStore
@@ -86,16 +90,29 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
     redis_url, database_url = settings.require_urls()
     db = create_engine(database_url)
     redis: ArqRedis | None = None
-    relay: RelayHub | None = None
+    events_redis: EventsRedis | None = None
+    owns_events_redis = False
+    events: EventWriter | None = None
+    relay: RelayHub | ShardedRelayHub | None = None
     services: Services | None = None
     try:
         await check_schema(db)
         models = await asyncio.to_thread(_load_models, settings)
         redis = await create_pool(RedisSettings.from_dsn(redis_url), retry=0)
-        relay = RelayHub(redis)
+        await check_queue_redis(redis)
+        events_redis, owns_events_redis = await connect_events(
+            settings.events.redis_url or redis_url,
+            settings.events.cluster,
+            None if settings.events.redis_url else redis,
+        )
+        if isinstance(events_redis, RedisCluster):
+            relay = ShardedRelayHub(events_redis)
+        else:
+            assert isinstance(events_redis, Redis)
+            relay = RelayHub(events_redis)
         await relay.start()
         events = EventWriter(
-            redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
+            events_redis, maxlen=settings.events.stream_maxlen, ttl_seconds=settings.events.ttl_seconds
         )
         sessions = session_factory(db)
         services = Services(
@@ -103,6 +120,7 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
             db,
             sessions,
             redis,
+            events_redis,
             events,
             relay,
             models[settings.served_model_name],
@@ -121,6 +139,10 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
             await asyncio.wait(services.background, timeout=5)
         if relay is not None:
             await relay.stop()
+        if events is not None:
+            await events.aclose()
+        if events_redis is not None and owns_events_redis:
+            await events_redis.aclose()
         if redis is not None:
             await redis.aclose()
         await db.dispose()

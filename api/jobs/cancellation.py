@@ -64,9 +64,15 @@ async def _drop_from_queue(services: Services, job_id: str, model: str) -> None:
 async def signal_cancel(services: Services, job_ids: list[str]) -> None:
     """Tell whichever worker runs these jobs to stop them. The flag covers a worker that claims a job
     after the message went out."""
+    # The flags are per job (on the job's shard of an events cluster); the message goes to every worker
+    # over the queue's Redis, where they listen for enqueues too. Flags first: a worker that gets the
+    # message stops the job at once, one that claims it later sees its flag.
+    async with services.events_redis.pipeline(transaction=False) as flags:
+        for job_id in job_ids:
+            flags.set(keys.cancel_flag(job_id), "1", ex=services.settings.events.ttl_seconds)
+        await flags.execute()
     async with services.redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.set(keys.cancel_flag(job_id), "1", ex=services.settings.events.ttl_seconds)
             pipe.publish(keys.CANCEL_CHANNEL, job_id)
         await pipe.execute()
 

@@ -83,7 +83,7 @@ class Deadlines:
 
     async def _stop_retried(self, row: Any) -> None:
         services = self.services
-        text = text_of(await read_events(services.redis, row.id))
+        text = text_of(await read_events(services.events_redis, row.id))
         model = services.models.get(row.model)
         completion = len(model.tokenizer.encode(text, add_special_tokens=False)) if model and text else 0
         stmt = (

@@ -9,9 +9,11 @@ record in Postgres is replayed instead, so a finished job always replays and end
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -20,6 +22,8 @@ from api.streams.relay import RESYNC
 from shared.events import Event, last_event, read_events
 from shared.models import Job
 from shared.states import TERMINAL, JobStatus
+
+log = logging.getLogger(__name__)
 
 QUIET_RECHECK_SECONDS = 5.0
 
@@ -61,7 +65,7 @@ def from_record(job: Job, after: int) -> list[Event]:
 async def _resync(services: Services, job_id: str, last: int) -> list[Event] | None:
     """The events after `last` from the job's stream, or its end from its record when the stream has
     none (events expired or lost); None once the job's row is gone."""
-    pending = await read_events(services.redis, job_id, after=last)
+    pending = await read_events(services.events_redis, job_id, after=last)
     if pending:
         return pending
     job = await load_job(services, job_id)
@@ -74,7 +78,7 @@ async def _resync(services: Services, job_id: str, last: int) -> list[Event] | N
 
 async def _first(services: Services, job_id: str, after: int) -> list[Event] | None:
     """What a stream starting after `after` sends first; None when the client has every event."""
-    pending = await read_events(services.redis, job_id, after=after)
+    pending = await read_events(services.events_redis, job_id, after=after)
     if pending:
         return pending
     if after == 0:
@@ -84,7 +88,7 @@ async def _first(services: Services, job_id: str, after: int) -> list[Event] | N
         return []
     # A client that has every event, the end included (a browser's EventSource reconnects after
     # `done` unless closed): nothing more, at once, rather than the end again a while later.
-    newest = await last_event(services.redis, job_id)
+    newest = await last_event(services.events_redis, job_id)
     return None if newest is not None and newest.is_end and newest.seq <= after else []
 
 
@@ -96,7 +100,7 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
     try:
 
         async def backlog() -> list[Event]:
-            return await read_events(services.redis, job_id, after=last)
+            return await read_events(services.events_redis, job_id, after=last)
 
         pending = await _first(services, job_id, last)
         if pending is None:
@@ -114,13 +118,19 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
                 item: Any = await asyncio.wait_for(sub.queue.get(), QUIET_RECHECK_SECONDS)
             except TimeoutError:
                 item = RESYNC
-            if item is RESYNC:
-                resynced = await _resync(services, job_id, last)
-                if resynced is None:
-                    return  # deleted: nothing more will come
-                pending = resynced
-            elif isinstance(item, Event):
-                pending = await backlog() if item.seq > last + 1 else [item]
+            try:
+                if item is RESYNC:
+                    resynced = await _resync(services, job_id, last)
+                    if resynced is None:
+                        return  # deleted: nothing more will come
+                    pending = resynced
+                elif isinstance(item, Event):
+                    pending = await backlog() if item.seq > last + 1 else [item]
+            except RedisError as exc:
+                # The job's shard is away (restarting, failing over): the stream stays open and reads
+                # again once the relay has its subscription back (RESYNC), or after a quiet spell.
+                log.info("job %s: reading its events failed (%s); reading again shortly", job_id, exc)
+                pending = []
     finally:
         await services.relay.unsubscribe(sub)
 

@@ -186,7 +186,7 @@ class WebhookDispatcher:
                 raise _Gone("the job was deleted")
             view = job_response(job)
             if delivery.event_type == OUTPUT and view.output is None:  # still generating: its text so far
-                view.output = text_of(await read_events(self.services.redis, job.id))
+                view.output = text_of(await read_events(self.services.events_redis, job.id))
             payload: dict[str, Any] = {**view.model_dump(mode="json"), "type": delivery.event_type}
         else:  # OpenAI's event shape, which client.webhooks.unwrap() parses
             subject = delivery.subject_id

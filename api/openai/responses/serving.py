@@ -139,7 +139,7 @@ async def check_starting_after(services: Services, job: Job, starting_after: int
     else:
         derive = ResponseEvents(job)
         numbers = [e["sequence_number"] for e in derive.opening()]
-        for event in await read_events(services.redis, job.id):
+        for event in await read_events(services.events_redis, job.id):
             numbers += [e["sequence_number"] for e in derive.feed(event)]
         last = max(numbers)
     if starting_after > last:
@@ -154,7 +154,7 @@ async def stream_response(
 ) -> AsyncIterator[dict[str, str]]:
     """The response's stream events after `starting_after`, as SSE messages, until its last event."""
     if JobStatus(job.status) in TERMINAL:
-        for event in after(finished(job, await read_events(services.redis, job.id)), starting_after):
+        for event in after(finished(job, await read_events(services.events_redis, job.id)), starting_after):
             yield _sse(event)
         return
     derive = ResponseEvents(job)
