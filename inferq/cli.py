@@ -125,11 +125,13 @@ def worker(
     settings_from_stdin: FromStdinOpt = False,
 ) -> None:
     """Run one GPU worker: one model on one device, continuous batching."""
-    # Before torch (and its OpenMP runtime) loads: OpenMP threads that spin while they wait turned a
-    # CPU engine sharing its cores with the API, the databases or clients from ~30 into ~2 tokens/s
-    # (bench/RESULTS.md, waiting); a GPU worker's CPU threads barely use OpenMP. A value the user set
-    # wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch (and its OpenMP runtime, libgomp) loads: OpenMP threads that spin ~300,000 times
+    # while they wait turned a CPU engine sharing its cores with the API, the databases or clients
+    # from ~30 into ~2 tokens/s. Spinning 1,000 times, then sleeping, kept 46 tokens/s with a core
+    # taken (sleeping at once: 58) and ~80 on free cores (spinning: ~85; sleeping at once: ~65), in
+    # bench/RESULTS.md (waiting). A GPU worker's CPU threads barely use OpenMP. A user's setting wins.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "1000"
     if settings_from_stdin:
         _settings_from_stdin("worker.main", "transformers.models.auto.modeling_auto")
     from worker.main import run
