@@ -53,6 +53,12 @@ def live_channel(job_id: str) -> str:
     return f"inferq:{{{job_id}}}:live"
 
 
+def relay_home(pid: int, hub: int) -> str:
+    """A channel no one publishes to, that an API process's relay stays subscribed to so that its
+    reader never idles on an empty subscription set."""
+    return f"inferq:relay:{pid}:{hub}"
+
+
 def cancel_flag(job_id: str) -> str:
     return f"inferq:{{{job_id}}}:cancel"
 

@@ -32,32 +32,28 @@ class Subscription:
     queue: asyncio.Queue[Event | object] = field(default_factory=asyncio.Queue)
 
 
-class RelayHub:
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+class Listeners:
+    """What every relay hub keeps: which streams listen to which live channel, the wait for Redis to
+    confirm a channel's subscription, and the channels whose streams must re-read their backlog. A hub
+    says how a channel is subscribed (`_listen`, on its first listener) and unsubscribed (`_unlisten`,
+    after its last one left), both called with the lock held."""
+
+    def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
-        self._pubsub: PubSub | None = None
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        # Always subscribed to something, so the reader never idles on an empty subscription set.
-        self._home = f"inferq:relay:{os.getpid()}:{id(self)}"
+        self._resync: set[str] = set()
         self.connected = asyncio.Event()
-        self._resync: set[str] = set()  # channels whose streams must re-read their backlog once re-subscribed
 
     @property
     def channels(self) -> int:
         return len(self._subs)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="inferq-relay")
+    async def _listen(self, channel: str) -> None:
+        raise NotImplementedError
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._close_pubsub()
+    async def _unlisten(self, channel: str) -> None:
+        raise NotImplementedError
 
     async def subscribe(self, job_id: str, timeout: float = 5.0) -> Subscription:
         sub = Subscription(job_id)
@@ -67,8 +63,7 @@ class RelayHub:
             self._subs.setdefault(channel, set()).add(sub)
             if first:
                 self._confirmed[channel] = asyncio.Event()
-                if self._pubsub is not None and self.connected.is_set():
-                    await self._pubsub.subscribe(channel)
+                await self._listen(channel)
             confirmed = self._confirmed[channel]
         try:
             await asyncio.wait_for(confirmed.wait(), timeout)
@@ -88,9 +83,37 @@ class RelayHub:
                 return
             del self._subs[channel]
             self._confirmed.pop(channel, None)
-            if self._pubsub is not None and self.connected.is_set():
-                with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(channel)
+            self._resync.discard(channel)
+            await self._unlisten(channel)
+
+
+class RelayHub(Listeners):
+    def __init__(self, redis: Redis) -> None:
+        super().__init__()
+        self._redis = redis
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Always subscribed to something, so the reader never idles on an empty subscription set.
+        self._home = keys.relay_home(os.getpid(), id(self))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="inferq-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_pubsub()
+
+    async def _listen(self, channel: str) -> None:
+        if self._pubsub is not None and self.connected.is_set():
+            await self._pubsub.subscribe(channel)
+
+    async def _unlisten(self, channel: str) -> None:
+        if self._pubsub is not None and self.connected.is_set():
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
 
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:

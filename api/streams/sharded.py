@@ -21,8 +21,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 
-from api.streams.relay import RESYNC, Subscription
-from shared import keys
+from api.streams.relay import RESYNC, Listeners
 from shared.eventredis import REDIRECTS, ClusterTopology, new_connection
 from shared.events import Event
 
@@ -41,24 +40,16 @@ class _Shard:
     reader: asyncio.Task[None] | None = None
 
 
-class ShardedRelayHub:
+class ShardedRelayHub(Listeners):
     def __init__(self, cluster: RedisCluster) -> None:
+        super().__init__()
         self._topology = ClusterTopology(cluster)
-        self._subs: dict[str, set[Subscription]] = {}
-        self._confirmed: dict[str, asyncio.Event] = {}
         self._shards: dict[str, _Shard] = {}
         self._where: dict[str, _Shard] = {}  # channel -> the shard it is subscribed (or asked) on
         self._homeless: set[str] = set()  # channels to place (again) on their shard
-        self._resync: set[str] = set()  # channels whose streams re-read their backlog once confirmed
         self._placing = asyncio.Event()
         self._placer: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
         self._stale = False  # the slot map needs looking up before the next placing
-        self.connected = asyncio.Event()
-
-    @property
-    def channels(self) -> int:
-        return len(self._subs)
 
     @property
     def shards(self) -> int:
@@ -79,42 +70,17 @@ class ShardedRelayHub:
                 await shard.conn.disconnect()
         self._shards.clear()
 
-    async def subscribe(self, job_id: str, timeout: float = 5.0) -> Subscription:
-        sub = Subscription(job_id)
-        channel = keys.live_channel(job_id)
-        async with self._lock:
-            first = channel not in self._subs
-            self._subs.setdefault(channel, set()).add(sub)
-            if first:
-                self._confirmed[channel] = asyncio.Event()
-                await self._place(channel)
-            confirmed = self._confirmed[channel]
-        try:
-            await asyncio.wait_for(confirmed.wait(), timeout)
-        except TimeoutError:
-            await self.unsubscribe(sub)
-            raise ConnectionError("redis did not confirm the subscription") from None
-        return sub
+    async def _listen(self, channel: str) -> None:
+        await self._place(channel)
 
-    async def unsubscribe(self, sub: Subscription) -> None:
-        channel = keys.live_channel(sub.job_id)
-        async with self._lock:
-            subs = self._subs.get(channel)
-            if subs is None:
-                return
-            subs.discard(sub)
-            if subs:
-                return
-            del self._subs[channel]
-            self._confirmed.pop(channel, None)
-            self._homeless.discard(channel)
-            self._resync.discard(channel)
-            shard = self._where.pop(channel, None)
-            if shard is not None:
-                shard.channels.discard(channel)
-                with contextlib.suppress(Exception):
-                    async with shard.lock:
-                        await shard.conn.send_command("SUNSUBSCRIBE", channel)
+    async def _unlisten(self, channel: str) -> None:
+        self._homeless.discard(channel)
+        shard = self._where.pop(channel, None)
+        if shard is not None:
+            shard.channels.discard(channel)
+            with contextlib.suppress(Exception):
+                async with shard.lock:
+                    await shard.conn.send_command("SUNSUBSCRIBE", channel)
 
     # Placing channels on shards (called with self._lock held, or from the placer).
 
