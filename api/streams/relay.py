@@ -49,6 +49,24 @@ class Listeners:
     def channels(self) -> int:
         return len(self._subs)
 
+    def _confirm(self, channel: str) -> None:
+        """Redis confirmed `channel`'s subscription: its waiting subscribers go on, and streams that
+        must re-read their backlog are told to."""
+        ev = self._confirmed.get(channel)
+        if ev is not None:
+            ev.set()
+        if channel in self._resync:
+            self._resync.discard(channel)
+            for sub in self._subs.get(channel, ()):
+                sub.queue.put_nowait(RESYNC)
+
+    def _deliver(self, channel: str, payload: bytes) -> None:
+        subs = self._subs.get(channel)
+        if subs:
+            event = Event.from_message(payload)
+            for sub in subs:
+                sub.queue.put_nowait(event)
+
     async def _listen(self, channel: str) -> None:
         raise NotImplementedError
 
@@ -156,16 +174,6 @@ class RelayHub(Listeners):
             kind = message.get("type")
             channel = message["channel"].decode()
             if kind == "subscribe":
-                ev = self._confirmed.get(channel)
-                if ev is not None:
-                    ev.set()
-                if channel in self._resync:
-                    self._resync.discard(channel)
-                    for sub in self._subs.get(channel, ()):
-                        sub.queue.put_nowait(RESYNC)
+                self._confirm(channel)
             elif kind == "message":
-                subs = self._subs.get(channel)
-                if subs:
-                    event = Event.from_message(message["data"])
-                    for sub in subs:
-                        sub.queue.put_nowait(event)
+                self._deliver(channel, message["data"])

@@ -21,9 +21,8 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 
-from api.streams.relay import RESYNC, Listeners
+from api.streams.relay import Listeners
 from shared.eventredis import REDIRECTS, ClusterTopology, new_connection
-from shared.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -198,21 +197,12 @@ class ShardedRelayHub(Listeners):
         kind, raw_channel, payload = reply[0], reply[1], reply[2]
         channel = raw_channel.decode() if isinstance(raw_channel, bytes) else str(raw_channel)
         if kind == b"smessage":
-            subs = self._subs.get(channel)
-            if subs and self._where.get(channel) is shard:
-                event = Event.from_message(payload)
-                for sub in subs:
-                    sub.queue.put_nowait(event)
+            if self._where.get(channel) is shard:
+                self._deliver(channel, payload)
         elif kind == b"ssubscribe":
             if self._where.get(channel) is not shard:
                 return  # placed elsewhere since; that shard's confirmation counts
-            ev = self._confirmed.get(channel)
-            if ev is not None:
-                ev.set()
-            if channel in self._resync:
-                self._resync.discard(channel)
-                for sub in self._subs.get(channel, ()):
-                    sub.queue.put_nowait(RESYNC)
+            self._confirm(channel)
         elif kind == b"sunsubscribe" and self._where.get(channel) is shard and channel in self._subs:
             # Not asked for: the server dropped it (its slot moved away, or this node is a replica now).
             self._rehome({channel}, refresh=True)
