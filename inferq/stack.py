@@ -24,6 +24,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from inferq import leftovers
 from inferq.supervise import Child, Supervisor
+from shared import aio
 from shared.settings import Settings
 
 console = Console(stderr=True, highlight=False)
@@ -140,7 +141,7 @@ class _Fleet:
 
     def registered(self) -> set[int]:
         try:
-            return self._loop.run_until_complete(asyncio.wait_for(self._pids(), 3))
+            return self._loop.run_until_complete(aio.wait_for(self._pids(), 3))
         except Exception:  # Redis restarting: nothing is known to be registered
             return set()
 

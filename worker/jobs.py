@@ -17,7 +17,7 @@ from sqlalchemy import Interval, func, literal_column, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared import keys, logs
+from shared import aio, keys, logs
 from shared.deadlines import ended, expire_unstarted
 from shared.eventredis import EventsRedis
 from shared.events import (
@@ -198,7 +198,7 @@ class JobRunner:
             # The worker is shutting down: hand the job back to the queue for another worker. Bounded:
             # with Postgres away the reaper hands it back once this worker's heartbeat is gone.
             with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.wait_for(self._requeue(run), 5))
+                await asyncio.shield(aio.wait_for(self._requeue(run), 5))
             raise
         except Exception as exc:
             log.exception("job %s failed", job_id)
@@ -650,6 +650,6 @@ class JobRunner:
                         "attempt": run.claim.attempt,
                     },
                 )
-                await asyncio.wait_for(self.events.flush(run.job_id), 2)
+                await aio.wait_for(self.events.flush(run.job_id), 2)
         except Exception:
             log.exception("could not hand job %s back to the queue", run.job_id)

@@ -19,7 +19,7 @@ from arq.worker import Function, Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import keys, logs
+from shared import aio, keys, logs
 from shared.db import check_schema, create_engine, session_factory
 from shared.eventredis import check_queue_redis, connect_events
 from shared.events import EventWriter
@@ -198,7 +198,7 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
 async def _bounded(what: str, step: Awaitable[Any], seconds: float) -> None:
     """One shutdown step, given at most `seconds`: Redis or Postgres being away never stops a stop."""
     try:
-        await asyncio.wait_for(step, seconds)
+        await aio.wait_for(step, seconds)
     except Exception as exc:
         log.warning("shutdown: %s did not finish (%s)", what, type(exc).__name__)
 
@@ -277,7 +277,7 @@ class InferqWorker(Worker):
         if self.job_counter > 0 or (self.batch_lane is not None and self.batch_lane.job_counter > 0):
             await asyncio.sleep(self.busy_poll_delay)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), self.poll_fallback)
+            await aio.wait_for(self.wake.wait(), self.poll_fallback)
 
     async def _poll_lanes(self) -> None:
         await super()._poll_iteration()

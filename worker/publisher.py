@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import aio
 from shared.eventredis import REDIRECTS
 from shared.events import CHOICE, EventType, EventWriter, Item
 from shared.logprobs import LOGPROBS
@@ -151,7 +152,7 @@ class EventBatcher:
                 task.add_done_callback(self._sends.discard)
             timeout = None if next_retry is None else max(next_retry - now, 0.001)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await aio.wait_for(self._wake.wait(), timeout)
 
     async def _send(self, route: str, lanes: list[_Lane]) -> None:
         batch = [(lane, list(lane.items)) for lane in lanes]

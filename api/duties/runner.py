@@ -10,6 +10,7 @@ from typing import Protocol
 
 from api.duties.leader import Lease
 from api.http.services import Services
+from shared import aio
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ async def run_duty(services: Services, duty: Duty) -> None:
             await asyncio.sleep(duty.interval)
     finally:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(lease.release(), 1)
+            await aio.wait_for(lease.release(), 1)
         close = getattr(duty, "aclose", None)  # a duty that holds a client (the webhook dispatcher)
         if close is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(close(), 1)
+                await aio.wait_for(close(), 1)

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from api.http.errors import JOB_FINISHED, JOB_NOT_FOUND, Conflict, NotFound
 from api.http.services import Services
 from api.tenancy.auth import OPEN, Principal
-from shared import keys
+from shared import aio, keys
 from shared.models import Job
 from shared.states import TERMINAL, FinishReason, JobStatus
 
@@ -87,7 +87,7 @@ async def _cancel_running(services: Services, job_id: str) -> tuple[Job, bool]:
             if remaining <= 0:
                 break
             try:
-                item = await asyncio.wait_for(sub.queue.get(), remaining)
+                item = await aio.wait_for(sub.queue.get(), remaining)
             except TimeoutError:
                 break
             if getattr(item, "is_end", False):

@@ -6,7 +6,6 @@ waiting clients cost the API one subscription each and no queries while they wai
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 from starlette.requests import Request
@@ -14,7 +13,7 @@ from starlette.requests import Request
 from api.http.errors import InvalidRequest
 from api.http.services import Services
 from api.streams.sse import until_end
-from shared import headers
+from shared import aio, headers
 
 MAX_WAIT_SECONDS = 60
 BAD_PREFER = "Prefer: wait must be a whole number of seconds from 1 to {limit}, e.g. 'Prefer: wait=30'"
@@ -40,7 +39,7 @@ def wait_seconds(request: Request) -> int | None:
 async def wait_for_end(services: Services, job_id: str, seconds: float) -> bool:
     """True once the job has ended, False when `seconds` passed first."""
     try:
-        await asyncio.wait_for(until_end(services, job_id), seconds)
+        await aio.wait_for(until_end(services, job_id), seconds)
     except TimeoutError:
         return False
     return True

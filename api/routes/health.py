@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.http.deps import ServicesDep
+from shared import aio
 
 router = APIRouter(tags=["health"])
 
@@ -32,7 +31,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
     for name, probe in (("redis", redis_ok), ("postgres", db_ok)):
         try:
-            await asyncio.wait_for(probe(), _CHECK_TIMEOUT)
+            await aio.wait_for(probe(), _CHECK_TIMEOUT)
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"unreachable: {type(exc).__name__}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from shared import keys
+from shared import aio, keys
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Listeners:
                 await self._listen(channel)
             confirmed = self._confirmed[channel]
         try:
-            await asyncio.wait_for(confirmed.wait(), timeout)
+            await aio.wait_for(confirmed.wait(), timeout)
         except TimeoutError:
             await self.unsubscribe(sub)
             raise ConnectionError("redis did not confirm the subscription") from None

@@ -8,7 +8,6 @@ record in Postgres is replayed instead, so a finished job always replays and end
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +18,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.http.services import Services
 from api.streams.relay import RESYNC
+from shared import aio
 from shared.events import Event, last_event, read_events
 from shared.models import Job
 from shared.states import TERMINAL, JobStatus
@@ -115,7 +115,7 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
                     return
             pending = []
             try:
-                item: Any = await asyncio.wait_for(sub.queue.get(), QUIET_RECHECK_SECONDS)
+                item: Any = await aio.wait_for(sub.queue.get(), QUIET_RECHECK_SECONDS)
             except TimeoutError:
                 item = RESYNC
             try:

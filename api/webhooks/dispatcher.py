@@ -23,6 +23,7 @@ from api.http.services import Services
 from api.jobs.views import job_response
 from api.openai.responses import render as response_view
 from api.webhooks import signing, ssrf
+from shared import aio
 from shared import headers as names
 from shared import responses as response_wire
 from shared.events import read_events, text_of
@@ -77,7 +78,7 @@ class _Slots:
         slot = self._slots.setdefault(target, asyncio.Semaphore(self.n))
         self._users[target] = self._users.get(target, 0) + 1
         try:
-            await asyncio.wait_for(slot.acquire(), timeout)
+            await aio.wait_for(slot.acquire(), timeout)
         except TimeoutError:
             self._leave(target)
             return False

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from api.http.errors import InvalidRequest
+from shared import aio
 from shared.settings import WebhookSettings
 
 # Cloud metadata services: refused whatever allow_private says.
@@ -93,9 +94,7 @@ async def _resolve(host: str, port: int) -> list[str]:
     except ValueError:
         pass
     loop = asyncio.get_running_loop()
-    infos = await asyncio.wait_for(
-        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS
-    )
+    infos = await aio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
