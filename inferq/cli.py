@@ -278,6 +278,11 @@ def jobs(
     console.print(table)
 
 
+TENANT_VIEW_NOTE = (
+    "tenant view: only your own running jobs are listed; an admin key sees every job, host and pid"
+)
+
+
 @app.command()
 def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw registry entries.")] = False,
@@ -292,6 +297,8 @@ def workers(
     if as_json:
         console.print_json(json.dumps(data))
         return
+    if resp.json().get("view") == "tenant":
+        console.print(f"[dim]{TENANT_VIEW_NOTE}[/dim]")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
     for name, width in (("id", 0), ("model", 0), ("device", 6), ("running", 7), ("tokens/s", 8)):
         # Ids and model names are what a user copies: shown whole.

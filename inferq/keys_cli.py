@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from inferq.keycounts import CLOSED_NOTE, KeyCounts, read_counts
 from inferq.stack import stack_file
 from shared.settings import get_settings
 
@@ -116,6 +117,12 @@ def create(
     token_quota: Annotated[
         int | None, typer.Option(min=1, help="Generated tokens per day (default: no limit).")
     ] = None,
+    admin: Annotated[
+        bool,
+        typer.Option(
+            "--admin", help="May see the whole fleet (every worker's jobs, hosts, pids); acts for its tenant."
+        ),
+    ] = False,
 ) -> None:
     """Create a key; print it once on stdout (KEY=$(inferq keys create --tenant a))."""
     if not TENANT.fullmatch(tenant):
@@ -138,6 +145,7 @@ def create(
                     key_hash=hash_key(key),
                     rate_per_minute=rate,
                     tokens_per_day=token_quota,
+                    admin=admin,
                 )
             )
 
@@ -148,7 +156,7 @@ def create(
     err.print(
         f"[green]created {key_id}[/] for tenant {escape(tenant)}"
         f"{f' ({escape(name)})' if name else ''}: {_limit(rate, '/min')} requests, "
-        f"{_limit(token_quota, '/day')} tokens",
+        f"{_limit(token_quota, '/day')} tokens{', admin view of the fleet' if admin else ''}",
         soft_wrap=True,
     )
     err.print("[bold]store the key now: it is not shown again[/] (only its SHA-256 hash is kept)")
@@ -161,6 +169,7 @@ def _row(k: ApiKey) -> dict[str, Any]:
         "name": k.name,
         "rate_per_minute": k.rate_per_minute,
         "tokens_per_day": k.tokens_per_day,
+        "admin": k.admin,
         "created_at": k.created_at.isoformat(),
         "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
     }
@@ -195,10 +204,12 @@ def list_keys(
     table.add_column("id", no_wrap=True, min_width=max(len(k.id) for k in found))
     table.add_column("tenant", no_wrap=True, min_width=max(len(k.tenant) for k in found))
     table.add_column("name")
+    table.add_column("admin", no_wrap=True)
     for header in ("rate/min", "tokens/day", "created", *(("revoked",) if show_all else ())):
         table.add_column(header, no_wrap=True)
     for k in found:
-        cells = [k.id, k.tenant, k.name or "", str(k.rate_per_minute or "-"), str(k.tokens_per_day or "-")]
+        cells = [k.id, k.tenant, k.name or "", "yes" if k.admin else ""]
+        cells += [str(k.rate_per_minute or "-"), str(k.tokens_per_day or "-")]
         cells += [_day(k.created_at), *((_day(k.revoked_at),) if show_all else ())]
         table.add_row(*(Text(c) for c in cells))  # Text: names are not rich markup
     console.print(table)
@@ -211,7 +222,7 @@ def revoke(key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The key
 
     from shared.models import ApiKey
 
-    async def mark(session: AsyncSession) -> tuple[str | None, ApiKey | None]:
+    async def mark(session: AsyncSession) -> tuple[str | None, ApiKey | None, KeyCounts]:
         async with session.begin():
             stmt = (
                 update(ApiKey)
@@ -220,9 +231,10 @@ def revoke(key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The key
                 .returning(ApiKey.tenant)
             )
             tenant = await session.scalar(stmt)
-            return tenant, None if tenant is not None else await session.get(ApiKey, key_id)
+            existing = None if tenant is not None else await session.get(ApiKey, key_id)
+            return tenant, existing, await read_counts(session)
 
-    tenant, existing = _db(mark)
+    tenant, existing, counts = _db(mark)
     if tenant is None:
         if existing is None:
             _die(f"no API key {key_id}", 1)
@@ -232,24 +244,6 @@ def revoke(key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The key
         f"revoked {escape(key_id)} (tenant {escape(tenant)}); the API refuses it within {wait:g}s",
         soft_wrap=True,
     )
-
-
-def active_key_count(database_url: str) -> int:
-    """Keys not revoked, for `inferq up`'s banner (blocking; call it outside an event loop)."""
-    from sqlalchemy import func, select
-
-    from shared.db import create_engine
-    from shared.models import ApiKey
-
-    async def count() -> int:
-        engine = create_engine(database_url, pool_size=1)
-        try:
-            async with engine.connect() as conn:
-                n = await conn.scalar(
-                    select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None))
-                )
-            return int(n or 0)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(count())
+    if counts.active == 0:
+        # The last one: in `auto` the API stays closed, it never falls back to open.
+        err.print(f"[bold yellow]that was the last active key: {CLOSED_NOTE}[/]", soft_wrap=True)

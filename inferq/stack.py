@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from inferq import leftovers
+from inferq.keycounts import KeyCounts, auth_line, count_keys, keys_required
 from inferq.supervise import Child, Supervisor
 from shared import aio
 from shared.settings import Settings
@@ -45,28 +46,6 @@ def _write_stack_file(path: Path, urls: dict[str, str]) -> None:
         json.dump(urls, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
-
-
-SEND_KEY_HINT = (
-    "send it as `Authorization: Bearer <key>` over HTTP, or `export INFERQ_API_KEY=<key>` for the CLI"
-)
-
-
-def auth_line(mode: str, active_keys: int | None) -> str:
-    """The banner's word on API keys; `active_keys` is None when they could not be counted."""
-    hint = "create one with `inferq keys create --tenant NAME`"
-    if mode == "off":
-        return "auth: open (INFERQ_AUTH=off)"
-    if active_keys == 0:
-        if mode == "auto":
-            return (
-                f"auth: open (no API keys; {hint}: from then on every request needs one, and jobs made "
-                "while open belong to tenant `default`)"
-            )
-        return f"auth: API keys required, and none exists yet: {hint}; {SEND_KEY_HINT}"
-    if active_keys is None and mode == "auto":
-        return f"auth: API keys required as soon as one exists (`inferq keys list`); {SEND_KEY_HINT}"
-    return f"auth: API keys required: {SEND_KEY_HINT}"
 
 
 class _Stop(Exception):
@@ -203,8 +182,8 @@ def _command() -> str:
 def _banner(
     url: str,
     data_dir: Path,
-    auth_mode: str,
-    active_keys: int | None,
+    settings: Settings,
+    keys: KeyCounts | None,
     metrics: list[str],
     seconds: float,
 ) -> None:
@@ -219,8 +198,11 @@ def _banner(
     console.print(
         f"\n[bold green]inferq is up[/] in {seconds:.1f}s — API docs: [link]{url}/docs[/]", soft_wrap=True
     )
-    console.print(escape(auth_line(auth_mode, active_keys)), soft_wrap=True)
-    required = auth_mode == "on" or (auth_mode == "auto" and bool(active_keys))
+    admin_key = settings.admin_key is not None
+    line = escape(auth_line(settings.auth, keys, admin_key))
+    loud = settings.auth == "off" and keys is not None and keys.ever
+    console.print(f"[bold red]{line}[/]" if loud else line, soft_wrap=True)
+    required = keys_required(settings.auth, keys, admin_key)
     bearer = ' -H "authorization: Bearer $INFERQ_API_KEY"' if required else ""
     console.print("Try it (in another shell):")
     if required:
@@ -234,11 +216,9 @@ def _banner(
     console.print(f"[dim]data: {data_dir} · Ctrl-C stops everything[/]\n", soft_wrap=True)
 
 
-def _count_keys(database_url: str) -> int | None:
-    from inferq.keys_cli import active_key_count
-
+def _count_keys(database_url: str) -> KeyCounts | None:
     try:
-        return active_key_count(database_url)
+        return count_keys(database_url)
     except Exception:  # the banner is no reason to stop a stack that is up
         return None
 
@@ -411,7 +391,7 @@ def _run(
                 urls_file, {"redis_url": redis_url, "database_url": database_url, "api_url": url}
             )
             active = _count_keys(database_url)
-            _banner(url, data_dir, settings.auth, active, metrics, time.monotonic() - t0)
+            _banner(url, data_dir, settings, active, metrics, time.monotonic() - t0)
             _supervise(sup, fleet, children[1:])
             return 1  # not reached: _supervise returns only by an exception
         except RuntimeError as exc:  # a crash loop, or no readiness in time: said, not a traceback

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -15,8 +16,10 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -182,6 +185,19 @@ class ApiKey(Base):
     tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # May see the whole fleet (every worker's jobs, hosts, pids); acts for its tenant like any key.
+    admin: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
+
+
+class AuthState(Base):
+    """One row once any API key has existed (a trigger on api_keys writes it): from then on `auto` auth
+    requires keys, even with every key revoked. Nothing in inferq deletes it."""
+
+    __tablename__ = "auth_state"
+    __table_args__ = (CheckConstraint("id = 1", name="auth_state_single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    keys_since: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class IdempotencyRecord(Base):

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared import keys
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+MIN_ADMIN_KEY_CHARS = 32
 
 
 def default_data_dir() -> Path:
@@ -215,7 +216,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
     auth: Literal["auto", "on", "off"] = Field(
-        default="auto", description="auto: API keys are required as soon as one exists."
+        default="auto",
+        description="auto: open until the first API key is created, then keys are required for good "
+        "(revoking every key leaves a closed API, not an open one); on: always required; off: open to "
+        "anyone who can reach the API, even where keys exist.",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="A bearer key (32+ characters) that acts for the `default` tenant with the admin "
+        "view of the fleet (every worker's jobs, hosts, pids); setting it makes keys required in `auto`.",
     )
     auth_cache_seconds: float = Field(
         default=5.0, ge=0, description="How long an API process trusts what it read of a key (revocations)."
@@ -246,6 +255,13 @@ class Settings(BaseSettings):
     stream_token_seconds: int = Field(
         default=300, ge=1, le=86_400, description="How long a stream token lets a client (re)connect."
     )
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(f"INFERQ_ADMIN_KEY must be at least {MIN_ADMIN_KEY_CHARS} characters")
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """`inferq keys` against the test database, and `--api-key` on the client commands against the running API.
 
-The shared stack runs with auth `auto`: a key left active would lock every later test out, so each test
-here uses a tenant of its own whose keys are revoked at the end, and waits until the API is open again.
+Each test uses a tenant of its own whose keys are revoked at the end; the client commands talk to an API
+of this module's own with auth on (the session's API runs with auth off).
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ import secrets
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import text
 
-from inferq.stack import _write_stack_file, auth_line
+from inferq.stack import _write_stack_file
 from shared.db import create_engine
-from tests.conftest import REPO, Stack
+from tests.conftest import REPO, Stack, start_api
 
 KEY = re.compile(r"iq_[0-9a-f]{12}_\S+")
 
@@ -59,27 +57,24 @@ def _sql(stack: Stack, sql: str, **params: Any) -> list[dict[str, Any]]:
     return asyncio.run(run())
 
 
-def _jobs_status(stack: Stack) -> int:
-    return httpx.get(f"{stack.base_url}/v1/jobs", timeout=10).status_code
-
-
-def _wait_jobs_status(stack: Stack, status: int, timeout: float = 15) -> None:
-    # API processes trust what they read of keys for INFERQ_AUTH_CACHE_SECONDS (5 s by default).
-    deadline = time.monotonic() + timeout
-    while (got := _jobs_status(stack)) != status:
-        assert time.monotonic() < deadline, f"GET /v1/jobs without a key still answers {got}, not {status}"
-        time.sleep(0.2)
+@pytest.fixture(scope="module")
+def keyed_url(stack: Stack) -> Iterator[str]:
+    """An API on the session's servers that requires keys."""
+    url, api = start_api(stack, INFERQ_AUTH="on")
+    try:
+        yield url
+    finally:
+        api.stop()
 
 
 @pytest.fixture
 def tenant(stack: Stack) -> Iterator[str]:
-    """A tenant of this test's own; its keys are revoked afterwards, and the API is open again."""
+    """A tenant of this test's own; its keys are revoked afterwards."""
     name = f"cli-test-{secrets.token_hex(4)}"
     try:
         yield name
     finally:
         _sql(stack, "UPDATE api_keys SET revoked_at = now() WHERE tenant = :t AND revoked_at IS NULL", t=name)
-        _wait_jobs_status(stack, 200)
 
 
 def _create(stack: Stack, tenant: str, *args: str) -> tuple[str, str]:
@@ -127,6 +122,7 @@ def test_keys_list_shows_ids_and_tenants_never_keys(stack: Stack, tenant: str) -
     assert raw.returncode == 0, raw.stderr
     [mine] = [k for k in json.loads(raw.stdout) if k["id"] == key_id]
     assert mine["tenant"] == tenant and mine["rate_per_minute"] == 7 and mine["revoked_at"] is None
+    assert mine["admin"] is False
     assert "key_hash" not in mine and key not in raw.stdout and row["key_hash"] not in raw.stdout
 
 
@@ -147,6 +143,17 @@ def test_keys_revoke_marks_the_key_and_refuses_a_second_time(stack: Stack, tenan
     again = _keys(stack, "revoke", key_id)
     assert again.returncode == 1
     assert "already revoked" in again.stderr
+
+
+def test_keys_create_admin_marks_the_key(stack: Stack, tenant: str) -> None:
+    done = _keys(stack, "create", "--tenant", tenant, "--admin")
+    assert done.returncode == 0, done.stderr
+    assert "admin view of the fleet" in done.stderr
+    key_id = "key_" + done.stdout.strip().split("_")[1]
+    [row] = _sql(stack, "SELECT admin FROM api_keys WHERE id = :id", id=key_id)
+    assert row["admin"] is True
+    [mine] = [k for k in json.loads(_keys(stack, "list", "--json").stdout) if k["id"] == key_id]
+    assert mine["admin"] is True
 
 
 def test_keys_revoke_unknown_id_exits_1(stack: Stack) -> None:
@@ -203,18 +210,11 @@ def test_stack_file_is_private_and_replaced_whole(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["stack.json"]
 
 
-def test_stack_auth_line_says_whether_keys_are_required() -> None:
-    assert auth_line("auto", 0).startswith("auth: open (no API keys; create one with `inferq keys create")
-    assert auth_line("off", 3).startswith("auth: open")
-    assert auth_line("auto", 2).startswith("auth: API keys required")
-    assert auth_line("on", 1).startswith("auth: API keys required")
-    assert "inferq keys create" in auth_line("on", 0)
-
-
-def test_cli_api_key_option_authenticates_client_commands(stack: Stack, tenant: str, tmp_path: Path) -> None:
+def test_cli_api_key_option_authenticates_client_commands(
+    stack: Stack, tenant: str, tmp_path: Path, keyed_url: str
+) -> None:
     key, _ = _create(stack, tenant)
-    _wait_jobs_status(stack, 401)
-    url = ["--url", stack.base_url]
+    url = ["--url", keyed_url]
 
     refused = _cli(stack.api.env, "jobs", *url)
     assert refused.returncode == 1

@@ -84,15 +84,6 @@ async def _revoke(db: AsyncEngine, key_ids: list[str]) -> None:
         await conn.execute(update(ApiKey).where(ApiKey.id.in_(key_ids)).values(revoked_at=func.now()))
 
 
-def _open_again(base_url: str) -> None:
-    """The session's API is in `auto` mode: wait until it serves without a key again."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if httpx.get(f"{base_url}/v1/jobs", timeout=5).status_code == 200:
-            return
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def console(stack: Stack) -> Iterator[Console]:
     url, api = start_api(
@@ -110,7 +101,6 @@ def console(stack: Stack) -> Iterator[Console]:
         if c.made:
             asyncio.run(_revoke(db, c.made))
         asyncio.run(db.dispose())
-        _open_again(stack.base_url)
 
 
 def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
@@ -125,7 +115,7 @@ def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
 async def test_events_need_no_token_with_auth_off_and_cors_is_off_by_default(
     client: httpx.AsyncClient,
 ) -> None:
-    # The session's API: auth `auto` with no key yet (open), no INFERQ_CORS_ORIGINS.
+    # The session's API: auth off, no INFERQ_CORS_ORIGINS.
     job = await submit(client, messages=FRANCE, max_tokens=8, temperature=0)
     events = await read_sse(client, job["id"], params={STREAM_TOKEN_PARAM: "not-a-token"})  # ignored
     assert events[-1].event == "done"
@@ -145,7 +135,7 @@ async def test_events_need_no_token_with_auth_off_and_cors_is_off_by_default(
 async def test_console_asks_for_no_key_while_auth_is_off(
     stack: Stack, tab: Callable[..., Awaitable[Tab]]
 ) -> None:
-    # Before any test here makes a key: the session's API (auth `auto`) is open.
+    # The session's API runs with auth off.
     t = await tab()
     await t.page.goto(f"{stack.base_url}{UI_PATH}/#/jobs")
     await t.page.locator("#jobs-table tbody tr").first.wait_for()
@@ -282,15 +272,16 @@ async def test_stream_token_opens_only_its_job_until_it_expires(console: Console
         )
         assert _error(await anon.get(f"/v1/jobs/{job['id']}/events"), 401)["message"] == MISSING_KEY
 
-        # Every API process shares the secret: the session's API (auth `auto`, which keys now turn on)
-        # opens the stream with a token this one minted.
-        deadline = time.monotonic() + 15
-        async with console.client(None, stack.base_url) as other_replica:
-            while (await other_replica.get("/v1/jobs")).status_code != 401:
-                assert time.monotonic() < deadline, "the session's API never required a key"
-                await asyncio.sleep(0.5)
-            replayed = await read_sse(other_replica, job["id"], params={STREAM_TOKEN_PARAM: token})
-            assert [e.id for e in replayed] == [e.id for e in events]
+        # Every API process shares the secret: another replica (auth on) opens the stream with a token
+        # this one minted.
+        other_url, other_api = await asyncio.to_thread(start_api, stack, INFERQ_AUTH="on")
+        try:
+            async with console.client(None, other_url) as other_replica:
+                assert (await other_replica.get("/v1/jobs")).status_code == 401
+                replayed = await read_sse(other_replica, job["id"], params={STREAM_TOKEN_PARAM: token})
+                assert [e.id for e in replayed] == [e.id for e in events]
+        finally:
+            await asyncio.to_thread(other_api.stop)
 
 
 async def test_cors_preflight_and_headers_for_the_allowed_origin_only(console: Console) -> None:

@@ -26,6 +26,7 @@ from tests.conftest import Proc, Stack, start_api
 from tests.helpers import FRANCE, STORY, wait_job
 
 SECRET_PROMPT = "Describe the zebra-violet-unicorn-4242 in one word."
+ADMIN_KEY = "admin-" + "k3y" * 12  # INFERQ_ADMIN_KEY of this module's API
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Secure:
     api: Proc
     db: AsyncEngine
 
-    async def key(self, tenant: str, **limits: Any) -> str:
+    async def key(self, tenant: str, **limits: Any) -> str:  # limits: also admin=True
         key_id = new_key_id()
         key = new_key(key_id)
         async with self.db.begin() as conn:
@@ -61,6 +62,7 @@ def secure(stack: Stack) -> Iterator[Secure]:
         INFERQ_AUTH_CACHE_SECONDS="0.5",
         INFERQ_RATE_WINDOW_SECONDS="3",
         INFERQ_MAX_QUEUE_SECONDS="100000",  # the fairness test queues 500 jobs; admission is tested apart
+        INFERQ_ADMIN_KEY=ADMIN_KEY,
     )
     db = create_async_engine(stack.servers.database_url, poolclass=NullPool)  # used from several loops
     try:
@@ -69,12 +71,6 @@ def secure(stack: Stack) -> Iterator[Secure]:
         api.stop()
         asyncio.run(_revoke_all(db))
         asyncio.run(db.dispose())
-        # The session's API is in `auto` mode: wait until it sees no key any more.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if httpx.get(f"{stack.base_url}/v1/jobs", timeout=5).status_code == 200:
-                break
-            time.sleep(0.5)
 
 
 @pytest.fixture
@@ -163,6 +159,42 @@ async def test_tenant_sees_nothing_of_another_tenant(
     for path, ident in (("/v1/jobs", job["id"]), ("/v1/files", file["id"]), ("/v1/batches", batch["id"])):
         assert ident in {x["id"] for x in (await a.get(path, params={"limit": 100})).json()["data"]}
         assert ident not in {x["id"] for x in (await b.get(path, params={"limit": 100})).json()["data"]}
+
+
+async def test_workers_show_a_tenant_its_own_jobs_only_and_an_admin_everything(
+    secure: Secure, tenants: tuple[httpx.AsyncClient, httpx.AsyncClient]
+) -> None:
+    alpha, beta = tenants
+    job = (await alpha.post("/v1/jobs", json={"messages": STORY, "max_tokens": 3000})).json()
+    try:
+        async with (
+            secure.client(await secure.key("ops", admin=True)) as admin,
+            secure.client(ADMIN_KEY) as env_admin,
+        ):
+            # The registry is as fresh as the last heartbeat: wait until the admin view lists the job.
+            deadline = time.monotonic() + 60
+            while True:
+                full = (await admin.get("/v1/workers")).json()
+                if any(job["id"] in w["jobs"] for w in full["data"]):
+                    break
+                assert time.monotonic() < deadline, "no worker ever listed the running job"
+                await asyncio.sleep(0.2)
+            assert full["view"] == "full"
+            assert all(w["host"] and w["pid"] and ":" in w["id"] for w in full["data"])
+            assert (await env_admin.get("/v1/workers")).json()["view"] == "full"
+
+            seen_by_beta = (await beta.get("/v1/workers")).json()
+            seen_by_alpha = (await alpha.get("/v1/workers")).json()
+        text = str(seen_by_beta)
+        assert seen_by_beta["view"] == "tenant" and job["id"] not in text
+        for w in seen_by_beta["data"]:
+            assert w["host"] is None and w["pid"] is None and w["metrics_url"] is None
+            assert w["id"].startswith("wrk_") and not any(f["id"] in text for f in full["data"])
+        # The load stays visible: the job counts in `running`, it is just not named.
+        assert sum(w["running"] for w in seen_by_beta["data"]) >= 1
+        assert any(job["id"] in w["jobs"] for w in seen_by_alpha["data"])
+    finally:
+        await alpha.post(f"/v1/jobs/{job['id']}/cancel")
 
 
 async def test_tenant_cannot_reach_another_tenants_response(

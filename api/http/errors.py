@@ -38,6 +38,7 @@ STREAM_TOKEN_INVALID = "the stream token is not valid (malformed or tampered wit
 STREAM_TOKEN_EXPIRED = "the stream token has expired; get a new one from POST /v1/jobs/{job_id}/stream_token"
 STREAM_TOKEN_OTHER_JOB = "the stream token is for another job"
 STREAM_TOKEN_REVOKED = "the API key that made this stream token has been revoked"
+STREAM_TOKEN_OPEN = "this stream token was made while the API was open; API keys are required now"
 
 
 class ApiError(Exception):

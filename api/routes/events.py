@@ -13,13 +13,20 @@ from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.http.deps import ServicesDep
-from api.http.errors import JOB_NOT_FOUND, STREAM_TOKEN_REVOKED, InvalidRequest, NotFound, Unauthorized
+from api.http.errors import (
+    JOB_NOT_FOUND,
+    STREAM_TOKEN_OPEN,
+    STREAM_TOKEN_REVOKED,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+)
 from api.http.services import Services
 from api.jobs.views import job_urls
 from api.streams.sse import job_events as events_of
 from api.streams.sse import load_job, sse_response
 from api.streams.tokens import mint, verify
-from api.tenancy.auth import Principal, PrincipalDep, authenticate
+from api.tenancy.auth import ADMIN, ADMIN_TOKEN_SUBJECT, Principal, PrincipalDep, authenticate
 from api.tenancy.ratelimit import limit_requests
 from shared.browser import LAST_EVENT_ID, STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH
 from shared.events import Event, dumps
@@ -57,8 +64,12 @@ async def stream_principal(
     if token is None or not await services.auth.required():
         return await authenticate(request, services)
     grant = await verify(services, token, job_id)
-    if grant.key_id is None:  # minted while the API was open
-        return Principal(tenant=grant.tenant)
+    if grant.key_id is None:  # minted while the API was open, which it no longer is
+        raise Unauthorized(STREAM_TOKEN_OPEN, code="invalid_stream_token")
+    if grant.key_id == ADMIN_TOKEN_SUBJECT:
+        if not services.auth.has_admin_key:
+            raise Unauthorized(STREAM_TOKEN_REVOKED, code="invalid_stream_token")
+        return Principal(grant.tenant, admin=True)
     key = await services.auth.lookup(grant.key_id)
     if key is None or key.revoked:
         raise Unauthorized(STREAM_TOKEN_REVOKED, code="invalid_stream_token")
@@ -118,6 +129,7 @@ async def stream_token(job_id: str, services: ServicesDep, principal: PrincipalD
     job = await load_job(services, job_id)
     if job is None or not principal.owns(job.tenant):
         raise NotFound(JOB_NOT_FOUND.format(job_id=job_id))
-    token, expires_at = await mint(services, job.id, job.tenant, principal.key_id)
+    minted_by = ADMIN_TOKEN_SUBJECT if principal is ADMIN else principal.key_id
+    token, expires_at = await mint(services, job.id, job.tenant, minted_by)
     url = f"{job_urls(job.id).events}?{STREAM_TOKEN_PARAM}={quote(token)}"
     return StreamToken(token=token, expires_at=expires_at, url=url)

@@ -1,8 +1,9 @@
 """API keys on every route (but health, readiness and metrics), and the tenant each key acts for.
 
-Auth is `auto` by default: open while no key exists (local use), required as soon as one does.
-What a process read about keys is trusted for `auth_cache_seconds`, so a request costs no Postgres
-round trip; a revoked key stops working within that time.
+Auth is `auto` by default: open until the first key is created (local use), then required for good:
+revoking every key closes the API, it never opens it again (only `INFERQ_AUTH=off` does). What a process
+read about a key is trusted for `auth_cache_seconds`, so a request costs no Postgres round trip; a revoked
+key stops working within that time.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ S = TypeVar("S", bound=_Filterable)
 @dataclass(frozen=True)
 class Principal:
     """Who is asking: a key and its tenant, or nobody in particular while the API is open (who then
-    sees every tenant's work and creates work for the `default` tenant)."""
+    sees every tenant's work and creates work for the `default` tenant). `admin` sees the whole fleet
+    (every worker's jobs, hosts and pids); it reads other tenants' jobs no more than any key does."""
 
     tenant: str | None
     key_id: str | None = None
     rate_per_minute: int | None = None
     tokens_per_day: int | None = None
+    admin: bool = False
 
     @property
     def owner(self) -> str:
@@ -48,7 +51,11 @@ class Principal:
         return stmt if self.tenant is None else stmt.where(column == self.tenant)
 
 
-OPEN = Principal(tenant=None)
+OPEN = Principal(tenant=None, admin=True)
+# INFERQ_ADMIN_KEY: the operator's key, acting for the tenant that owns work made while the API was open.
+ADMIN = Principal(tenant=DEFAULT_TENANT, admin=True)
+# What a stream token minted with INFERQ_ADMIN_KEY names as its key (no api_keys row is that key).
+ADMIN_TOKEN_SUBJECT = "admin"
 
 
 async def authenticate(request: Request, services: ServicesDep) -> Principal:
@@ -58,11 +65,13 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized(MISSING_KEY, code="invalid_api_key")
+    if services.auth.is_admin_key(token):
+        return ADMIN
     key_id = key_id_of(token)
     key = await services.auth.lookup(key_id) if key_id else None
     if key is None or key.revoked or not matches(token, key.key_hash):
         raise Unauthorized(INVALID_KEY, code="invalid_api_key")
-    principal = Principal(key.tenant, key.id, key.rate_per_minute, key.tokens_per_day)
+    principal = Principal(key.tenant, key.id, key.rate_per_minute, key.tokens_per_day, key.admin)
     await limit_requests(services, principal.key_id, principal.rate_per_minute, request)
     return principal
 

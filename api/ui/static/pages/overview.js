@@ -61,9 +61,13 @@ export function render(root) {
           lineChart("TTFT (median of the last 10 jobs)", history.ttft, { span: SPAN_S, unit: " s" })),
       ),
       wide("Workers",
-        table(["id", "host", "device", "model", "running", "tokens/s", "state"],
+        // A tenant key's view lists its own jobs only and no hosts; an admin key sees the whole fleet.
+        h("p", { id: "fleet-view", class: "muted", dataset: { view: workers.view } },
+          workers.view === "full" ? "Full view: every worker's jobs, hosts and pids."
+            : "Tenant view: your own running jobs only; other tenants' jobs are counted in \"running\". An admin key sees hosts and every job."),
+        table(["id", ...(workers.view === "full" ? ["host"] : []), "device", "model", "running", "tokens/s", "state"],
           workers.data.map((w) => h("tr", {},
-            h("td", { title: w.id }, fmt.short(w.id)), h("td", {}, w.host), h("td", {}, w.device),
+            h("td", { title: w.id }, fmt.short(w.id)), ...(workers.view === "full" ? [h("td", {}, w.host)] : []), h("td", {}, w.device),
             h("td", {}, w.model), h("td", { class: "num" }, `${w.running} / ${w.capacity}`),
             h("td", { class: "num" }, fmt.num(w.tokens_per_s)),
             h("td", {}, w.draining ? h("span", { class: "badge status-cancelled" }, "draining") : "serving")))),
