@@ -26,6 +26,7 @@ from api.http.errors import (
     MISSING_KEY,
     STREAM_TOKEN_EXPIRED,
     STREAM_TOKEN_INVALID,
+    STREAM_TOKEN_OPEN,
     STREAM_TOKEN_OTHER_JOB,
     STREAM_TOKEN_REVOKED,
 )
@@ -62,13 +63,17 @@ class Console:
     db: AsyncEngine
     made: list[str] = field(default_factory=list)
 
-    async def key(self, tenant: str, rate_per_minute: int | None = None) -> str:
+    async def key(self, tenant: str, rate_per_minute: int | None = None, admin: bool = False) -> str:
         key_id = new_key_id()
         key = new_key(key_id)
         async with self.db.begin() as conn:
             await conn.execute(
                 ApiKey.__table__.insert().values(
-                    id=key_id, tenant=tenant, key_hash=hash_key(key), rate_per_minute=rate_per_minute
+                    id=key_id,
+                    tenant=tenant,
+                    key_hash=hash_key(key),
+                    rate_per_minute=rate_per_minute,
+                    admin=admin,
                 )
             )
         self.made.append(key_id)
@@ -264,8 +269,11 @@ async def test_stream_token_opens_only_its_job_until_it_expires(console: Console
             _error(await b.post(f"/v1/jobs/{job['id']}/{STREAM_TOKEN_PATH}"), 404)["type"]
             == "not_found_error"
         )
-        forged = sign(secret, job["id"], "console-b", int(time.time()) + 60)
+        forged = sign(secret, job["id"], "console-b", int(time.time()) + 60, key_id_of(key_b))
         assert (await refused(job["id"], forged, 404))["type"] == "not_found_error"
+        # A token that names no key was made while the API was open; it is not honoured once keys are.
+        unkeyed = sign(secret, job["id"], "console-a", int(time.time()) + 60)
+        assert (await refused(job["id"], unkeyed))["message"] == STREAM_TOKEN_OPEN
         assert (
             _error(await anon.post(f"/v1/jobs/{job['id']}/{STREAM_TOKEN_PATH}"), 401)["message"]
             == MISSING_KEY
@@ -456,6 +464,22 @@ async def test_console_playground_streams_and_the_job_succeeds_in_the_table(
     if os.environ.get("INFERQ_UPDATE_SCREENSHOT"):
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, README_SCREENSHOT)
+
+
+async def test_console_overview_shows_a_tenant_its_view_of_the_fleet_and_an_admin_all(
+    console: Console, tab: Callable[..., Awaitable[Tab]]
+) -> None:
+    tenant_key, admin_key = await console.key("console-a"), await console.key("console-ops", admin=True)
+    seen = {}
+    for name, key in (("tenant", tenant_key), ("full", admin_key)):
+        t = await tab(key)
+        await t.page.goto(f"{console.url}{UI_PATH}/#/overview")
+        note = t.page.locator(f'#fleet-view[data-view="{name}"]')
+        await note.wait_for()
+        headers = note.locator("xpath=following-sibling::table[1]//th")
+        seen[name] = (await note.text_content(), await headers.all_text_contents())
+    assert seen["tenant"][0].startswith("Tenant view") and "host" not in seen["tenant"][1]
+    assert seen["full"][0].startswith("Full view") and "host" in seen["full"][1]
 
 
 async def test_console_cancels_a_running_job_from_its_page(

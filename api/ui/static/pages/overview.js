@@ -62,7 +62,7 @@ export function render(root) {
       ),
       wide("Workers",
         // A tenant key's view lists its own jobs only and no hosts; an admin key sees the whole fleet.
-        h("p", { id: "fleet-view", class: "muted", dataset: { view: workers.view } },
+        h("p", { id: "fleet-view", class: "note", dataset: { view: workers.view } },
           workers.view === "full" ? "Full view: every worker's jobs, hosts and pids."
             : "Tenant view: your own running jobs only; other tenants' jobs are counted in \"running\". An admin key sees hosts and every job."),
         table(["id", ...(workers.view === "full" ? ["host"] : []), "device", "model", "running", "tokens/s", "state"],
