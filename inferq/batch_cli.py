@@ -4,6 +4,7 @@ results; also `inferq batch status ID` and `inferq batch cancel ID`."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 POLL_SECONDS = 0.5
+_LINE_END = re.compile(r"\r\n|\r|\n")
 # How long polling rides out a lost connection (e.g. an API restart) before giving up; the batch itself
 # keeps running server-side either way.
 RECONNECT_SECONDS = 30.0
@@ -84,9 +86,17 @@ class BatchInputError(ValueError):
 class BatchInput:
     endpoint: str
     requests: list[dict[str, Any]]
+    numbers: list[int]  # each request's line in the input file
 
     def jsonl(self) -> bytes:
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.requests).encode()
+        """The batch file, each request on its input line (blank lines between), so the line numbers the
+        server gives in its errors are the input file's."""
+        out: list[str] = []
+        written = 0
+        for number, request in zip(self.numbers, self.requests, strict=True):
+            out.append("\n" * (number - written - 1) + json.dumps(request, ensure_ascii=False) + "\n")
+            written = number
+        return "".join(out).encode()
 
 
 def _is_full_line(obj: Any) -> bool:
@@ -142,9 +152,12 @@ def build_batch_input(text: str, endpoint: str | None, default_model: Callable[[
         return cached[0]
 
     requests: list[dict[str, Any]] = []
+    numbers: list[int] = []
     first: tuple[int, str] | None = None  # (line number, url) of the first request, for the mismatch error
     seen: dict[str, int] = {}
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # Lines end where the server ends them (\r\n, \r or \n), so its line numbers are these; str.splitlines
+    # would also cut at U+2028 and U+0085, which JSON allows raw inside a string.
+    for n, raw in enumerate(_LINE_END.split(text), start=1):
         if not raw.strip():
             continue
         try:
@@ -168,9 +181,10 @@ def build_batch_input(text: str, endpoint: str | None, default_model: Callable[[
             )
         seen[custom_id] = n
         requests.append(line)
+        numbers.append(n)
     if first is None:
         raise BatchInputError("the file has no requests")
-    return BatchInput(first[1], requests)
+    return BatchInput(first[1], requests, numbers)
 
 
 def parse_metadata(pairs: list[str]) -> dict[str, str]:
@@ -183,13 +197,13 @@ def parse_metadata(pairs: list[str]) -> dict[str, str]:
     return metadata
 
 
-def _api_error(resp: httpx.Response) -> NoReturn:
+def _api_error(resp: httpx.Response, exit_code: int = 1) -> NoReturn:
     try:
         message = resp.json()["error"]["message"]
     except Exception:
         message = resp.text
     err.print(f"[red]error {resp.status_code}:[/] {escape(str(message))}", soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(exit_code)
 
 
 def _json(resp: httpx.Response, ok: int = 200) -> dict[str, Any]:
@@ -323,7 +337,12 @@ def _run(
         except BatchInputError as exc:
             _usage_error(f"{path}: {exc}")
         files = {"file": (path.name, batch_input.jsonl(), "application/jsonl")}
-        uploaded = _json(client.post("/v1/files", files=files, data={"purpose": "batch"}))
+        resp = client.post("/v1/files", files=files, data={"purpose": "batch"})
+        if resp.status_code in (400, 413):
+            # The server read the file and refused it (its message names the file and the bad lines):
+            # bad input, as if the checks above had found it.
+            _api_error(resp, exit_code=2)
+        uploaded = _json(resp)
         body = {
             "input_file_id": uploaded["id"],
             "endpoint": batch_input.endpoint,

@@ -134,6 +134,12 @@ class FleetSettings(BaseModel):
 class BatchSettings(BaseModel):
     max_file_bytes: int = Field(default=100_000_000, ge=1024, description="Largest upload to /v1/files.")
     max_lines: int = Field(default=50_000, ge=1, description="Most requests in one batch input file.")
+    max_line_bytes: int = Field(
+        default=2_000_000,
+        ge=1024,
+        description="Longest line of a batch input file; a longer one (a file with no line break) is "
+        "refused unparsed.",
+    )
     queue_target: int = Field(
         default=256, ge=1, description="Batch jobs kept waiting in Redis; the feeder tops the queue up to it."
     )

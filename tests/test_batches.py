@@ -124,16 +124,24 @@ async def test_batch_refused_line_goes_to_the_error_file_and_the_rest_completes(
     assert {j["status"] for j in jobs} == {"succeeded"}
 
 
-async def test_batch_with_an_unusable_file_fails_naming_the_lines(oai: AsyncOpenAI) -> None:
+async def test_batch_with_an_unusable_file_fails_naming_the_lines(oai: AsyncOpenAI, stack: Stack) -> None:
+    # Uploads are checked now (tests/test_files.py); a file stored before that was not, so the batch
+    # checks again. Such a file is made by rewriting a checked one in place.
+    file_id = await _upload(oai, [_line("a", _chat("x"))])
     lines: list[Any] = [
         _line("a", _chat("x")),
         "{not json",
         _line("a", _chat("y")),
         {**_line("c", _chat("z")), "url": "/v1/embeddings"},
     ]
-    batch = await oai.batches.create(
-        input_file_id=await _upload(oai, lines), endpoint=CHAT, completion_window="24h"
-    )
+    engine = create_async_engine(stack.servers.database_url)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE files SET content = :content WHERE id = :id"),
+            {"id": file_id, "content": _jsonl(lines)},
+        )
+    await engine.dispose()
+    batch = await oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
     done = await _wait_batch(oai, batch.id)
     assert done.status == "failed"
     assert done.errors is not None and done.errors.data is not None
@@ -143,6 +151,17 @@ async def test_batch_with_an_unusable_file_fails_naming_the_lines(oai: AsyncOpen
         (4, "invalid_url"),
     ]
     assert done.output_file_id is None
+
+
+async def test_batch_for_another_endpoint_than_its_file_fails(oai: AsyncOpenAI) -> None:
+    file_id = await _upload(oai, [_line("p", {"model": MODEL, "prompt": "x"}, url="/v1/completions")])
+    batch = await oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    done = await _wait_batch(oai, batch.id)
+    assert done.status == "failed"
+    assert done.errors is not None and done.errors.data is not None
+    assert [(e.line, e.code, e.message) for e in done.errors.data] == [
+        (1, "invalid_url", f"url must be the batch's endpoint '{CHAT}'")
+    ]
 
 
 async def test_batch_cancel_stops_its_jobs_and_keeps_finished_results(oai: AsyncOpenAI) -> None:

@@ -56,7 +56,14 @@ def test_build_batch_input_wraps_bodies_into_chat_lines() -> None:
             "body": {"messages": [{"role": "user", "content": "yo"}], "model": "other"},
         },
     ]
-    assert [json.loads(line) for line in got.jsonl().decode().splitlines()] == got.requests
+    # Each request keeps its input line, so the server's line numbers are the input file's.
+    assert got.numbers == [1, 3]
+    assert got.jsonl().decode().split("\n") == [
+        json.dumps(got.requests[0]),
+        "",
+        json.dumps(got.requests[1]),
+        "",
+    ]
 
 
 def test_build_batch_input_numbers_custom_ids_by_file_line() -> None:
@@ -65,6 +72,14 @@ def test_build_batch_input_numbers_custom_ids_by_file_line() -> None:
     assert got.endpoint == COMPLETIONS
     assert [r["custom_id"] for r in got.requests] == ["line-1", "line-3"]
     assert got.requests[1]["body"] == {"prompt": "b", "model": "m"}
+
+
+def test_build_batch_input_ends_lines_where_the_server_does() -> None:
+    # U+2028 is allowed raw in a JSON string and ends no line; \r\n and a lone \r each end one.
+    got = build_batch_input('"a\u2028b"\r\n\r"c"\n', None, _model)
+    assert got.numbers == [1, 3]
+    assert got.requests[0]["body"]["messages"][0]["content"] == "a\u2028b"
+    assert got.jsonl().decode().split("\n")[0] == json.dumps(got.requests[0], ensure_ascii=False)
 
 
 def test_build_batch_input_string_line_is_one_user_message() -> None:
@@ -223,14 +238,18 @@ def test_batch_cli_status_shows_a_batch(stack: Stack, tmp_path: Path) -> None:
     assert "error 404" in missing.stderr
 
 
-def test_batch_cli_failed_batch_prints_line_errors_and_exits_1(stack: Stack, tmp_path: Path) -> None:
+def test_batch_cli_refused_upload_prints_the_servers_message_and_exits_2(
+    stack: Stack, tmp_path: Path
+) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text(_jsonl({"custom_id": "a", "method": "GET", "url": CHAT, "body": {"messages": []}}))
+    good = {"custom_id": "a", "method": "POST", "url": CHAT, "body": {"messages": []}}
+    # The CLI passes full lines as they are; the server refuses the method, naming the input's line.
+    path.write_text(_jsonl(good, "", {**good, "custom_id": "b", "method": "GET"}))
     out = tmp_path / "out.jsonl"
     done = _cli(str(path), "--out", str(out), "--url", stack.base_url)
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "failed" in done.stderr
-    assert "line 1:" in done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error 400: bad.jsonl: line 3: method must be 'POST'" in done.stderr
+    assert not done.stdout  # no batch was created
     assert not out.exists()
 
 

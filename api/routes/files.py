@@ -11,6 +11,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import undefer
 
 from api.batches.records import file_object
+from api.batches.validation import BatchFileReader
 from api.http.deps import ServicesDep, SessionDep
 from api.http.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from api.http.pagination import newest_first
@@ -22,7 +23,11 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 FILE_NOT_FOUND = "no file with id '{file_id}'"
 FILE_IN_USE = "file '{file_id}' is the input of batch '{batch_id}' and cannot be deleted"
+FILE_REFUSED = "{filename}: {problems}"
+FILE_MORE_LINES = "; and {count} more bad lines"
 PURPOSES = ("batch",)
+_CHUNK_BYTES = 1 << 20
+_LINES_IN_MESSAGE = 5  # the first few bad lines; the rest only counted
 
 
 async def _get(session: SessionDep, principal: Principal, file_id: str, *, content: bool = False) -> File:
@@ -35,6 +40,17 @@ async def _get(session: SessionDep, principal: Principal, file_id: str, *, conte
     return file
 
 
+def _refused(filename: str, reader: BatchFileReader) -> InvalidRequest:
+    """The upload's 400: the file's name and its first bad lines, the way the batch would list them."""
+    shown = reader.errors[:_LINES_IN_MESSAGE]
+    problems = "; ".join(f"line {e.line}: {e.message}" if e.line else e.message for e in shown)
+    if reader.bad > len(shown):
+        problems += FILE_MORE_LINES.format(count=reader.bad - len(shown))
+    return InvalidRequest(
+        FILE_REFUSED.format(filename=filename, problems=problems), param="file", code=shown[0].code
+    )
+
+
 @router.post("", response_model=FileObject, summary="Upload a JSONL batch input file")
 async def upload_file(
     services: ServicesDep,
@@ -45,23 +61,32 @@ async def upload_file(
 ) -> FileObject:
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of: {', '.join(PURPOSES)}", param="purpose")
+    filename = (file.filename or "upload.jsonl").replace("\x00", "")[:255] or "upload.jsonl"
     limits = services.settings.batches
-    content = await file.read(limits.max_file_bytes + 1)
-    if len(content) > limits.max_file_bytes:
-        raise PayloadTooLarge(f"files are limited to {limits.max_file_bytes} bytes", param="file")
-    lines = sum(1 for line in content.splitlines() if line.strip())
-    if lines == 0:
-        raise InvalidRequest("the file is empty", param="file")
-    if lines > limits.max_lines:
-        raise InvalidRequest(
-            f"a batch file holds at most {limits.max_lines} lines; this one has {lines}", param="file"
-        )
+    # PURPOSES is "batch" alone: every upload is a batch input file, checked as OpenAI checks one.
+    reader = BatchFileReader(limits, keep=False)
+    chunks: list[bytes] = []
+    size = 0
+    # Read in chunks, each checked as it comes: a line over the limit ends the read there, unparsed.
+    while chunk := await file.read(_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limits.max_file_bytes:
+            raise PayloadTooLarge(f"files are limited to {limits.max_file_bytes} bytes", param="file")
+        reader.feed(chunk)
+        if reader.stopped:
+            break
+        chunks.append(chunk)
+    reader.close()
+    if reader.errors:
+        raise _refused(filename, reader)
+    content = b"".join(chunks)
+    chunks.clear()  # one copy of the file in memory while the row is written, not two
     record = File(
         tenant=principal.owner,
         purpose=purpose,
-        filename=(file.filename or "upload.jsonl").replace("\x00", "")[:255] or "upload.jsonl",
+        filename=filename,
         size=len(content),
-        lines=lines,
+        lines=reader.count,
         content=content,
     )
     async with session.begin():
