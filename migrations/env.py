@@ -10,7 +10,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from shared.db import async_url
+from shared.db import async_url, record_compatibility
 from shared.models import Base
 
 config = context.config
@@ -27,6 +27,8 @@ def _url() -> str:
 
 
 def run_migrations_offline() -> None:
+    # The SQL written here records no compatibility floor (that needs the database's revision after the
+    # run): code older than that schema refuses it until `inferq migrate` has recorded one.
     context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
@@ -36,6 +38,8 @@ def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
+        # In the same transaction: code that reads the new revision also reads its floor.
+        record_compatibility(connection, context.script)
 
 
 async def run_migrations_online() -> None:

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import make_url, text
+from sqlalchemy import Connection, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
 import migrations
 
+if TYPE_CHECKING:
+    from alembic.script import Script, ScriptDirectory
+
+log = logging.getLogger(__name__)
+
 MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+
+# The table each migration run records its schema's compatibility floor in (shared.models).
+SCHEMA_TABLE = "inferq_schema"
+
+SCHEMA_BEHIND = "database schema is at {current}, the code needs {head}: run `inferq migrate`"
+SCHEMA_AHEAD_UNMARKED = (
+    "database schema is at {current}, later than this code's {head}, and records no compatibility"
+    " with older code: deploy code at {current}"
+)
+SCHEMA_AHEAD_INCOMPATIBLE = (
+    "database schema is at {current}, which runs code from {floor} on; this code is at {head}:"
+    " deploy code at {floor} or later"
+)
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -37,13 +58,45 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def head_revision() -> str | None:
+def _scripts(script_location: Path) -> ScriptDirectory:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return ScriptDirectory.from_config(cfg).get_current_head()
+    cfg.set_main_option("script_location", str(script_location))
+    return ScriptDirectory.from_config(cfg)
+
+
+def head_revision(script_location: Path = MIGRATIONS_DIR) -> str | None:
+    """The newest migration this code ships: the schema it was written for."""
+    return _scripts(script_location).get_current_head()
+
+
+def compatible_with_code_from(script: Script) -> str:
+    """The oldest code revision that runs on the schema `script` leaves; a migration that declares
+    nothing is a contract (only code at its own revision or later)."""
+    declared = getattr(script.module, "compatible_with_code_from", None)
+    return str(declared) if declared is not None else script.revision
+
+
+def record_compatibility(connection: Connection, scripts: ScriptDirectory) -> None:
+    """Write the floor of the revision `connection`'s database is now at, in the migration's transaction
+    (migrations/env.py). Before the revision that creates the table there is nothing to write."""
+    from alembic.migration import MigrationContext
+
+    revision = MigrationContext.configure(connection).get_current_revision()
+    if revision is None or connection.scalar(text(f"SELECT to_regclass('{SCHEMA_TABLE}')")) is None:
+        return
+    floor = compatible_with_code_from(scripts.get_revision(revision))
+    connection.execute(
+        text(
+            f"INSERT INTO {SCHEMA_TABLE} (singleton, revision, compatible_with_code_from)"
+            " VALUES (true, :revision, :floor) ON CONFLICT (singleton) DO UPDATE"
+            " SET revision = excluded.revision,"
+            " compatible_with_code_from = excluded.compatible_with_code_from, recorded_at = now()"
+        ),
+        {"revision": revision, "floor": floor},
+    )
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
@@ -55,21 +108,50 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return str(version) if version is not None else None
 
 
-async def check_schema(engine: AsyncEngine) -> None:
-    """Refuse to serve on a database whose schema is behind the code."""
-    head, current = head_revision(), await current_revision(engine)
-    if current != head:
-        raise SchemaOutOfDate(
-            f"database schema is at {current or 'nothing'}, the code needs {head}: run `inferq migrate`"
-        )
+async def _recorded_floor(engine: AsyncEngine, revision: str) -> str | None:
+    """The floor recorded for `revision`, or None when none is (or it was recorded for another one)."""
+    async with engine.connect() as conn:
+        if await conn.scalar(text(f"SELECT to_regclass('{SCHEMA_TABLE}')")) is None:
+            return None
+        row = (
+            await conn.execute(text(f"SELECT revision, compatible_with_code_from FROM {SCHEMA_TABLE}"))
+        ).first()
+    return str(row[1]) if row is not None and row[0] == revision else None
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+async def check_schema(engine: AsyncEngine, script_location: Path = MIGRATIONS_DIR) -> str:
+    """Refuse to serve on a schema this code cannot run on; return the database's revision.
+
+    The code runs on its own head, and on a later schema whose recorded floor is at or before its head
+    (an expand migration during a rolling deploy). `script_location` is the migrations this code ships.
+    """
+    scripts = _scripts(script_location)
+    head, current = scripts.get_current_head(), await current_revision(engine)
+    if current is not None and current == head:
+        return current
+    if current is None or _knows(scripts, current):
+        # Known and not the head: older than the code.
+        raise SchemaOutOfDate(SCHEMA_BEHIND.format(current=current or "nothing", head=head))
+    floor = await _recorded_floor(engine, current)
+    if floor is None:
+        raise SchemaOutOfDate(SCHEMA_AHEAD_UNMARKED.format(current=current, head=head))
+    if not _knows(scripts, floor):
+        raise SchemaOutOfDate(SCHEMA_AHEAD_INCOMPATIBLE.format(current=current, floor=floor, head=head))
+    log.info("schema %s is later than this code's %s and runs code from %s on", current, head, floor)
+    return current
+
+
+def _knows(scripts: ScriptDirectory, revision: str) -> bool:
+    # One linear history: every revision the code ships is at or before its head.
+    return any(s.revision == revision for s in scripts.walk_revisions())
+
+
+def upgrade(url: str, revision: str = "head", script_location: Path = MIGRATIONS_DIR) -> None:
     """Run `alembic upgrade` against `url` (blocking; call it outside an event loop)."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(script_location))
     cfg.attributes["database_url"] = async_url(url)
     command.upgrade(cfg, revision)

@@ -284,3 +284,18 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SchemaCompatibility(Base):
+    """One row: the oldest code revision that may run on the schema at `revision` (written by every
+    migration run, migrations/env.py). Code older than the schema cannot read the new migration's file,
+    so it learns here whether it may start (shared/db.py, check_schema; docs/migrations.md). Later
+    migrations only ever add to this table: code from 0010 on reads it."""
+
+    __tablename__ = "inferq_schema"
+    __table_args__ = (CheckConstraint("singleton", name="ck_inferq_schema_singleton"),)
+
+    singleton: Mapped[bool] = mapped_column(primary_key=True, default=True)
+    revision: Mapped[str] = mapped_column(String(32))
+    compatible_with_code_from: Mapped[str] = mapped_column(String(32))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,11 +1,14 @@
 """Property-based fuzzing (schemathesis) of a live API against its own OpenAPI schema: no 5xx, and no
-response the schema does not describe."""
+response the schema does not describe. Auth is on and every request carries a valid key (made with
+`inferq keys create`), so the fuzz reaches the code behind authentication on every route."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -26,8 +29,10 @@ from schemathesis.specs.openapi.checks import (
     negative_data_rejection,
     positive_data_acceptance,
 )
+from sqlalchemy import make_url
 
-from tests.conftest import REPO, Proc, Servers, _env, _free_port, wait_for
+from shared.browser import STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH
+from tests.conftest import REPO, Proc, Servers, _admin, _env, _free_port, wait_for
 
 MAX_TOKENS = 4  # every valid generation ends in well under a second
 # A model name of its own gives this API and its worker queues of their own (shared/settings.py): a request
@@ -79,7 +84,18 @@ EXCLUDED_CHECKS = [
     allow_header_conformance,
     negative_data_rejection,  # replaced by the one above
 ]
-ADDED_CHECKS = [negative_data_rejection_but_lax_types]
+
+
+def key_accepted(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+    """Every request carries a valid key: a 401 would mean the fuzz never got past authentication (and a
+    401 is documented everywhere, so nothing else would notice). Only a stream token, which the events
+    route reads before the key, may be refused."""
+    if response.status_code == 401 and STREAM_TOKEN_PARAM not in (case.query or {}):
+        raise AssertionError(f"a valid API key was refused: {response.text[:300]}")
+    return None
+
+
+ADDED_CHECKS = [negative_data_rejection_but_lax_types, key_accepted]
 # schemathesis' own list of statuses that reject invalid data, and 413: an invalid request may also be
 # refused for its size, before it is parsed (api/tenancy/limits.py).
 REJECTIONS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
@@ -89,6 +105,7 @@ REJECTIONS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "42
 class FuzzApi:
     base_url: str
     procs: list[Proc]
+    key: str
     # Ids of real objects, by the name of the parameter that takes them: random ids only ever reach the 404.
     known: dict[str, str] = field(default_factory=dict)
 
@@ -97,7 +114,8 @@ class FuzzApi:
 
 
 def _seed(client: httpx.Client) -> dict[str, str]:
-    """A finished job, an uploaded batch file, a batch that reads it, and a finished response."""
+    """A finished job and a stream token for it, an uploaded batch file, a batch that reads it, a finished
+    response and a webhook endpoint."""
     job = client.post("/v1/jobs", json={"prompt": "Say hi.", "max_tokens": MAX_TOKENS}).json()
     deadline = time.monotonic() + 60
     while client.get(f"/v1/jobs/{job['id']}").json()["status"] not in ("succeeded", "failed", "cancelled"):
@@ -119,8 +137,10 @@ def _seed(client: httpx.Client) -> dict[str, str]:
     response = client.post("/v1/responses", json=answer).json()  # a finished foreground response
     hook = {"url": "http://127.0.0.1:9/fuzz", "event_types": ["batch.failed"]}
     endpoint = client.post("/v1/webhook_endpoints", json=hook).json()
+    token = client.post(f"/v1/jobs/{job['id']}/{STREAM_TOKEN_PATH}").json()
     return {
         "job_id": job["id"],
+        STREAM_TOKEN_PARAM: token["token"],
         "file_id": file_id,
         "batch_id": batch["id"],
         "model_id": SERVED,
@@ -133,49 +153,54 @@ def _seed(client: httpx.Client) -> dict[str, str]:
 def fuzz_api(
     servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FuzzApi]:
-    """An API and a worker of their own, with tight limits, against the session's servers."""
+    """An API and a worker of their own, with tight limits and auth on, against a database of their own
+    on the session's server: a key in the session's database would close the session's API (auth
+    `auto`) to the other tests. Its duties share their Redis leases with the session's API, as any
+    second API process's do; while it holds one, that duty runs for this database only, and tests run one
+    at a time."""
+    name = f"inferq_fuzz_{secrets.token_hex(4)}"
+    asyncio.run(_admin(servers.database_url, f'CREATE DATABASE "{name}"'))
+    database_url = make_url(servers.database_url).set(database=name).render_as_string(hide_password=False)
     env = _env(
-        servers,
+        Servers(servers.redis_url, database_url),
         model_dir,
-        INFERQ_AUTH="off",
+        INFERQ_AUTH="on",
         INFERQ_LIMITS__MAX_TOKENS=str(MAX_TOKENS),
         INFERQ_LIMITS__DEFAULT_MAX_TOKENS=str(MAX_TOKENS),
         INFERQ_LIMITS__MAX_PROMPT_TOKENS="64",
+        # Deliveries are not what this fuzzes (tests/test_webhooks.py): the session's API keeps the lease.
+        INFERQ_WEBHOOKS__DISPATCH="false",
     )
     env["INFERQ_MODEL__SERVED_NAME"] = SERVED
-    subprocess.run(
-        [sys.executable, "-m", "inferq.cli", "migrate"], env=env, cwd=REPO, check=True, capture_output=True
-    )
     logs = tmp_path_factory.mktemp("fuzz-logs")
     port = _free_port()
     api = Proc(["api", "--port", str(port)], env, logs)
     worker = Proc(["worker", "--max-batch", "8"], env, logs)
-    fuzz = FuzzApi(f"http://127.0.0.1:{port}", [api, worker])
-
-    def serving() -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            resp = httpx.get(f"{fuzz.base_url}/v1/models/{SERVED}", timeout=1)
-            return resp.status_code == 200 and resp.json()["workers"] > 0
-        return False
-
-    api.start()
-    worker.start()
     try:
+        for args in (["migrate"], ["keys", "create", "--tenant", "fuzz", "--name", "test_fuzz"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "inferq.cli", *args], env=env, cwd=REPO, capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stderr
+        fuzz = FuzzApi(f"http://127.0.0.1:{port}", [api, worker], key=done.stdout.strip())
+        auth = {"Authorization": f"Bearer {fuzz.key}"}
+
+        def serving() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                resp = httpx.get(f"{fuzz.base_url}/v1/models/{SERVED}", headers=auth, timeout=1)
+                return resp.status_code == 200 and resp.json()["workers"] > 0
+            return False
+
+        api.start()
+        worker.start()
         wait_for(serving, 120, "the fuzzed API and its worker", fuzz.procs)
-        with httpx.Client(base_url=fuzz.base_url, timeout=30) as client:
+        with httpx.Client(base_url=fuzz.base_url, headers=auth, timeout=30) as client:
             fuzz.known = _seed(client)
         yield fuzz
     finally:
-        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=fuzz.base_url, timeout=30) as client:
-            # The endpoints fuzzing made would get every later event of the session's tenant.
-            for page in range(50):
-                listed = client.get("/v1/webhook_endpoints", params={"limit": 100}).json()["data"]
-                if not listed or page == 49:
-                    break
-                for endpoint in listed:
-                    client.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
         worker.stop()
         api.stop()
+        asyncio.run(_admin(servers.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +232,9 @@ def _steer(case: Case, known: dict[str, str]) -> None:
     for name, value in case.path_parameters.items():
         if name in known and _coin(value):
             case.path_parameters[name] = known[name]
+    token = (case.query or {}).get(STREAM_TOKEN_PARAM)
+    if token is not None and _coin(token):
+        case.query[STREAM_TOKEN_PARAM] = known[STREAM_TOKEN_PARAM]  # the seed job's: valid for it only
     cursors = {"/v1/jobs": "job_id", "/v1/files": "file_id", "/v1/batches": "batch_id"}
     after = (case.query or {}).get("after")
     if case.operation.path in cursors and after is not None and _coin(after):
@@ -250,8 +278,36 @@ def test_api_matches_its_schema(case: Case, fuzz_api: FuzzApi) -> None:
         excluded.append(positive_data_acceptance)
     try:
         case.call_and_validate(
-            base_url=fuzz_api.base_url, timeout=30, excluded_checks=excluded, additional_checks=ADDED_CHECKS
+            base_url=fuzz_api.base_url,
+            headers={"Authorization": f"Bearer {fuzz_api.key}"},
+            timeout=30,
+            excluded_checks=excluded,
+            additional_checks=ADDED_CHECKS,
         )
     except Exception as exc:
         exc.add_note(fuzz_api.logs())
         raise
+
+
+# The routes the fuzz must reach (with the key): were one left out of the schema, nothing would fuzz it.
+MUST_FUZZ = {
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs/{job_id}/events"),
+    ("POST", f"/v1/jobs/{{job_id}}/{STREAM_TOKEN_PATH}"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("POST", "/v1/webhook_endpoints"),
+    ("POST", "/v1/webhook_endpoints/{endpoint_id}/rotate_secret"),
+    ("POST", "/v1/webhook_secret"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/{file_id}/content"),
+    ("POST", "/v1/batches"),
+    ("POST", "/v1/batches/{batch_id}/cancel"),
+    ("POST", "/v1/chat/completions"),
+}
+
+
+def test_api_schema_lists_every_route_the_fuzz_must_reach(fuzz_api: FuzzApi) -> None:
+    served = httpx.get(f"{fuzz_api.base_url}/openapi.json", timeout=30).json()
+    operations = {(method.upper(), path) for path, item in served["paths"].items() for method in item}
+    assert MUST_FUZZ <= operations, f"not in the schema, so never fuzzed: {sorted(MUST_FUZZ - operations)}"
