@@ -3,8 +3,8 @@
 Once a key has existed, `INFERQ_AUTH=auto` keeps requiring keys, even when every key is revoked or
 deleted: a trigger on api_keys records the first key, whoever inserts it (the CLI, a script, psql).
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-06
 """
 
@@ -13,10 +13,13 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010"
-down_revision: str | None = "0009"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+# Expand only: a column with a server default and a table that code at 0009 never reads (that code
+# still decides auth by counting active keys).
+compatible_with_code_from: str = "0009"
 
 
 def upgrade() -> None:
