@@ -256,25 +256,33 @@ def jobs(
     if resp.status_code != 200:
         _fail(resp)
     jobs = resp.json()["data"]
-    # The id is what a user copies: never cut or wrapped; the output column takes what is left.
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
-    table.add_column("id", no_wrap=True, min_width=max((len(j["id"]) for j in jobs), default=2))
-    table.add_column("status", no_wrap=True, min_width=9)
-    table.add_column("created UTC", no_wrap=True, min_width=11)
-    table.add_column("tokens", justify="right", no_wrap=True, min_width=6)
-    table.add_column("ttft ms", justify="right", no_wrap=True, min_width=7)
-    table.add_column("output", no_wrap=True, overflow="ellipsis", min_width=6, ratio=1)
+    rows = []
     for j in jobs:
         usage = j.get("usage") or {}
         ttft = j["timings"].get("ttft_ms")
-        table.add_row(
-            j["id"],
-            j["status"],
-            j["created_at"][5:16].replace("T", " "),
-            str(usage.get("completion_tokens", "")),
-            f"{ttft:.0f}" if ttft else "",
-            (j.get("output") or "")[:200].replace("\n", " "),
+        rows.append(
+            (
+                j["id"],
+                j["status"],
+                j["created_at"][5:16].replace("T", " "),
+                str(usage.get("completion_tokens", "")),
+                f"{ttft:.0f}" if ttft else "",
+                (j.get("output") or "")[:200].replace("\n", " "),
+            )
         )
+    # The id is what a user copies: never cut or wrapped. Every column but the output keeps its whole
+    # width; the output gets what is left, cut with an ellipsis. Without that bound, rich shrinks all
+    # columns alike for a long output, and the narrow ones (status, tokens, ttft) vanish.
+    fixed = (("id", 2), ("status", 9), ("created UTC", 11), ("tokens", 6), ("ttft ms", 7))
+    widths = [max(len(name), least, *(len(r[i]) for r in rows)) for i, (name, least) in enumerate(fixed)]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for (name, _), width in zip(fixed, widths, strict=True):
+        right = name in ("tokens", "ttft ms")
+        table.add_column(name, justify="right" if right else "left", no_wrap=True, min_width=width)
+    left = console.width - sum(w + 2 for w in widths)  # each with a space of padding and the rule's space
+    table.add_column("output", no_wrap=True, overflow="ellipsis", min_width=6, max_width=max(6, left))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
