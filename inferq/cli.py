@@ -12,12 +12,13 @@ import httpx
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from inferq import batch_cli, keys_cli, webhooks_cli
 from inferq.batch_cli import ApiKeyOpt, auth_headers, fail
 from shared.headers import PREFER
-from shared.settings import Settings, get_settings
+from shared.settings import MissingUrls, ModelDirMissing, Settings, get_settings
 
 app = typer.Typer(help="inferq: queue-backed LLM inference jobs.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Manage the model files.", no_args_is_help=True)
@@ -25,8 +26,38 @@ app.add_typer(model_app, name="model")
 app.add_typer(keys_cli.app, name="keys")
 app.add_typer(webhooks_cli.app, name="webhooks")
 console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+# The keys of `inferq up`'s stack file (inferq/stack.py) that hold each variable's value.
+_STACK_KEYS = {"INFERQ_REDIS_URL": "redis_url", "INFERQ_DATABASE_URL": "database_url"}
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="INFERQ_URL", help="Base URL of a running inferq API.")]
+
+
+def _require_servers(settings: Settings) -> tuple[str, str]:
+    """The servers' URLs, or one line that says which are missing and where to find them; exit 2."""
+    from inferq.stack import stack_file
+
+    try:
+        return settings.require_urls()
+    except MissingUrls as exc:
+        where = stack_file(settings)
+        verb, them = ("is", "it") if len(exc.names) == 1 else ("are", "them")
+        keys = ", ".join(_STACK_KEYS[n] for n in exc.names)
+        err.print(
+            f"[red]error:[/] {' and '.join(exc.names)} {verb} not set: point {them} at your servers, or "
+            f"copy {them} from {escape(str(where))} ({keys}), which a running `inferq up` writes; "
+            "`inferq up` alone runs the whole stack with embedded servers",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
+
+
+def _require_model(settings: Settings) -> None:
+    try:
+        settings.require_model_dir()
+    except ModelDirMissing as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _logging(settings: Settings) -> None:
@@ -91,7 +122,8 @@ def api(
     import uvicorn
 
     settings = get_settings()
-    settings.require_urls()
+    _require_servers(settings)
+    _require_model(settings)
     _logging(settings)
     uvicorn.run(
         "api.http.app:create_app",
@@ -153,7 +185,9 @@ def worker(
         settings.worker.upstream_model = upstream_model
     if settings.worker.engine == "openai-http" and not settings.worker.upstream_url:
         raise typer.BadParameter("openai-http needs --upstream-url", param_hint="--upstream-url")
-    settings.require_urls()
+    _require_servers(settings)
+    if settings.worker.engine == "transformers":
+        _require_model(settings)
     _logging(settings)
     run(settings)
 
@@ -163,7 +197,7 @@ def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head)."""
     from shared.db import upgrade
 
-    _, database_url = get_settings().require_urls()
+    _, database_url = _require_servers(get_settings())
     upgrade(database_url)
     console.print("[green]database schema is up to date[/]")
 
