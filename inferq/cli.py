@@ -12,12 +12,13 @@ import httpx
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from inferq import batch_cli, keys_cli, webhooks_cli
 from inferq.batch_cli import ApiKeyOpt, auth_headers, fail
 from shared.headers import PREFER
-from shared.settings import Settings, get_settings
+from shared.settings import MissingUrls, ModelDirMissing, Settings, get_settings
 
 app = typer.Typer(help="inferq: queue-backed LLM inference jobs.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Manage the model files.", no_args_is_help=True)
@@ -25,8 +26,38 @@ app.add_typer(model_app, name="model")
 app.add_typer(keys_cli.app, name="keys")
 app.add_typer(webhooks_cli.app, name="webhooks")
 console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+# The keys of `inferq up`'s stack file (inferq/stack.py) that hold each variable's value.
+_STACK_KEYS = {"INFERQ_REDIS_URL": "redis_url", "INFERQ_DATABASE_URL": "database_url"}
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="INFERQ_URL", help="Base URL of a running inferq API.")]
+
+
+def _require_servers(settings: Settings) -> tuple[str, str]:
+    """The servers' URLs, or one line that says which are missing and where to find them; exit 2."""
+    from inferq.stack import stack_file
+
+    try:
+        return settings.require_urls()
+    except MissingUrls as exc:
+        where = stack_file(settings)
+        verb, them = ("is", "it") if len(exc.names) == 1 else ("are", "them")
+        keys = ", ".join(_STACK_KEYS[n] for n in exc.names)
+        err.print(
+            f"[red]error:[/] {' and '.join(exc.names)} {verb} not set: point {them} at your servers, or "
+            f"copy {them} from {escape(str(where))} ({keys}), which a running `inferq up` writes; "
+            "`inferq up` alone runs the whole stack with embedded servers",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
+
+
+def _require_model(settings: Settings) -> None:
+    try:
+        settings.require_model_dir()
+    except ModelDirMissing as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _logging(settings: Settings) -> None:
@@ -91,7 +122,8 @@ def api(
     import uvicorn
 
     settings = get_settings()
-    settings.require_urls()
+    _require_servers(settings)
+    _require_model(settings)
     _logging(settings)
     uvicorn.run(
         "api.http.app:create_app",
@@ -153,7 +185,9 @@ def worker(
         settings.worker.upstream_model = upstream_model
     if settings.worker.engine == "openai-http" and not settings.worker.upstream_url:
         raise typer.BadParameter("openai-http needs --upstream-url", param_hint="--upstream-url")
-    settings.require_urls()
+    _require_servers(settings)
+    if settings.worker.engine == "transformers":
+        _require_model(settings)
     _logging(settings)
     run(settings)
 
@@ -163,7 +197,7 @@ def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head)."""
     from shared.db import upgrade
 
-    _, database_url = get_settings().require_urls()
+    _, database_url = _require_servers(get_settings())
     upgrade(database_url)
     console.print("[green]database schema is up to date[/]")
 
@@ -256,25 +290,33 @@ def jobs(
     if resp.status_code != 200:
         _fail(resp)
     jobs = resp.json()["data"]
-    # The id is what a user copies: never cut or wrapped; the output column takes what is left.
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
-    table.add_column("id", no_wrap=True, min_width=max((len(j["id"]) for j in jobs), default=2))
-    table.add_column("status", no_wrap=True, min_width=9)
-    table.add_column("created UTC", no_wrap=True, min_width=11)
-    table.add_column("tokens", justify="right", no_wrap=True, min_width=6)
-    table.add_column("ttft ms", justify="right", no_wrap=True, min_width=7)
-    table.add_column("output", no_wrap=True, overflow="ellipsis", min_width=6, ratio=1)
+    rows = []
     for j in jobs:
         usage = j.get("usage") or {}
         ttft = j["timings"].get("ttft_ms")
-        table.add_row(
-            j["id"],
-            j["status"],
-            j["created_at"][5:16].replace("T", " "),
-            str(usage.get("completion_tokens", "")),
-            f"{ttft:.0f}" if ttft else "",
-            (j.get("output") or "")[:200].replace("\n", " "),
+        rows.append(
+            (
+                j["id"],
+                j["status"],
+                j["created_at"][5:16].replace("T", " "),
+                str(usage.get("completion_tokens", "")),
+                f"{ttft:.0f}" if ttft else "",
+                (j.get("output") or "")[:200].replace("\n", " "),
+            )
         )
+    # The id is what a user copies: never cut or wrapped. Every column but the output keeps its whole
+    # width; the output gets what is left, cut with an ellipsis. Without that bound, rich shrinks all
+    # columns alike for a long output, and the narrow ones (status, tokens, ttft) vanish.
+    fixed = (("id", 2), ("status", 9), ("created UTC", 11), ("tokens", 6), ("ttft ms", 7))
+    widths = [max(len(name), least, *(len(r[i]) for r in rows)) for i, (name, least) in enumerate(fixed)]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for (name, _), width in zip(fixed, widths, strict=True):
+        right = name in ("tokens", "ttft ms")
+        table.add_column(name, justify="right" if right else "left", no_wrap=True, min_width=width)
+    left = console.width - sum(w + 2 for w in widths)  # each with a space of padding and the rule's space
+    table.add_column("output", no_wrap=True, overflow="ellipsis", min_width=6, max_width=max(6, left))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

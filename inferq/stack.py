@@ -30,6 +30,9 @@ from shared.settings import Settings
 
 console = Console(stderr=True, highlight=False)
 READY_TIMEOUT_SECONDS = 600.0
+# The banner's last words: whoever reads the banner from a log (a script, the tests) waits for them to
+# know it is whole, since it comes in several writes.
+BANNER_END = "Ctrl-C stops everything"
 
 
 def stack_file(settings: Settings) -> Path:
@@ -213,7 +216,7 @@ def _banner(
     console.print(f"  {cli} submit 'What is the capital of France?' --stream", soft_wrap=True)
     if metrics:
         console.print(f"[dim]metrics: {url}/metrics (API) · {' · '.join(metrics)}[/]", soft_wrap=True)
-    console.print(f"[dim]data: {data_dir} · Ctrl-C stops everything[/]\n", soft_wrap=True)
+    console.print(f"[dim]data: {data_dir} · {BANNER_END}[/]\n", soft_wrap=True)
 
 
 def _count_keys(database_url: str) -> KeyCounts | None:

@@ -3,6 +3,7 @@ deliveries) and the signing secret of the webhooks named on its jobs, over the A
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import httpx
@@ -105,6 +106,22 @@ def deliveries(
 
 
 @app.command()
-def secret(url: UrlOpt = DEFAULT_URL, api_key: ApiKeyOpt = None) -> None:
-    """Create (or rotate) the secret that signs the webhooks named on this tenant's jobs; printed once."""
-    _secret_note(_call("POST", url, "/v1/webhook_secret", api_key)["secret"])
+def secret(
+    rotate: Annotated[
+        bool,
+        typer.Option(
+            "--rotate", help="Replace it with a new one; the old one keeps signing too for a while."
+        ),
+    ] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Print the secret that signs the webhooks named on this tenant's jobs (made the first time)."""
+    if rotate:
+        shown = _call("POST", url, "/v1/webhook_secret/rotate", api_key)
+        print(shown["secret"])
+        if shown["previous_valid_until"]:
+            until = datetime.fromtimestamp(shown["previous_valid_until"], UTC).strftime("%Y-%m-%d %H:%M UTC")
+            notes.print(f"[dim]new secret; deliveries carry a signature by the old one too until {until}[/]")
+        return
+    print(_call("POST", url, "/v1/webhook_secret", api_key)["secret"])

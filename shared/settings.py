@@ -306,12 +306,48 @@ class Settings(BaseSettings):
         return DEMO_MODEL_NAME if not self.model.name else Path(self.model.name.rstrip("/")).name
 
     def require_urls(self) -> tuple[str, str]:
-        if not self.redis_url or not self.database_url:
-            raise RuntimeError(
-                "INFERQ_REDIS_URL and INFERQ_DATABASE_URL must be set (or use `inferq up`, "
-                "which starts embedded servers)."
-            )
+        urls = {"INFERQ_REDIS_URL": self.redis_url, "INFERQ_DATABASE_URL": self.database_url}
+        missing = [name for name, value in urls.items() if not value]
+        if missing:
+            raise MissingUrls(missing)
+        assert self.redis_url and self.database_url
         return self.redis_url, self.database_url
+
+    def require_model_dir(self) -> str:
+        """The model path, once known not to be a local directory that is missing (see require_dir)."""
+        hint = MODEL_NAME_HINT if self.model.name else MODEL_FETCH_HINT
+        return require_dir(self.model_path, hint)
+
+
+MODEL_DIR_MISSING = "model directory {path} does not exist: {hint}"
+MODEL_FETCH_HINT = "run `inferq model fetch` (or set INFERQ_MODEL__NAME / INFERQ_DATA_DIR)"
+MODEL_NAME_HINT = "set INFERQ_MODEL__NAME to a model directory or a Hugging Face id"
+EXTRA_MODEL_HINT = "fix its entry in INFERQ_EXTRA_MODELS"
+
+
+class MissingUrls(RuntimeError):
+    """An API, worker or migration started without the servers' URLs."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        verb = "is" if len(names) == 1 else "are"
+        super().__init__(
+            f"{' and '.join(names)} {verb} not set (or use `inferq up`, which starts embedded servers)"
+        )
+
+
+class ModelDirMissing(RuntimeError):
+    pass
+
+
+def require_dir(path: str, hint: str) -> str:
+    """`path`, unless it names a local file or directory (absolute, or starting with ., .. or ~) that does
+    not exist. transformers takes any other string for a Hugging Face id and fails with a message about
+    repo ids, or, offline, a download error: neither names the path nor how to get the model."""
+    local = Path(path).is_absolute() or path.startswith(("./", "../", "~"))
+    if local and not Path(path).expanduser().exists():
+        raise ModelDirMissing(MODEL_DIR_MISSING.format(path=path, hint=hint))
+    return path
 
 
 @lru_cache

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from inferq.leftovers import alive, read_record
+from inferq.stack import BANNER_END
 from tests.conftest import REPO, Servers, _env, _free_port, registry
 
 README = (REPO / "README.md").read_text()
@@ -102,6 +103,11 @@ class Up:
                 raise AssertionError(f"inferq up exited ({self.proc.returncode}):\n{self.output()[-4000:]}")
             time.sleep(0.2)
         raise AssertionError(f"no {text!r} in {timeout:.0f}s:\n{self.output()[-4000:]}")
+
+    def wait_for_banner(self, timeout: float) -> None:
+        """The whole banner: it comes in several writes, and a read between them missed the /metrics URLs."""
+        self.wait_for_line(BANNER_END, timeout)
+        assert BANNER in self.output(), self.output()[-4000:]
 
     def remember(self) -> dict[str, Any]:
         """The run's record, and every pid it names, to check later that all of them are gone."""
@@ -364,7 +370,7 @@ def _run_readme_tenants(up: Up, tmp_path: Path) -> None:
 def test_journey_quickstart_keys_stop_and_start_again(up_factory: Any, tmp_path: Path) -> None:
     # Command 1 of the Quickstart, as written (the install step finds everything installed).
     up: Up = up_factory(script=True)
-    up.wait_for_line(BANNER, BANNER_TIMEOUT)
+    up.wait_for_banner(BANNER_TIMEOUT)
     stack_file = json.loads((up.data_dir / "stack.json").read_text())
     assert stack_file["api_url"] == up.url and stack_file["database_url"]
     banner = up.output()
@@ -410,7 +416,7 @@ def test_journey_quickstart_keys_stop_and_start_again(up_factory: Any, tmp_path:
 
     # Started again on the same data dir: the job and the key are still there.
     again: Up = up_factory(port=up.port)
-    again.wait_for_line(BANNER, BANNER_TIMEOUT)
+    again.wait_for_banner(BANNER_TIMEOUT)
     assert "auth: API keys required" in again.output() and "INFERQ_API_KEY" in again.output()
     again.remember()
     job = httpx.get(f"{again.url}/v1/jobs/{new_job}", headers={"authorization": f"Bearer {key}"}, timeout=10)
@@ -421,7 +427,7 @@ def test_journey_quickstart_keys_stop_and_start_again(up_factory: Any, tmp_path:
 
 def test_journey_killed_up_leaves_nothing_and_the_next_run_says_what_it_stopped(up_factory: Any) -> None:
     up: Up = up_factory()
-    up.wait_for_line(BANNER, BANNER_TIMEOUT)
+    up.wait_for_banner(BANNER_TIMEOUT)
     record = up.remember()
     assert record["servers"]["valkey"] and record["servers"]["postgres"]
     # Frozen first, so that its watchdog cannot help: what a power cut or an OOM kill leaves.
@@ -435,7 +441,7 @@ def test_journey_killed_up_leaves_nothing_and_the_next_run_says_what_it_stopped(
     valkey = int(record["servers"]["valkey"])
     assert _running(valkey)  # left behind, as a crash leaves it
     nxt: Up = up_factory()
-    nxt.wait_for_line(BANNER, BANNER_TIMEOUT)
+    nxt.wait_for_banner(BANNER_TIMEOUT)
     said = nxt.output()
     assert "left processes running; stopped:" in said and f"Valkey (pid {valkey})" in said, said[:2000]
     assert not _running(valkey)
@@ -458,7 +464,7 @@ def test_journey_killed_up_leaves_nothing_and_the_next_run_says_what_it_stopped(
 
     # And with the watchdog alive, a SIGKILL of `inferq up` alone leaves nothing either.
     third: Up = up_factory()
-    third.wait_for_line(BANNER, BANNER_TIMEOUT)
+    third.wait_for_banner(BANNER_TIMEOUT)
     third.remember()
     assert third.proc is not None
     third.proc.kill()
@@ -468,7 +474,7 @@ def test_journey_killed_up_leaves_nothing_and_the_next_run_says_what_it_stopped(
 
 def test_journey_a_killed_worker_comes_back_and_its_job_still_succeeds(up_factory: Any) -> None:
     up: Up = up_factory("--workers", "2")
-    up.wait_for_line(BANNER, BANNER_TIMEOUT * 1.5)
+    up.wait_for_banner(BANNER_TIMEOUT * 1.5)
     body = {
         "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
         "max_tokens": 160,

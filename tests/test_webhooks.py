@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -114,7 +115,7 @@ async def endpoints(oai: AsyncOpenAI) -> AsyncIterator[list[str]]:
 
 async def _tenant_secret(client: httpx.AsyncClient) -> str:
     resp = await client.post("/v1/webhook_secret")
-    assert resp.status_code == 200, resp.text
+    assert resp.status_code in (200, 201), resp.text  # 201: made now; 200: the tenant's, unchanged
     secret: str = resp.json()["secret"]
     assert secret.startswith("whsec_")
     return secret
@@ -149,6 +150,44 @@ async def test_webhooks_job_webhook_start_and_completed_signed_per_standard_webh
     await wait_job(client, other["id"])
     (third,) = (await receiver.wait(3))[2:]
     assert third.payload["type"] == "completed" and third.payload["id"] == other["id"]
+
+
+def _secret_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inferq.cli", "webhooks", "secret", *args],
+        cwd=REPO,
+        env={**stack.api.env, "INFERQ_URL": stack.base_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_webhooks_tenant_secret_is_shown_again_and_rotated_only_when_asked(
+    stack: Stack, client: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    first, again = [await asyncio.to_thread(_secret_cli, stack) for _ in range(2)]
+    assert first.returncode == 0 and again.returncode == 0, (first.stderr, again.stderr)
+    secret = first.stdout.strip()
+    assert secret.startswith("whsec_") and again.stdout.strip() == secret  # asking again changes nothing
+    shown = await client.get("/v1/webhook_secret")
+    assert shown.status_code == 200 and shown.json()["secret"] == secret, shown.text
+    posted = await client.post("/v1/webhook_secret")
+    assert posted.status_code == 200 and posted.json()["secret"] == secret, posted.text
+
+    rotated = await asyncio.to_thread(_secret_cli, stack, "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    assert new.startswith("whsec_") and new != secret and "old one too until" in rotated.stderr
+    now = (await client.get("/v1/webhook_secret")).json()
+    assert now["secret"] == new and now["previous_valid_until"] > time.time(), now
+    assert (await asyncio.to_thread(_secret_cli, stack)).stdout.strip() == new
+    # For a while both sign, so a receiver that still has the old one keeps working.
+    body = {"messages": FRANCE, "max_tokens": 2, "webhook": receiver.url}
+    assert (await client.post("/v1/jobs", json=body)).status_code == 202
+    (delivery,) = await receiver.wait(1)
+    for key in (secret, new):
+        Webhook(key).verify(delivery.body, delivery.headers)
 
 
 async def test_webhooks_endpoints_managed_by_the_sdk_receive_openai_events_unwrapped_by_it(

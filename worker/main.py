@@ -87,7 +87,7 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
         return engine
     t0 = time.monotonic()
     log.info("loading model %s on %s", settings.model_path, settings.model.device)
-    model, tokenizer = await _in_daemon_thread(load_model, settings.model_path, settings.model)
+    model, tokenizer = await _in_daemon_thread(load_model, settings.require_model_dir(), settings.model)
     log.info(
         "model %s loaded on %s in %.2fs", settings.model_path, settings.model.device, time.monotonic() - t0
     )

@@ -24,7 +24,7 @@ from api.tenancy.keystore import KeyStore
 from shared.db import check_schema, create_engine, session_factory
 from shared.eventredis import EventsRedis, check_queue_redis, connect_events
 from shared.events import EventWriter
-from shared.settings import Settings
+from shared.settings import EXTRA_MODEL_HINT, Settings, require_dir
 
 if TYPE_CHECKING:
     from api.http.metrics import ApiMetrics
@@ -77,11 +77,11 @@ def _load_model_info(name: str, path: str, gguf_file: str | None = None) -> Mode
 def _load_models(settings: Settings) -> dict[str, ModelInfo]:
     models = {
         settings.served_model_name: _load_model_info(
-            settings.served_model_name, settings.model_path, settings.model.gguf_file
+            settings.served_model_name, settings.require_model_dir(), settings.model.gguf_file
         )
     }
     for name, path in settings.extra_models.items():
-        models.setdefault(name, _load_model_info(name, path))
+        models.setdefault(name, _load_model_info(name, require_dir(path, EXTRA_MODEL_HINT)))
     return models
 
 

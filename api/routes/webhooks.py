@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
 
 from api.http.deps import ServicesDep, SessionDep
 from api.http.errors import NotFound
@@ -24,6 +26,10 @@ router = APIRouter(tags=["webhooks"])
 
 ENDPOINT_NOT_FOUND = "no webhook endpoint with id '{id}'"
 UNKNOWN_EVENT = "unknown event type '{type}'; one of: {known}"
+NO_TENANT_SECRET = (
+    "this tenant has no webhook signing secret yet: create one with POST /v1/webhook_secret "
+    "(or `inferq webhooks secret`)"
+)
 
 
 def _check_types(value: list[str]) -> list[str]:
@@ -219,24 +225,61 @@ async def list_deliveries(
     return _page([render_delivery(d) for d in rows], more)
 
 
+def _render_secret(row: WebhookSecret) -> dict[str, Any]:
+    expires = row.previous_expires_at
+    return {
+        "object": "webhook_secret",
+        "tenant": row.tenant,
+        "secret": row.secret,
+        "previous_valid_until": _ts(expires) if expires and expires > datetime.now(UTC) else None,
+    }
+
+
+@router.get(
+    "/v1/webhook_secret",
+    summary="The tenant's signing secret for job webhooks",
+    responses={404: {"description": "The tenant has no secret yet (POST /v1/webhook_secret makes one)."}},
+)
+async def get_tenant_secret(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+    row = await session.get(WebhookSecret, principal.owner)
+    if row is None:
+        raise NotFound(NO_TENANT_SECRET)
+    return _render_secret(row)
+
+
 @router.post(
     "/v1/webhook_secret",
-    summary="Create or rotate the tenant's signing secret for job webhooks (shown once)",
+    summary="Create the tenant's signing secret for job webhooks; one it has already is returned unchanged",
+    responses={201: {"description": "Created: the tenant had no secret."}},
+)
+async def create_tenant_secret(services: ServicesDep, principal: PrincipalDep) -> JSONResponse:
+    # Asking again must not rotate: every receiver verifying with the secret it was given would start
+    # refusing deliveries. Rotation is its own route.
+    async with services.sessions() as session, session.begin():
+        # Two first requests at once: one INSERT wins, and both return its secret.
+        created = await session.scalar(
+            insert(WebhookSecret)
+            .values(tenant=principal.owner, secret=signing.new_secret())
+            .on_conflict_do_nothing(index_elements=[WebhookSecret.tenant])
+            .returning(WebhookSecret.tenant)
+        )
+        row = await session.get(WebhookSecret, principal.owner)
+        assert row is not None  # inserted now, or there already
+    return JSONResponse(_render_secret(row), status_code=201 if created is not None else 200)
+
+
+@router.post(
+    "/v1/webhook_secret/rotate",
+    summary="Give the tenant a new signing secret for job webhooks; the old one signs too for a while",
 )
 async def rotate_tenant_secret(services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     secret = signing.new_secret()
     async with services.sessions() as session, session.begin():
         row = await session.get(WebhookSecret, principal.owner, with_for_update=True)
         if row is None:
-            session.add(WebhookSecret(tenant=principal.owner, secret=secret))
-            previous_until = None
+            row = WebhookSecret(tenant=principal.owner, secret=secret)
+            session.add(row)
         else:
             row.previous_secret, row.previous_expires_at = row.secret, _overlap(services)
             row.secret = secret
-            previous_until = _ts(row.previous_expires_at)
-    return {
-        "object": "webhook_secret",
-        "tenant": principal.owner,
-        "secret": secret,
-        "previous_valid_until": previous_until,
-    }
+    return _render_secret(row)
