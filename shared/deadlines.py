@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from sqlalchemy import Update, func, update
+from sqlalchemy import Update, func
 
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
+from shared.transitions import move
 
 # Replicate's `Cancel-After` format (a Go duration: "30s", "5m", "1h30m", "250ms"), or bare seconds.
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -42,25 +43,19 @@ def parse_duration(text: str) -> float:
 def expire_unstarted(job_id: str) -> Update:
     """Ends a job that never started and whose deadline has passed (`expired`), if it still waits;
     returns its prompt_tokens, model and batch_id. Worker and API race for it: the row decides."""
-    return (
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == JobStatus.QUEUED.value,
-            Job.attempts == 0,
-            Job.deadline_at <= func.clock_timestamp(),
-        )
-        .values(
-            status=JobStatus.EXPIRED.value,
-            finish_reason=FinishReason.TIMEOUT.value,
-            output="",
-            completion_tokens=0,
-            error_type=EXPIRED_TYPE,
-            error_message=EXPIRED_MESSAGE,
-            finished_at=func.clock_timestamp(),
-        )
-        .returning(Job.prompt_tokens, Job.model, Job.batch_id)
-    )
+    return move(
+        JobStatus.EXPIRED,
+        Job.id == job_id,
+        Job.attempts == 0,
+        Job.deadline_at <= func.clock_timestamp(),
+        src=JobStatus.QUEUED,
+        finish_reason=FinishReason.TIMEOUT.value,
+        output="",
+        completion_tokens=0,
+        error_type=EXPIRED_TYPE,
+        error_message=EXPIRED_MESSAGE,
+        finished_at=func.clock_timestamp(),
+    ).returning(Job.prompt_tokens, Job.model, Job.batch_id)
 
 
 def ended(prompt_tokens: int | None, completion_tokens: int, status: JobStatus) -> dict[str, Any]:

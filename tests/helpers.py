@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from shared.events import CHOICE, RESUME_FROM, RESUME_FROM_BY_CHOICE
+
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a very long, detailed story about a dragon who learns to cook."}]
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
@@ -82,3 +84,16 @@ async def read_sse(client: httpx.AsyncClient, job_id: str, **kw: Any) -> list[Ss
 
 def tokens_text(events: list[SseEvent]) -> str:
     return "".join(e.data["text"] for e in events if e.event == "token")
+
+
+def choice_texts(events: list[SseEvent], n: int = 1) -> list[str]:
+    """Each output's text as a client following the job's stream has it: its token events in order; an
+    attempt that starts (a `running` status) keeps the characters it says it continues from."""
+    texts = [""] * n
+    for e in events:
+        if e.event == "token":
+            texts[int(e.data.get(CHOICE) or 0)] += e.data["text"]
+        elif e.event == "status" and e.data.get("status") == "running":
+            keep = e.data.get(RESUME_FROM_BY_CHOICE) or [e.data.get(RESUME_FROM) or 0] * n
+            texts = [t[: int(keep[i] or 0)] for i, t in enumerate(texts)]
+    return texts

@@ -13,7 +13,7 @@ from typing import Any
 from arq.worker import Retry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import Interval, func, literal_column, or_, update
+from sqlalchemy import Interval, func, literal_column, or_
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -33,6 +33,7 @@ from shared.logprobs import LOGPROBS
 from shared.models import Job
 from shared.prompts import prompt_token_ids
 from shared.states import FinishReason, JobStatus
+from shared.transitions import move
 from shared.webhooks import OUTPUT, queue_output_delivery
 from worker import metrics
 from worker.detok import IncrementalDecoder, TokenTexts
@@ -309,32 +310,24 @@ class JobRunner:
         """Queued -> running, unless its deadline passed before it ever started. The running-time bound
         joins the deadline here: LEAST keeps the earlier, so a retried job keeps its first one."""
         second = literal_column("interval '1 second'", Interval)
-        stmt = (
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == JobStatus.QUEUED.value,
-                or_(Job.deadline_at.is_(None), Job.attempts > 0, Job.deadline_at > func.clock_timestamp()),
-            )
-            .values(
-                status=JobStatus.RUNNING.value,
-                attempts=Job.attempts + 1,
-                worker_id=self.worker_id,
-                started_at=func.clock_timestamp(),
-                deadline_at=func.least(
-                    Job.deadline_at, func.clock_timestamp() + Job.timeout_seconds * second
-                ),
-            )
-            .returning(
-                Job.request,
-                Job.attempts,
-                Job.created_at,
-                Job.started_at,
-                Job.request_id,
-                Job.prompt_tokens,
-                Job.deadline_at,
-                Job.tenant,
-            )
+        stmt = move(
+            JobStatus.RUNNING,
+            Job.id == job_id,
+            or_(Job.deadline_at.is_(None), Job.attempts > 0, Job.deadline_at > func.clock_timestamp()),
+            src=JobStatus.QUEUED,
+            attempts=Job.attempts + 1,
+            worker_id=self.worker_id,
+            started_at=func.clock_timestamp(),
+            deadline_at=func.least(Job.deadline_at, func.clock_timestamp() + Job.timeout_seconds * second),
+        ).returning(
+            Job.request,
+            Job.attempts,
+            Job.created_at,
+            Job.started_at,
+            Job.request_id,
+            Job.prompt_tokens,
+            Job.deadline_at,
+            Job.tenant,
         )
         async with self.sessions() as session, session.begin():
             row = (await session.execute(stmt)).one_or_none()
@@ -541,7 +534,6 @@ class JobRunner:
             "tokens_per_s": round(completion / running_s, 3) if running_s > 0 else None,
         }
         values = {
-            "status": status.value,
             "output": output,
             "logprobs": logprobs,
             "choices": choices,
@@ -552,7 +544,7 @@ class JobRunner:
             "finished_at": datetime.now(UTC),
             **timings,
         }
-        if not await self._write_final(run, values):
+        if not await self._write_final(run, status, values):
             log.info("job %s attempt %d lost the race for its result; dropped", run.job_id, run.claim.attempt)
             return "superseded"
         await self._count_tokens(run, completion)
@@ -594,15 +586,11 @@ class JobRunner:
         except Exception as exc:
             log.warning("job %s: could not count %d tokens against its quota: %s", run.job_id, tokens, exc)
 
-    async def _write_final(self, run: _Run, values: dict[str, Any]) -> bool:
+    async def _write_final(self, run: _Run, status: JobStatus, values: dict[str, Any]) -> bool:
         """The one result write: only the attempt that still owns the running job may make it.
         While Postgres is unreachable it is retried with backoff, for as long as it takes."""
-        stmt = (
-            update(Job)
-            .where(
-                Job.id == run.job_id, Job.status == JobStatus.RUNNING.value, Job.attempts == run.claim.attempt
-            )
-            .values(**values)
+        stmt = move(
+            status, Job.id == run.job_id, Job.attempts == run.claim.attempt, src=JobStatus.RUNNING, **values
         )
         delay = 0.25
         while True:
@@ -619,23 +607,22 @@ class JobRunner:
 
     async def _fail(self, run: _Run, error_type: str, message: str) -> None:
         values = {
-            "status": JobStatus.FAILED.value,
             "error_type": error_type,
             "error_message": message[:2000],
             "finished_at": datetime.now(UTC),
         }
         with contextlib.suppress(Exception):
-            if await self._write_final(run, values):
+            if await self._write_final(run, JobStatus.FAILED, values):
                 self.events.emit(run.job_id, "error", {"type": error_type, "message": message[:2000]})
                 await self.events.flush(run.job_id)
 
     async def _requeue(self, run: _Run) -> None:
-        stmt = (
-            update(Job)
-            .where(
-                Job.id == run.job_id, Job.status == JobStatus.RUNNING.value, Job.attempts == run.claim.attempt
-            )
-            .values(status=JobStatus.QUEUED.value, worker_id=None)
+        stmt = move(
+            JobStatus.QUEUED,
+            Job.id == run.job_id,
+            Job.attempts == run.claim.attempt,
+            src=JobStatus.RUNNING,
+            worker_id=None,
         )
         try:
             async with self.sessions() as session, session.begin():

@@ -20,9 +20,11 @@ from api.batches.validation import parse_batch_file
 from api.http.services import Services
 from api.jobs.cancellation import signal_cancel
 from api.jobs.enqueue import enqueue
+from api.jobs.published import published
 from api.tenancy.auth import Principal
 from shared.models import ApiKey, Batch, File, Job
 from shared.states import BATCH_TERMINAL, BatchStatus, FinishReason, JobStatus
+from shared.transitions import move
 
 log = logging.getLogger(__name__)
 
@@ -157,18 +159,26 @@ class BatchManager:
             )
             if not batch_ids:
                 return
+            # Jobs that never ran, all at once; those waiting to be retried keep their text (below).
             dropped = (
                 await session.execute(
-                    update(Job)
-                    .where(Job.batch_id.in_(batch_ids), Job.status == JobStatus.QUEUED.value)
-                    .values(
-                        status=JobStatus.CANCELLED.value,
+                    move(
+                        JobStatus.CANCELLED,
+                        Job.batch_id.in_(batch_ids),
+                        Job.attempts == 0,
+                        src=JobStatus.QUEUED,
                         finish_reason=FinishReason.CANCELLED.value,
                         output="",
                         completion_tokens=0,
                         finished_at=func.clock_timestamp(),
+                    ).returning(Job.id, Job.model)
+                )
+            ).all()
+            retried = (
+                await session.execute(
+                    select(Job.id, Job.model, Job.attempts, Job.request, Job.prompt_tokens).where(
+                        Job.batch_id.in_(batch_ids), Job.status == JobStatus.QUEUED.value, Job.attempts > 0
                     )
-                    .returning(Job.id, Job.model)
                 )
             ).all()
             to_signal = [b for b in batch_ids if b not in self._signalled]
@@ -188,9 +198,40 @@ class BatchManager:
                 for job_id, model in dropped:
                     pipe.zrem(self.services.settings.queues.for_model(model, batch=True), job_id)
                 await pipe.execute()
+        for row in retried:
+            if not await self._cancel_retried(row):
+                running.append(row.id)  # a worker took it meanwhile: stopped there instead
         if running:
             await signal_cancel(self.services, running)
         self._signalled.update(to_signal)
+
+    async def _cancel_retried(self, row: Any) -> bool:
+        """A job of a cancelled batch that waits to be tried again ends with the text it published;
+        False when it no longer waits."""
+        services = self.services
+        kept = await published(
+            services,
+            row.id,
+            request=dict(row.request),
+            model=row.model,
+            attempts=row.attempts,
+            reason=FinishReason.CANCELLED,
+        )
+        stmt = move(
+            JobStatus.CANCELLED,
+            Job.id == row.id,
+            Job.attempts == row.attempts,
+            src=JobStatus.QUEUED,
+            finished_at=func.clock_timestamp(),
+            **kept.values(),
+        )
+        async with services.sessions() as session, session.begin():
+            result = await session.execute(stmt)
+        if not getattr(result, "rowcount", 0):
+            return False
+        await services.redis.zrem(services.settings.queues.for_model(row.model, batch=True), row.id)
+        await services.events.publish(row.id, "done", kept.done(row.prompt_tokens))
+        return True
 
     # feeding the batch queue -------------------------------------------------------------------------
 

@@ -16,14 +16,16 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from api.http.services import Services
 from api.jobs.enqueue import enqueue
+from api.jobs.published import Published, published
 from shared import keys
 from shared.fleet import live_workers
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
+from shared.transitions import move
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class Reaper:
                             Job.prompt_tokens,
                             Job.tenant,
                             Job.created_at,
+                            Job.request,
                         ).where(Job.status == JobStatus.RUNNING.value)
                     )
                 ).all()
@@ -103,34 +106,43 @@ class Reaper:
     async def reclaim(self, row: Any) -> None:
         services = self.services
         queue = queue_of(services, row.model, row.batch_id)
-        guard = (Job.id == row.id, Job.status == JobStatus.RUNNING.value, Job.attempts == row.attempts)
+        guard = (Job.id == row.id, Job.attempts == row.attempts)
         cancel_asked = bool(await services.events_redis.exists(keys.cancel_flag(row.id)))
+        kept: Published | None = None
         if cancel_asked:
-            values: dict[str, Any] = {
-                "status": JobStatus.CANCELLED.value,
-                "finish_reason": FinishReason.CANCELLED.value,
-                "output": "",
-                "completion_tokens": 0,
-                "finished_at": func.clock_timestamp(),
-            }
+            # Stopped as its worker would have stopped it: with the text it had published.
+            status = JobStatus.CANCELLED
+            kept = await published(
+                services,
+                row.id,
+                request=dict(row.request),
+                model=row.model,
+                attempts=row.attempts,
+                reason=FinishReason.CANCELLED,
+            )
+            values: dict[str, Any] = {**kept.values(), "finished_at": func.clock_timestamp()}
         elif row.attempts >= self.max_attempts:
+            status = JobStatus.FAILED
             values = {
-                "status": JobStatus.FAILED.value,
                 "error_type": WORKER_LOST,
                 "error_message": WORKER_LOST_MESSAGE.format(n=row.attempts),
                 "finished_at": func.clock_timestamp(),
             }
         else:
-            values = {"status": JobStatus.QUEUED.value, "worker_id": None}
+            status = JobStatus.QUEUED
+            values = {"worker_id": None}
         async with services.sessions() as session, session.begin():
-            result = await session.execute(update(Job).where(*guard).values(**values))
+            result = await session.execute(move(status, *guard, src=JobStatus.RUNNING, **values))
         if not getattr(result, "rowcount", 0):
             return  # the job moved on meanwhile (it finished, or was reclaimed already)
-        status = values["status"]
         log.warning(
-            "job %s: worker %s is dead; job %s (attempt %d)", row.id, row.worker_id, status, row.attempts
+            "job %s: worker %s is dead; job %s (attempt %d)",
+            row.id,
+            row.worker_id,
+            status.value,
+            row.attempts,
         )
-        if status == JobStatus.QUEUED.value:
+        if status is JobStatus.QUEUED:
             await services.events.publish(
                 row.id,
                 "status",
@@ -144,12 +156,8 @@ class Reaper:
             await ensure_enqueued(services, row.id, queue, row.tenant, in_line_since=row.created_at)
             return
         await forget(services, row.id, queue)
-        if status == JobStatus.CANCELLED.value:
-            prompt = row.prompt_tokens or 0
-            usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
-            await services.events.publish(
-                row.id, "done", {"finish_reason": FinishReason.CANCELLED.value, "usage": usage, "timings": {}}
-            )
+        if kept is not None:
+            await services.events.publish(row.id, "done", kept.done(row.prompt_tokens))
         else:
             await services.events.publish(
                 row.id, "error", {"type": WORKER_LOST, "message": values["error_message"]}

@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, text, update
 from api.http.services import Services
 from shared import keys
 from shared.models import WebhookDelivery
+from shared.states import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,11 @@ _TOMBSTONE = """
     output = NULL, logprobs = NULL, choices = NULL, metadata = NULL, error_message = NULL,
     data_removed_at = now()
 """
+# Only a finished job's content goes: its status does not change (states.TERMINAL have no moves).
+_FINISHED = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
 _REMOVE = text(
     f"UPDATE jobs SET {_TOMBSTONE} WHERE id IN :ids AND data_removed_at IS NULL "
-    "AND status IN ('succeeded', 'failed', 'cancelled', 'expired') RETURNING id"
+    f"AND status IN ({_FINISHED}) RETURNING id"
 ).bindparams(bindparam("ids", expanding=True))
 _EXPIRED = text(
     f"""

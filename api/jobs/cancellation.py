@@ -10,10 +10,12 @@ from sqlalchemy import func, select
 
 from api.http.errors import JOB_FINISHED, JOB_NOT_FOUND, Conflict, NotFound
 from api.http.services import Services
+from api.jobs.published import published
 from api.tenancy.auth import OPEN, Principal
 from shared import aio, keys
 from shared.models import Job
 from shared.states import TERMINAL, FinishReason, JobStatus
+from shared.transitions import move
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +34,28 @@ async def cancel_job(services: Services, job_id: str, principal: Principal = OPE
         if status in TERMINAL:
             raise Conflict(JOB_FINISHED.format(job_id=job_id, status=status.value), param="id")
         if status is JobStatus.QUEUED:
-            job.status = JobStatus.CANCELLED.value
-            job.finish_reason = FinishReason.CANCELLED.value
-            job.output = ""
-            job.completion_tokens = 0
-            job.finished_at = func.clock_timestamp()
+            # One that ran before (its worker was lost) keeps the text it published then.
+            kept = await published(
+                services,
+                job_id,
+                request=dict(job.request),
+                model=job.model,
+                attempts=job.attempts,
+                reason=FinishReason.CANCELLED,
+            )
+            # The row is locked: the move cannot miss.
+            await session.execute(
+                move(
+                    JobStatus.CANCELLED,
+                    Job.id == job_id,
+                    src=JobStatus.QUEUED,
+                    finished_at=func.clock_timestamp(),
+                    **kept.values(),
+                ).execution_options(synchronize_session=False)
+            )
     if status is JobStatus.QUEUED:
         await _drop_from_queue(services, job_id, job.model)
-        usage = {
-            "prompt_tokens": job.prompt_tokens or 0,
-            "completion_tokens": 0,
-            "total_tokens": job.prompt_tokens or 0,
-        }
-        await services.events.publish(
-            job_id, "done", {"finish_reason": FinishReason.CANCELLED.value, "usage": usage, "timings": {}}
-        )
+        await services.events.publish(job_id, "done", kept.done(job.prompt_tokens))
         return await _reload(services, job_id), True
     return await _cancel_running(services, job_id)
 

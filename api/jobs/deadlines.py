@@ -12,16 +12,17 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, Header
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from api.duties.reaper import forget, queue_of
 from api.http.errors import InvalidRequest
 from api.http.services import Services
+from api.jobs.published import published
 from shared import headers
 from shared.deadlines import BAD_DURATION, ended, expire_unstarted, parse_duration
-from shared.events import read_events, text_of
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
+from shared.transitions import move
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Deadlines:
         async with self.services.sessions() as session:
             rows = (
                 await session.execute(
-                    select(Job.id, Job.attempts, Job.model, Job.batch_id, Job.prompt_tokens)
+                    select(Job.id, Job.attempts, Job.model, Job.batch_id, Job.prompt_tokens, Job.request)
                     .where(Job.status == JobStatus.QUEUED.value, Job.deadline_at <= func.clock_timestamp())
                     .order_by(Job.deadline_at)
                     .limit(_BATCH)
@@ -83,19 +84,21 @@ class Deadlines:
 
     async def _stop_retried(self, row: Any) -> None:
         services = self.services
-        text = text_of(await read_events(services.events_redis, row.id))
-        model = services.models.get(row.model)
-        completion = len(model.tokenizer.encode(text, add_special_tokens=False)) if model and text else 0
-        stmt = (
-            update(Job)
-            .where(Job.id == row.id, Job.status == JobStatus.QUEUED.value, Job.attempts == row.attempts)
-            .values(
-                status=JobStatus.CANCELLED.value,
-                finish_reason=FinishReason.TIMEOUT.value,
-                output=text,
-                completion_tokens=completion,
-                finished_at=func.clock_timestamp(),
-            )
+        kept = await published(
+            services,
+            row.id,
+            request=dict(row.request),
+            model=row.model,
+            attempts=row.attempts,
+            reason=FinishReason.TIMEOUT,
+        )
+        stmt = move(
+            JobStatus.CANCELLED,
+            Job.id == row.id,
+            Job.attempts == row.attempts,
+            src=JobStatus.QUEUED,
+            finished_at=func.clock_timestamp(),
+            **kept.values(),
         )
         async with services.sessions() as session, session.begin():
             result = await session.execute(stmt)
@@ -104,5 +107,5 @@ class Deadlines:
         log.info("job %s reached its deadline while waiting to be retried; stopped", row.id)
         await forget(services, row.id, queue_of(services, row.model, row.batch_id))
         await services.events.publish(
-            row.id, "done", ended(row.prompt_tokens, completion, JobStatus.CANCELLED)
+            row.id, "done", kept.done(row.prompt_tokens, status=JobStatus.CANCELLED.value)
         )

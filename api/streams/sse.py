@@ -19,7 +19,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.http.services import Services
 from api.streams.relay import RESYNC
 from shared import aio
-from shared.events import Event, last_event, read_events
+from shared.events import CHOICE, CHOICES, Event, last_event, read_events
+from shared.logprobs import LOGPROBS
 from shared.models import Job
 from shared.states import TERMINAL, JobStatus
 
@@ -47,18 +48,27 @@ def from_record(job: Job, after: int) -> list[Event]:
         "total_ms": job.total_ms,
         "tokens_per_s": job.tokens_per_s,
     }
-    history: list[Event] = [Event(1, "status", {"status": job.status, "worker_id": job.worker_id})]
-    if job.output:
-        history.append(Event(2, "token", {"index": 0, "text": job.output}))
-    seq = len(history) + 1
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("status", {"status": job.status, "worker_id": job.worker_id})
+    ]
+    # Each output's text as one token event, marked with its output as the live ones are.
+    outputs = job.choices or [{"index": 0, "text": job.output, "logprobs": job.logprobs}]
+    for output in outputs:
+        if output.get("text"):
+            token: dict[str, Any] = {"index": len(events) - 1, "text": output["text"]}
+            if job.choices:
+                token[CHOICE] = output["index"]
+            if output.get(LOGPROBS) is not None:
+                token[LOGPROBS] = output[LOGPROBS]
+            events.append(("token", token))
     if job.status == JobStatus.FAILED.value:
-        history.append(
-            Event(seq, "error", {"type": job.error_type or "error", "message": job.error_message or ""})
-        )
+        events.append(("error", {"type": job.error_type or "error", "message": job.error_message or ""}))
     else:
-        history.append(
-            Event(seq, "done", {"finish_reason": job.finish_reason, "usage": usage, "timings": timings})
-        )
+        done: dict[str, Any] = {"finish_reason": job.finish_reason, "usage": usage, "timings": timings}
+        if job.choices:
+            done[CHOICES] = [{"index": c["index"], "finish_reason": c["finish_reason"]} for c in job.choices]
+        events.append(("done", done))
+    history = [Event(seq, event, data) for seq, (event, data) in enumerate(events, start=1)]
     return [e for e in history if e.seq > after]
 
 

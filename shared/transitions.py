@@ -1,0 +1,42 @@
+"""Every change of a job's status is one SQL UPDATE built here, its guard generated from
+`shared.states.ALLOWED`: the table is the code, and a move it does not list cannot be written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, Update, update
+
+from shared.models import Job
+from shared.states import ALLOWED, JobStatus
+
+
+class ForbiddenMove(ValueError):
+    """A move the state table does not list: a bug in the code that asked for it."""
+
+
+def sources(to: JobStatus) -> frozenset[JobStatus]:
+    """The states a job may move to `to` from."""
+    return frozenset(src for src, moves in ALLOWED.items() if to in moves)
+
+
+def move(to: JobStatus, *where: ColumnElement[bool], src: JobStatus | None = None, **values: Any) -> Update:
+    """`UPDATE jobs SET status = to, **values WHERE status IN (the states the table lets reach `to`)
+    AND where...`. `src` narrows the guard to one of those states (the reaper moves running jobs only,
+    though a queued one may be cancelled too); the other conditions (the job, its attempt: the final
+    write's exactly-once guard) come in `where`. Its rowcount says whether the job moved."""
+    if "status" in values:
+        raise TypeError("the new status is `to`, not a value")
+    allowed = sources(to)
+    if src is not None:
+        if src not in allowed:
+            raise ForbiddenMove(f"a job cannot move from {src.value} to {to.value}")
+        allowed = frozenset({src})
+    if not allowed:
+        raise ForbiddenMove(f"no state moves to {to.value}")
+    guard: ColumnElement[bool]
+    if len(allowed) == 1:
+        guard = Job.status == next(iter(allowed)).value
+    else:
+        guard = Job.status.in_(sorted(s.value for s in allowed))
+    return update(Job).where(guard, *where).values(status=to.value, **values)
