@@ -151,3 +151,33 @@ async def test_upstream_worker_honours_cancel(uc: httpx.AsyncClient) -> None:
     # The worker is free again: a new job still runs.
     after = await wait_job(uc, (await submit(uc, model=MODEL, messages=FRANCE, max_tokens=4))["id"])
     assert after["status"] == "succeeded"
+
+
+async def test_upstream_model_refuses_at_submit_what_its_workers_would_drop(uc: httpx.AsyncClient) -> None:
+    # The openai-http worker forwards neither n, logprobs, top_k nor response_format: each is a 400 that
+    # names it (it used to be a 202, and a job that ran without it), on every route that makes a job.
+    base = {"model": MODEL, "messages": FRANCE, "max_tokens": 4}
+    for extra, param in (
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"top_k": 5}, "top_k"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ):
+        for route in ("/v1/jobs", "/v1/chat/completions"):
+            resp = await uc.post(route, json={**base, **extra})
+            assert resp.status_code == 400, (route, extra, resp.text)
+            error = resp.json()["error"]
+            assert error["param"] == param and error["code"] == "unsupported_parameter", error
+            assert f"{param} is not supported for model '{MODEL}'" in error["message"]
+            assert "openai-http" in error["message"]
+    # What it does forward still goes through.
+    ok = await submit(uc, **base, seed=7, stop=["\n"], temperature=0)
+    assert (await wait_job(uc, ok["id"]))["status"] == "succeeded"
+    models = {m["id"]: m for m in (await uc.get("/v1/models")).json()["data"]}
+    caps = models[MODEL]["capabilities"]
+    assert caps["engine"] == "openai-http" and caps["seed"] and not caps["top_k"] and not caps["n"]
+    # The session's transformers worker (a CPU one) honours them all.
+    local = next(m for m in models.values() if m["capabilities"]["engine"] == "transformers")
+    assert local["workers"] >= 1
+    assert all(local["capabilities"][k] for k in ("n", "logprobs", "seed", "top_k", "structured_outputs"))

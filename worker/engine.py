@@ -18,6 +18,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 from transformers.generation.continuous_batching.requests import RequestStatus
 
+from shared.capabilities import Capabilities, transformers_engine
 from shared.settings import ModelSettings
 from worker import sampling
 from worker.grammar import Constraint, Grammars
@@ -178,6 +179,13 @@ class Engine:
             self._grammars = self._build_grammars(eos[0] if isinstance(eos, list) else eos)
         manager.start()
         self._manager = manager
+
+    def capabilities(self) -> Capabilities:
+        """What this worker honours, once started: the sampler runs on CPU workers, and grammars need
+        llguidance to have read the tokenizer."""
+        return transformers_engine(
+            str(self.model.device), sampler=self._sampler, grammars=self._grammars is not None
+        )
 
     def _build_grammars(self, eos: int) -> Grammars | None:
         """llguidance's view of the tokenizer (about a second, once per worker); without it the worker

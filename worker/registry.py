@@ -78,6 +78,7 @@ class Heartbeat:
             "started_at": self.started_at,
             "version": __version__,
             "metrics_url": self.metrics_url,
+            "capabilities": self.engine.capabilities().to_json(),
         }
 
     async def beat(self) -> None:

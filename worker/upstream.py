@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from shared.capabilities import Capabilities, openai_http_engine
 from shared.states import FinishReason, JobStatus
 from worker import metrics
 from worker.engine import EngineStats
@@ -38,6 +39,9 @@ class UpstreamEngine:
 
     def start(self) -> None:
         pass
+
+    def capabilities(self) -> Capabilities:
+        return openai_http_engine()
 
     async def warmup(self) -> None:
         """Fail start-up if the server cannot be reached; any HTTP answer means it is there."""

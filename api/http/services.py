@@ -15,6 +15,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis, RedisCluster
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.jobs.capabilities import FleetCapabilities
 from api.jobs.enqueue import Enqueue, enqueue_many
 from api.jobs.grouped import Grouped
 from api.jobs.inserts import insert_jobs
@@ -51,6 +52,7 @@ class Services:
     models: dict[str, ModelInfo]
     auth: KeyStore
     admission: Admission = field(init=False)
+    capabilities: FleetCapabilities = field(init=False)
     insert_job: Grouped[dict[str, Any], datetime] = field(init=False)  # group commit of new jobs
     enqueue_job: Grouped[Enqueue, bool] = field(init=False)  # pipelined enqueues
     metrics: ApiMetrics = field(init=False)
@@ -130,6 +132,7 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
         from api.jobs.admission import Admission  # it needs Services itself
 
         services.admission = Admission(services)
+        services.capabilities = FleetCapabilities(redis, settings)
         services.insert_job = Grouped(partial(insert_jobs, db))
         services.enqueue_job = Grouped(partial(enqueue_many, redis))
         services.metrics = metrics

@@ -132,6 +132,7 @@ async def prepare_job(
     request.update(extra or {})  # what a route keeps with the job for itself (e.g. a response's input)
     if principal.key_id is not None and principal.tokens_per_day is not None:
         request["quota_key"] = quota_key(principal.key_id)  # the worker adds the tokens it generates
+    await services.capabilities.check(model.name, request)
     param = "messages" if req.messages is not None else "prompt"
     prompt_tokens = await _count_prompt_tokens(model, request, param)
     if prompt_tokens > limits.max_prompt_tokens:

@@ -255,6 +255,12 @@ class Model(BaseModel):
     created: int
     owned_by: str = "inferq"
     workers: int = Field(description="Live workers serving this model.")
+    capabilities: dict[str, Any] | None = Field(
+        default=None,
+        description="What every live worker of the model honours (with none live, what the configured "
+        "engine declares): engine, n, logprobs, max_top_logprobs, seed, top_k, stop, structured_outputs, "
+        "tools, embeddings. A request using a field marked false is a 400 naming it.",
+    )
 
 
 class ModelList(BaseModel):

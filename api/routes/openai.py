@@ -121,6 +121,8 @@ async def _models(services: Services) -> list[Model]:
         else:
             model.created = started if model.workers == 0 else min(model.created, started)
             model.workers += 1
+    for model in by_name.values():
+        model.capabilities = (await services.capabilities.of(model.id)).to_json()
     return sorted(by_name.values(), key=lambda m: m.id)
 
 

@@ -1,0 +1,67 @@
+"""Engine capabilities: what each engine declares, how a fleet's are combined, and which field of a
+request is refused (the table the API applies at submit)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shared.capabilities import (
+    NOT_HONOURED,
+    Capabilities,
+    common,
+    declared,
+    openai_http_engine,
+    transformers_engine,
+)
+
+CPU = transformers_engine("cpu")
+GPU = transformers_engine("cuda:0")
+HTTP = openai_http_engine()
+
+
+@pytest.mark.parametrize(
+    ("caps", "request_", "param"),
+    [
+        (CPU, {"n": 4, "logprobs": True, "top_logprobs": 20, "seed": 1, "top_k": 3, "stop": ["x"]}, None),
+        (CPU, {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}, None),
+        (CPU, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (GPU, {"seed": 3}, "seed"),
+        (GPU, {"logprobs": True}, "logprobs"),
+        (GPU, {"response_format": {"type": "json_object"}}, "response_format"),
+        (GPU, {"n": 2, "top_k": 4, "stop": ["."]}, None),
+        (HTTP, {"n": 2}, "n"),
+        (HTTP, {"n": 1}, None),
+        (HTTP, {"top_k": 1}, "top_k"),
+        (HTTP, {"response_format": {"type": "json_object"}}, "response_format"),
+        (HTTP, {"response_format": {"type": "text"}}, None),
+        (HTTP, {"seed": 0, "stop": ["a"], "temperature": 0.5}, None),
+    ],
+)
+def test_capabilities_refuse_the_first_field_not_honoured(
+    caps: Capabilities, request_: dict[str, Any], param: str | None
+) -> None:
+    refused = caps.refusal(request_, "m")
+    assert (refused[0] if refused else None) == param
+    if refused and param != "top_logprobs":
+        assert refused[1] == NOT_HONOURED.format(field=param, model="m", engines=caps.engine)
+
+
+def test_capabilities_of_a_mixed_fleet_are_what_every_worker_honours() -> None:
+    assert common([]) is None
+    assert common([CPU, CPU]) == CPU
+    mixed = common([CPU, GPU, HTTP])
+    assert mixed is not None
+    assert mixed.engine == "transformers, openai-http"
+    honoured = (mixed.n, mixed.seed, mixed.logprobs, mixed.top_k, mixed.stop)
+    assert honoured == (False, False, False, False, True)
+    assert Capabilities.from_json({**CPU.to_json(), "from_a_later_version": 1}) == CPU
+
+
+def test_capabilities_declared_per_engine_and_device() -> None:
+    assert declared("openai-http", "cpu") == HTTP
+    assert declared("transformers", "cpu") == CPU and CPU.structured_outputs and CPU.max_top_logprobs == 20
+    assert declared("transformers", "cuda:1") == GPU and not GPU.seed
+    # A CPU worker whose tokenizer llguidance could not read has no structured outputs.
+    assert not transformers_engine("cpu", grammars=False).structured_outputs
