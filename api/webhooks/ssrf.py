@@ -44,7 +44,6 @@ ALLOW_PRIVATE_ENV = "INFERQ_WEBHOOKS__ALLOW_PRIVATE"
 ALLOW_PRIVATE_HINT = f" (set {ALLOW_PRIVATE_ENV}=true to allow private receivers)"
 REFUSED = "{address} is {kind}{hint}"  # e.g. "127.0.0.1 is a loopback address (set …)"
 REFUSED_CARRIED = "{address} carries {ipv4}, {kind}{hint}"  # judged as the IPv4 address inside
-METADATA_KIND = "a cloud metadata address"
 LOCALHOST_KIND = "a loopback name"  # localhost and *.localhost (RFC 6761), whatever they resolve to
 OUTSIDE_ALLOW_ONLY = "{address} is outside webhooks.allow_only"
 NOT_IPV4 = "{host} is not a valid IPv4 address"
