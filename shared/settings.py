@@ -150,8 +150,8 @@ class BatchSettings(BaseModel):
 class WebhookSettings(BaseModel):
     allow_private: bool = Field(
         default=False,
-        description="Allow receivers on loopback and private addresses (local use and tests); cloud "
-        "metadata addresses stay refused.",
+        description="Allow receivers on loopback and private addresses (local use and tests); link-local, "
+        "unspecified, reserved and cloud metadata addresses stay refused.",
     )
     allow_only: list[str] = Field(
         default_factory=list,

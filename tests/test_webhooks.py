@@ -21,10 +21,12 @@ from typing import Any
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 from standardwebhooks import Webhook
 
 from api.webhooks import ssrf
-from shared.settings import WebhookSettings
+from shared.settings import Settings, WebhookSettings
 from tests.conftest import REPO, Stack, _free_port, start_api
 from tests.helpers import FRANCE, wait_job
 
@@ -352,6 +354,241 @@ async def test_webhooks_ssrf_refusals_are_400s_naming_the_field(
     assert resp.status_code == 400 and "allow_only" in resp.json()["error"]["message"]
     resp = await client.post("/v1/jobs", json={"messages": FRANCE, "webhook": "http://169.254.169.254/"})
     assert resp.status_code == 400 and "metadata" in resp.json()["error"]["message"]
+
+
+# Every spelling of a refused address, and what its refusal says (allow_private off): IPv4 in the
+# forms inet_aton reads, and IPv6 forms judged as the IPv4 address they carry.
+HINT = " (set INFERQ_WEBHOOKS__ALLOW_PRIVATE=true to allow private receivers)"
+LOOPBACK = "127.0.0.1 is a loopback address" + HINT
+REFUSED_SPELLINGS = [
+    ("http://[::ffff:127.0.0.1]:9/", "::ffff:7f00:1 carries 127.0.0.1, a loopback address" + HINT),
+    ("http://[::ffff:7f00:1]:9/", "::ffff:7f00:1 carries 127.0.0.1, a loopback address" + HINT),
+    ("http://[::FFFF:7F00:1]/", "::ffff:7f00:1 carries 127.0.0.1, a loopback address" + HINT),
+    ("http://[::ffff:10.0.0.1]/", "::ffff:a00:1 carries 10.0.0.1, a private address" + HINT),
+    (
+        "http://[::ffff:169.254.169.254]/",
+        "::ffff:a9fe:a9fe carries 169.254.169.254, a cloud metadata address",
+    ),
+    ("http://[::ffff:169.254.1.1]/", "::ffff:a9fe:101 carries 169.254.1.1, a link-local address"),
+    ("http://[::ffff:0.0.0.0]/", "::ffff:0:0 carries 0.0.0.0, an unspecified address"),
+    ("http://[::127.0.0.1]/", "::7f00:1 carries 127.0.0.1, a loopback address" + HINT),  # IPv4-compatible
+    ("http://[::10.0.0.1]/", "::a00:1 carries 10.0.0.1, a private address" + HINT),
+    ("http://[64:ff9b::7f00:1]/", "64:ff9b::7f00:1 carries 127.0.0.1, a loopback address" + HINT),  # NAT64
+    ("http://[64:ff9b::a00:1]/", "64:ff9b::a00:1 carries 10.0.0.1, a private address" + HINT),
+    ("http://[64:ff9b::a9fe:a9fe]/", "64:ff9b::a9fe:a9fe carries 169.254.169.254, a cloud metadata address"),
+    ("http://[64:ff9b:1::a00:1]/", "64:ff9b:1::a00:1 is a private address" + HINT),  # local-use NAT64
+    (
+        "http://[64:ff9b:1:a9fe:a9:fe00::]/",
+        "64:ff9b:1:a9fe:a9:fe00:: carries 169.254.169.254, a cloud metadata address",
+    ),
+    ("http://[2002:7f00:1::]/", "2002:7f00:1:: carries 127.0.0.1, a loopback address" + HINT),  # 6to4
+    ("http://[2002:a9fe:a9fe::1]/", "2002:a9fe:a9fe::1 carries 169.254.169.254, a cloud metadata address"),
+    # Teredo: server 8.8.8.8, client 127.0.0.1 (stored inverted); then server 169.254.169.254.
+    (
+        "http://[2001:0:808:808::80ff:fffe]/",
+        "2001:0:808:808::80ff:fffe carries 127.0.0.1, a loopback address" + HINT,
+    ),
+    (
+        "http://[2001:0:a9fe:a9fe::f7f7:f7f7]/",
+        "2001:0:a9fe:a9fe::f7f7:f7f7 carries 169.254.169.254, a cloud metadata address",
+    ),
+    ("http://[::]:9/", ":: is an unspecified address"),
+    ("http://0.0.0.0:9/", "0.0.0.0 is an unspecified address"),
+    ("http://[::1]/", "::1 is a loopback address" + HINT),
+    ("http://[fd00:ec2::254]/", "fd00:ec2::254 is a cloud metadata address"),
+    ("http://[fe80::1%25eth0]/", "fe80::1 is a link-local address"),
+    ("http://2130706433/", LOOPBACK),  # decimal
+    ("http://0177.0.0.1/", LOOPBACK),  # octal
+    ("http://0x7f.0.0.1/", LOOPBACK),  # hex
+    ("http://0X7F.0.0.1/", LOOPBACK),
+    ("http://0x7f000001/", LOOPBACK),
+    ("http://127.1/", LOOPBACK),  # short
+    ("http://127.0.0.1./", LOOPBACK),  # a trailing dot
+    ("http://0xa9.0376.0xa9fe/", "169.254.169.254 is a cloud metadata address"),
+    ("http://012.1/", "10.0.0.1 is a private address" + HINT),
+    ("http://224.0.0.1/", "224.0.0.1 is a multicast address"),
+    ("http://100.64.0.1/", "100.64.0.1 is a reserved address"),  # carrier-grade NAT
+    ("http://localhost./", "localhost. is a loopback name" + HINT),
+    ("http://LOCALHOST/", "localhost is a loopback name" + HINT),
+    ("http://api.localhost/", "api.localhost is a loopback name" + HINT),
+    # Numbers that are no IPv4 address: refused rather than left to a resolver to read.
+    ("http://1.2.3.256/", "1.2.3.256 is not a valid IPv4 address"),
+    ("http://4294967296/", "4294967296 is not a valid IPv4 address"),
+    ("http://1.2.3.4.5/", "1.2.3.4.5 is not a valid IPv4 address"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), REFUSED_SPELLINGS)
+def test_webhooks_ssrf_guard_refuses_every_spelling_at_delivery(url: str, message: str) -> None:
+    """`target()` is what the dispatcher calls before each try: no address, no connection."""
+    with pytest.raises(ssrf.UnsafeUrl) as refused:
+        asyncio.run(ssrf.target(url, WebhookSettings(allow_private=False)))
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("http://[::ffff:8.8.8.8]/", "::ffff:808:808"),  # judged as 8.8.8.8: not all IPv6 is refused
+        ("http://[64:ff9b::808:808]/", "64:ff9b::808:808"),
+        ("http://[2002:808:808::1]/", "2002:808:808::1"),
+        ("http://[2001:0:808:808::f7f7:f7f7]/", "2001:0:808:808::f7f7:f7f7"),  # Teredo, both ends public
+        ("http://0x08080808/", "8.8.8.8"),
+        ("http://010.0.0.1/", "8.0.0.1"),  # octal, as inet_aton and so the resolver read it: not 10.0.0.1
+        ("http://8.8.8.8./", "8.8.8.8"),
+    ],
+)
+def test_webhooks_ssrf_guard_judges_public_addresses_in_any_spelling_as_public(
+    url: str, address: str
+) -> None:
+    got = asyncio.run(ssrf.target(url, WebhookSettings(allow_private=False)))
+    assert got.address == address  # the very address delivery connects to
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("0x7f.0.0.1", "127.0.0.1"),
+        ("0X7F.1", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("127.0.1", "127.0.0.1"),
+        ("127.0.0.1.", "127.0.0.1"),
+        ("::ffff:127.0.0.1", "::ffff:7f00:1"),
+        ("example.com", None),
+        ("example.com.", None),
+        ("1.2.3.4x", None),  # a name, however odd: the resolver's answer is what gets checked
+    ],
+)
+def test_webhooks_ssrf_ip_literals_are_read_here_not_by_the_resolver(host: str, address: str | None) -> None:
+    assert ssrf.ip_literal(host) == address
+
+
+def test_webhooks_ssrf_allow_private_judges_the_ipv4_an_address_carries() -> None:
+    policy = WebhookSettings(allow_private=True)
+    for url in (
+        "http://[::ffff:127.0.0.1]/",
+        "http://[64:ff9b::a00:1]/",
+        "http://[2002:7f00:1::]/",
+        "http://[64:ff9b:1::a00:1]/",
+        "http://0x7f000001/",
+    ):
+        asyncio.run(ssrf.target(url, policy))  # allowed: what they carry would be
+    for url, message in REFUSED_SPELLINGS:
+        if not message.endswith(HINT) and "not a valid" not in message:  # never allowed
+            with pytest.raises(ssrf.UnsafeUrl) as refused:
+                asyncio.run(ssrf.target(url, policy))
+            assert str(refused.value) == message
+    # allow_only is met by an address as written or by every IPv4 address it carries.
+    policy = WebhookSettings(allow_private=True, allow_only=["127.0.0.0/8"])
+    assert asyncio.run(ssrf.target("http://[::ffff:127.0.0.1]/", policy)).address == "::ffff:7f00:1"
+    with pytest.raises(ssrf.UnsafeUrl, match=r"^::ffff:a00:1 is outside webhooks.allow_only$"):
+        asyncio.run(ssrf.target("http://[::ffff:10.0.0.1]/", policy))
+
+
+def test_webhooks_ssrf_hint_names_the_setting_that_allows_private_receivers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name, value = HINT.removeprefix(" (set ").split(" ")[0].split("=")
+    monkeypatch.delenv(name, raising=False)
+    assert Settings().webhooks.allow_private is False
+    monkeypatch.setenv(name, value)
+    assert Settings().webhooks.allow_private is True
+
+
+async def test_webhooks_ssrf_every_spelling_refused_at_submit(
+    guarded: str, client: httpx.AsyncClient
+) -> None:
+    """Through the API that allows no private receivers: a job's webhook, a new endpoint and a
+    changed endpoint URL, each a 400 `unsafe_url` that says why."""
+    await _tenant_secret(client)
+    made = await client.post(
+        "/v1/webhook_endpoints", json={"url": "http://127.0.0.1:9/", "event_types": ["batch.failed"]}
+    )
+    assert made.status_code == 200, made.text
+    endpoint = made.json()["id"]
+    try:
+        async with httpx.AsyncClient(base_url=guarded, timeout=30) as api:
+            for url, message in REFUSED_SPELLINGS:
+                for path, body, param in (
+                    ("/v1/jobs", {"messages": FRANCE, "webhook": url}, "webhook"),
+                    ("/v1/webhook_endpoints", {"url": url, "event_types": ["job.completed"]}, "url"),
+                    (f"/v1/webhook_endpoints/{endpoint}", {"url": url}, "url"),
+                ):
+                    resp = await api.post(path, json=body)
+                    assert resp.status_code == 400, (path, url, resp.text)
+                    assert resp.json()["error"] == {
+                        **resp.json()["error"],
+                        "param": param,
+                        "code": "unsafe_url",
+                        "message": f"{param} is refused: {message}",
+                    }
+            # A public address in IPv4-mapped form is judged as public: only this session's
+            # allow_only (loopback) stands in its way.
+            resp = await api.post(
+                "/v1/jobs", json={"messages": FRANCE, "webhook": "http://[::ffff:8.8.8.8]/"}
+            )
+            assert resp.status_code == 400
+            assert (
+                resp.json()["error"]["message"]
+                == "webhook is refused: ::ffff:808:808 is outside webhooks.allow_only"
+            )
+    finally:
+        assert (await client.delete(f"/v1/webhook_endpoints/{endpoint}")).status_code == 200
+
+
+async def test_webhooks_ssrf_mapped_loopback_receiver_is_judged_as_loopback_and_delivered_to(
+    client: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    """Where loopback receivers are allowed (this session, allow_only 127.0.0.0/8), one written in
+    IPv4-mapped form is one: accepted, and delivered to at the address the guard checked."""
+    await _tenant_secret(client)
+    url = f"http://[::ffff:127.0.0.1]:{receiver.port}/hook"
+    job = (await client.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 2, "webhook": url})).json()
+    (delivery,) = await receiver.wait(1)
+    assert (
+        delivery.payload["id"] == job["id"]
+        and delivery.headers["host"] == f"[::ffff:127.0.0.1]:{receiver.port}"
+    )
+
+
+async def test_webhooks_ssrf_dispatcher_refuses_a_stored_url_without_connecting(
+    stack: Stack, client: httpx.AsyncClient, receiver: Receiver, oai: AsyncOpenAI, endpoints: list[str]
+) -> None:
+    """A URL stored before the guard refused its spelling (written here straight into the table) is
+    refused at delivery: 0.0.0.0 would reach this loopback receiver, and nothing arrives."""
+    urls = {
+        f"http://0.0.0.0:{receiver.port}/hook": "0.0.0.0 is an unspecified address",
+        f"http://[::ffff:0.0.0.0]:{receiver.port}/hook": "::ffff:0:0 carries 0.0.0.0, an unspecified address",
+    }
+    made: dict[str, str] = {}
+    engine = create_async_engine(stack.servers.database_url)
+    try:
+        for url, message in urls.items():
+            endpoint = await oai.webhooks.create(url=receiver.url, event_types=["job.completed"], name=url)
+            endpoints.append(endpoint.id)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE webhook_endpoints SET url = :url WHERE id = :id"),
+                    {"url": url, "id": endpoint.id},
+                )
+            made[endpoint.id] = message
+    finally:
+        await engine.dispose()
+    job = (await client.post("/v1/jobs", json={"messages": FRANCE, "max_tokens": 2})).json()
+    await wait_job(client, job["id"])
+    for endpoint_id, message in made.items():
+        deadline = time.monotonic() + 30
+        while not (
+            rows := (await client.get(f"/v1/webhook_endpoints/{endpoint_id}/deliveries")).json()["data"]
+        ) or (rows[0]["status"] == "pending"):
+            assert time.monotonic() < deadline, rows
+            await asyncio.sleep(0.1)
+        (row,) = rows
+        assert (row["status"], row["attempts"], row["last_error"]) == ("failed", 1, f"refused: {message}")
+    assert receiver.got == []
 
 
 async def test_webhooks_bad_requests(client: httpx.AsyncClient) -> None:
