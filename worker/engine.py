@@ -261,7 +261,11 @@ class Engine:
 
     def stop(self) -> None:
         if self._manager is not None:
-            self._manager.stop(block=True, timeout=10)
+            # A hard stop: whatever is still in the engine at this point goes back to the queue (the
+            # drain is over), so nothing is worth finishing first; a flushing stop waits for the
+            # requests in flight, which on a loaded machine outlasts the drain time (e.g. a SIGTERM
+            # during the warm-up request).
+            self._manager.stop(block=True, timeout=10, hard_stop=True)
             self._manager = None
         for rid in list(self._handles):
             self._handles.pop(rid)._close()
