@@ -49,7 +49,7 @@ def _ready(base: str, redis_url: str, want_worker: bool) -> bool:
     if not want_worker:
         return True
     with redis.Redis.from_url(redis_url) as r:
-        return bool(list(r.scan_iter(match=keys.WORKER_PREFIX + "*")))
+        return bool(r.zcard(keys.WORKER_INDEX))  # a worker registered (shared.fleet)
 
 
 @contextlib.contextmanager
