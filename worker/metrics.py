@@ -175,16 +175,18 @@ class _Quiet(WSGIRequestHandler):
         """Scrapes are not worth a log line each (prometheus_client's own server is as quiet)."""
 
 
-def serve(port: int, host: str = "0.0.0.0", token: SecretStr | None = None) -> None:
-    """prometheus_client's own server (a daemon thread per request), with the metrics token in front."""
+def serve(port: int, host: str = "0.0.0.0", token: SecretStr | None = None) -> WSGIServer | None:
+    """prometheus_client's own server (a daemon thread per request), with the metrics token in front;
+    None when `port` is 0 (off)."""
     if not port:
-        return
+        return None
     # An IPv6 address needs its family set before binding, as prometheus_client's start_http_server does.
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     server_class: type[WSGIServer] = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
     server = make_server(host, port, _guarded(make_wsgi_app(REGISTRY), token), server_class, _Quiet)
     threading.Thread(target=server.serve_forever, name="inferq-metrics", daemon=True).start()
     log.info("metrics on %s:%d/metrics%s", host, port, " (token required)" if token else "")
+    return server
 
 
 def public_url(port: int, host: str, advertise: str | None) -> str | None:
