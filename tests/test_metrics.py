@@ -14,9 +14,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from sqlalchemy import insert, select
 
 from shared import fleet, keys
+from shared.db import create_engine
 from shared.metrics_auth import METRICS_TOKEN_REQUIRED
+from shared.models import Job, new_job_id
 from tests.conftest import Servers, Stack, _free_port, start_api
 from tests.helpers import FRANCE
 from worker import metrics as worker_metrics
@@ -183,3 +186,54 @@ async def test_metrics_and_a_queued_job_poll_scan_nothing(token_api: str, redis:
             for job in made:
                 await c.post(f"/v1/jobs/{job['id']}/cancel")
             await fleet.deregister(redis, fake)
+
+
+async def test_reaper_keeps_the_jobs_of_a_beating_worker_missing_from_the_index(
+    stack: Stack, servers: Servers, redis: Redis, client: httpx.AsyncClient
+) -> None:
+    # A worker older than the index (a rolling upgrade) writes only its entry. While it beats, its running
+    # job stays its own; once it stops, the job is reclaimed as any dead worker's.
+    old = f"old-worker-{time.time_ns()}"
+    job_id = new_job_id()
+    await redis.set(keys.worker_key(old), json.dumps(_worker(old, running=1, jobs=[job_id])), px=120_000)
+    row = {
+        "id": job_id,
+        "status": "running",
+        "model": OTHER,  # no worker serves it: once reclaimed, the job waits in the queue
+        "request": {"messages": FRANCE, "max_tokens": 4},
+        "prompt_tokens": 8,
+        "attempts": 1,
+        "worker_id": old,
+    }
+    engine = create_engine(servers.database_url, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(insert(Job), [row])
+
+        async def status() -> str:
+            async with engine.connect() as conn:
+                return str((await conn.execute(select(Job.status).where(Job.id == job_id))).scalar_one())
+
+        def warned() -> bool:
+            logs = Path(stack.api.log_dir).glob("api-*.log")
+            return any(old in log.read_text(errors="replace") for log in logs)
+
+        deadline = time.monotonic() + 30
+        while not warned():  # the reaper has seen the worker, alive though not indexed
+            assert time.monotonic() < deadline, "the reaper never noticed the unindexed worker"
+            assert await status() == "running"
+            await asyncio.sleep(0.1)
+        # Twice the reaper's grace (2 s) and a tick: a worker taken for dead would have lost its job by now.
+        watch = time.monotonic() + 5
+        while time.monotonic() < watch:
+            assert await status() == "running", "the job of a beating worker was reclaimed"
+            await asyncio.sleep(0.2)
+        await redis.delete(keys.worker_key(old))  # it stops beating
+        deadline = time.monotonic() + 30
+        while await status() != "queued":
+            assert time.monotonic() < deadline, "the job of a dead worker was not reclaimed"
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.delete(keys.worker_key(old))
+        await client.post(f"/v1/jobs/{job_id}/cancel")
+        await engine.dispose()
