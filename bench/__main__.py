@@ -9,6 +9,7 @@ responses   background responses: create rate vs POST /v1/jobs, resume request t
 waiting     200 clients waiting for their jobs: Prefer: wait vs polling every 50 ms vs SSE
 events      token events/s of one Valkey core with the event script vs three shards; per-job costs
 structured  engine tokens/s at concurrency 16 with 0 %, 50 % and 100 % of requests JSON-schema constrained
+scrape      /metrics scrapes and polls of queued jobs with 50,000 event streams in Redis, before and after
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
 """
@@ -30,6 +31,7 @@ COMMANDS = {
     "waiting": "bench.waiting",
     "structured": "bench.structured",
     "events": "bench.events",
+    "scrape": "bench.scrape",
     "all": "bench.run_all",
     "chart": "bench.chart",
 }

@@ -49,7 +49,7 @@ def _ready(base: str, redis_url: str, want_worker: bool) -> bool:
     if not want_worker:
         return True
     with redis.Redis.from_url(redis_url) as r:
-        return bool(list(r.scan_iter(match=keys.WORKER_PREFIX + "*")))
+        return bool(r.zcard(keys.WORKER_INDEX))  # a worker registered (shared.fleet)
 
 
 @contextlib.contextmanager
@@ -60,9 +60,11 @@ def running_stack(
     log_dir: Path | None = None,
     extra_env: dict[str, str] | None = None,
     worker: bool = True,
+    code: Path | None = None,
 ) -> Iterator[RunningStack]:
     """Embedded Valkey + PostgreSQL in a temporary directory, then `inferq api` and (unless `worker` is
-    false) `inferq worker`; every process is stopped on exit, and dies with the benchmark."""
+    false) `inferq worker`; every process is stopped on exit, and dies with the benchmark. `code`: run
+    the servers from another checkout of inferq (e.g. a `git worktree` of main, to compare against)."""
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-")))
         redis_url = stack.enter_context(embedded.valkey(None))
@@ -77,6 +79,8 @@ def running_stack(
             "INFERQ_LOG_LEVEL": "WARNING",
             **(extra_env or {}),
         }
+        if code is not None:  # `python -m` puts the working directory first on sys.path
+            env["PYTHONPATH"] = str(code)
         logs = log_dir or tmp
         logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -87,7 +91,12 @@ def running_stack(
         try:
             for args in commands:
                 procs.append(
-                    spawn([sys.executable, "-m", "inferq.cli", *args], env=env, log=logs / f"{args[0]}.log")
+                    spawn(
+                        [sys.executable, "-m", "inferq.cli", *args],
+                        env=env,
+                        log=logs / f"{args[0]}.log",
+                        cwd=code,
+                    )
                 )
             base = f"http://127.0.0.1:{port}"
             wait_until(

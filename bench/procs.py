@@ -28,14 +28,19 @@ def die_with_parent(args: Sequence[str]) -> list[str]:
 
 
 def spawn(
-    args: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `args` in its own process group, output to `log`, killed if the benchmark dies."""
+    """Start `args` in its own process group (in `cwd`), output to `log`, killed if the benchmark dies."""
     out = log.open("wb") if log is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(
             die_with_parent(args),
             env=env,
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

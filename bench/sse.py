@@ -36,7 +36,7 @@ from bench.machine import (
 )
 from bench.procs import die_with_parent
 from bench.stats import summarize, write_json
-from shared import keys
+from shared import fleet
 from shared.db import create_engine
 from shared.events import EventWriter
 from shared.models import Job, new_job_id
@@ -92,7 +92,7 @@ async def fake_worker(redis: Redis, n: int) -> AsyncIterator[None]:
                 "running": n,
                 "draining": False,
             }
-            await redis.set(keys.worker_key(FAKE_WORKER), json.dumps(info), px=5000)
+            await fleet.register(redis, info, 5000)
             await asyncio.sleep(1.0)
 
     task = asyncio.create_task(beat())
@@ -102,7 +102,7 @@ async def fake_worker(redis: Redis, n: int) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await redis.delete(keys.worker_key(FAKE_WORKER))
+        await fleet.deregister(redis, FAKE_WORKER)
 
 
 async def publish_tokens(

@@ -6,7 +6,7 @@ several keys touches keys of one hash slot (the part of a key between its first 
   MULTI/EXEC transactions, and arq's abort set is one key for all queues, so they share one tag.
 - Per job, `{<job_id>}`: its event stream and cancel flag, spread over the cluster by job id. They carry
   nearly all of the traffic (one script call per generated token).
-- Workers, `{workers}`: the registry entries the API reads together with one MGET.
+- Workers, `{workers}`: the registry entries and their index, read together (the index, then one MGET).
 
 Two Redis roles: the queue's Redis (`INFERQ_REDIS_URL`: queue state, arq, workers, leases, limits, the
 cancel broadcast) and the events Redis (`INFERQ_EVENTS__REDIS_URL`, by default the same one): per-job
@@ -64,6 +64,10 @@ def cancel_flag(job_id: str) -> str:
 
 
 WORKER_PREFIX = "inferq:{workers}:"
+# The registry's index: a sorted set of worker ids scored by when their entry expires (ms since the
+# epoch), so that readers list the fleet in O(workers) instead of a SCAN of the keyspace. It is named
+# outside WORKER_PREFIX so that an older reader's SCAN of that prefix never meets it.
+WORKER_INDEX = "inferq:index:{workers}"
 
 
 def lease(duty: str) -> str:

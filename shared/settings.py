@@ -258,6 +258,12 @@ class Settings(BaseSettings):
         description="Key of the HMAC that signs stream tokens (EventSource URLs); unset: one kept in "
         "Redis, made once and shared by every API process.",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        min_length=1,
+        description="When set, every /metrics (the API's and each worker's) requires "
+        "'Authorization: Bearer <token>'; unset: open, like the probes.",
+    )
     stream_token_seconds: int = Field(
         default=300, ge=1, le=86_400, description="How long a stream token lets a client (re)connect."
     )

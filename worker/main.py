@@ -149,7 +149,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         runner = UpstreamRunner(upstream=engine, upstream_model=model_name, **common)
     else:
         runner = JobRunner(engine=engine, **common)
-    metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host)
+    metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, settings.metrics_token)
     heartbeat = Heartbeat(redis, worker_id, settings, engine, runner)
     ctx["heartbeat"] = heartbeat
     await heartbeat.beat()

@@ -7,10 +7,19 @@ on a GPU) to minutes (a long generation on a CPU).
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+from pydantic import SecretStr
+
+from shared.metrics_auth import METRICS_TOKEN_CODE, METRICS_TOKEN_REQUIRED, authorized
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +136,57 @@ batch_size = Histogram(
 )
 
 
-def serve(port: int, host: str = "0.0.0.0") -> None:
-    if port:
-        start_http_server(port, addr=host)
-        log.info("metrics on %s:%d/metrics", host, port)
+_WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _guarded(app: _WsgiApp, token: SecretStr | None) -> _WsgiApp:
+    """`app`, answering 401 with the API's error envelope to a request without the metrics token."""
+    if token is None:
+        return app
+    body = json.dumps(
+        {
+            "error": {
+                "message": METRICS_TOKEN_REQUIRED,
+                "type": "authentication_error",
+                "param": None,
+                "code": METRICS_TOKEN_CODE,
+            }
+        }
+    ).encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if authorized(environ.get("HTTP_AUTHORIZATION"), token):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("WWW-Authenticate", "Bearer"),
+            ],
+        )
+        return [body]
+
+    return guarded
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each (prometheus_client's own server is as quiet)."""
+
+
+def serve(port: int, host: str = "0.0.0.0", token: SecretStr | None = None) -> WSGIServer | None:
+    """prometheus_client's own server (a daemon thread per request), with the metrics token in front;
+    None when `port` is 0 (off)."""
+    if not port:
+        return None
+    # An IPv6 address needs its family set before binding, as prometheus_client's start_http_server does.
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class: type[WSGIServer] = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(host, port, _guarded(make_wsgi_app(REGISTRY), token), server_class, _Quiet)
+    threading.Thread(target=server.serve_forever, name="inferq-metrics", daemon=True).start()
+    log.info("metrics on %s:%d/metrics%s", host, port, " (token required)" if token else "")
+    return server
 
 
 def public_url(port: int, host: str, advertise: str | None) -> str | None:

@@ -1,10 +1,9 @@
-"""The worker's entry in the fleet registry: a Redis key it rewrites every heartbeat, with a TTL of
+"""The worker's entry in the fleet registry (shared.fleet): rewritten every heartbeat, with a TTL of
 `dead_after_missed` heartbeats, so that a worker that stops beating disappears on its own."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -14,7 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared import __version__, keys
+from shared import __version__, fleet
 from shared.settings import Settings
 from worker import metrics
 from worker.engine import Engine
@@ -83,7 +82,7 @@ class Heartbeat:
 
     async def beat(self) -> None:
         ttl_ms = int(self.settings.worker.heartbeat_seconds * self.settings.worker.dead_after_missed * 1000)
-        await self.redis.set(keys.worker_key(self.worker_id), json.dumps(self.info()), px=ttl_ms)
+        await fleet.register(self.redis, self.info(), ttl_ms)
 
     async def _run(self) -> None:
         while True:
@@ -107,6 +106,6 @@ class Heartbeat:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            await self.redis.delete(keys.worker_key(self.worker_id))
+            await fleet.deregister(self.redis, self.worker_id)
         except Exception as exc:
             log.warning("could not remove the registry entry: %s", exc)

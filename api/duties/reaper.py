@@ -72,6 +72,7 @@ class Reaper:
         # a beat to write theirs again.
         self.grace = max(2.0, 2 * self.interval)
         self._missing_since: dict[str, float] = {}
+        self._unindexed: set[str] = set()  # live workers missing from the registry's index (warned of)
 
     async def tick(self) -> None:
         try:
@@ -97,11 +98,28 @@ class Reaper:
             raise
         now = time.monotonic()
         absent = {r.worker_id for r in rows if r.worker_id not in live}
+        if absent:
+            absent -= await self._beating_unindexed(absent)
         self._missing_since = {w: self._missing_since.get(w, now) for w in absent}
         dead = {w for w, since in self._missing_since.items() if now - since >= self.grace}
         for row in rows:
             if row.worker_id in dead:
                 await self.reclaim(row)
+
+    async def _beating_unindexed(self, absent: set[str]) -> set[str]:
+        """Of the workers that hold running jobs but are missing from the registry's index, those whose
+        entry is alive: a worker older than the index writes only its entry (a rolling upgrade), and
+        its jobs stay its own while it beats. It is not listed anywhere else, so say so, once."""
+        named = [w for w in absent if w]
+        beating = {str(w.get("id")) for w in await live_workers(self.services.redis, also=named)} & absent
+        for worker_id in beating - self._unindexed:
+            log.warning(
+                "worker %s beats but is missing from the registry's index (an older inferq?): it is not "
+                "listed in /v1/workers or /metrics until it is upgraded",
+                worker_id,
+            )
+        self._unindexed = beating
+        return beating
 
     async def reclaim(self, row: Any) -> None:
         services = self.services

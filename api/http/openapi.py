@@ -63,6 +63,7 @@ _EXTRA_ERRORS: dict[tuple[str, str], set[int]] = {
     ("delete", "/v1/jobs/{job_id}"): {409},  # still stopping after its cancel
     ("delete", "/v1/responses/{response_id}"): {409},
     ("get", "/v1/webhook_secret"): {404},  # the tenant has none yet
+    ("get", "/metrics"): {401},  # open, unless INFERQ_METRICS_TOKEN is set
 }
 # One event of each stream, as Open API 3.1 describes Server-Sent Events (the 3.2 `itemSchema`).
 _JOB_EVENT: Schema = {

@@ -125,7 +125,7 @@ async def get_job(
                 WebhookDeliveryStatus.model_validate(d, from_attributes=True) for d in deliveries
             ]
     if job.status == JobStatus.QUEUED.value:
-        workers = await live_workers(services.redis)  # read once per poll: a SCAN of the keyspace
+        workers = await live_workers(services.redis)  # read once per poll: O(workers), no SCAN
         if job.model not in {w.get("model") for w in workers if not w.get("draining")}:
             response.waiting = NO_WORKER.format(model=job.model)
         elif job.batch_id is None:
