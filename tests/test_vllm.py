@@ -36,6 +36,9 @@ MODEL = "vllm-smol"
 MODEL_B = "vllm-smol-b"
 MIXED = "vllm-and-http"
 INSTALL_AND_LOAD_SECONDS = 1200
+# Eager mode: no torch.compile of the model at each start (minutes on a small CPU machine), which the
+# module pays for three times (its server, a restart, a start stopped while it loads).
+VLLM_ARGS = json.dumps(["--enforce-eager"])
 
 
 @dataclass
@@ -52,9 +55,8 @@ class Vllm:
     def server_pid(self) -> int:
         """The vLLM server worker A runs (its child)."""
         assert self.a.popen is not None
-        children = [
-            p for p in psutil.Process(self.a.popen.pid).children() if "vllm.entrypoints" in " ".join(p.cmdline())
-        ]
+        children = psutil.Process(self.a.popen.pid).children()
+        children = [p for p in children if "vllm.entrypoints" in " ".join(p.cmdline())]
         assert len(children) == 1, children
         return children[0].pid
 
@@ -83,7 +85,14 @@ def vllm(stack: Stack, model_dir: Path) -> Iterator[Vllm]:
         INFERQ_AUTH="off",
         INFERQ_EXTRA_MODELS=json.dumps({m: str(model_dir) for m in (MODEL, MODEL_B, MIXED)}),
     )
-    a = _worker(stack, MODEL, "--engine", "vllm", INFERQ_WORKER__VLLM_PORT=str(port))
+    a = _worker(
+        stack,
+        MODEL,
+        "--engine",
+        "vllm",
+        INFERQ_WORKER__VLLM_PORT=str(port),
+        INFERQ_WORKER__VLLM_ARGS=VLLM_ARGS,
+    )
     b = _worker(
         stack,
         MODEL_B,
@@ -183,7 +192,7 @@ async def test_logprobs_with_top_logprobs_in_events_and_record(vc: httpx.AsyncCl
     # The legacy completions route: its own logprobs shape, from vLLM's.
     resp = await vc.post(
         "/v1/completions",
-        json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "logprobs": 2},
+        json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 5, "logprobs": 2},
     )
     assert resp.status_code == 200, resp.text
     choice = resp.json()["choices"][0]
@@ -311,7 +320,15 @@ def test_a_worker_stopped_while_vllm_loads_leaves_nothing_running(stack: Stack, 
     # SIGTERM, then SIGKILL, of a worker whose vLLM is still loading: its server goes with it.
     for sig in (signal.SIGTERM, signal.SIGKILL):
         port = _free_port()
-        worker = _worker(stack, f"vllm-stop-{sig.name}", "--engine", "vllm", INFERQ_WORKER__VLLM_PORT=str(port))
+        model = f"vllm-stop-{sig.name}"
+        worker = _worker(
+            stack,
+            model,
+            "--engine",
+            "vllm",
+            INFERQ_WORKER__VLLM_PORT=str(port),
+            INFERQ_WORKER__VLLM_ARGS=VLLM_ARGS,
+        )
         worker.start()
         try:
             wait_for(lambda port=port: bool(_vllm_processes(port)), 120, "vLLM to start loading", [worker])
