@@ -30,6 +30,7 @@ err = Console(stderr=True, highlight=False)
 # The keys of `inferq up`'s stack file (inferq/stack.py) that hold each variable's value.
 _STACK_KEYS = {"INFERQ_REDIS_URL": "redis_url", "INFERQ_DATABASE_URL": "database_url"}
 
+ENGINES = ("transformers", "vllm", "openai-http")
 UrlOpt = Annotated[str, typer.Option("--url", envvar="INFERQ_URL", help="Base URL of a running inferq API.")]
 
 
@@ -75,12 +76,20 @@ def up(
         str | None, typer.Option(help="Device for every worker (default: one GPU each, else cpu).")
     ] = None,
     data_dir: Annotated[str | None, typer.Option(help="Where embedded servers and models keep data.")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="transformers (the default) or vllm (each worker runs vLLM's server beside it)."),
+    ] = None,
 ) -> None:
     """Run the whole stack on this machine (embedded Valkey + PostgreSQL unless URLs are set)."""
     from inferq.stack import up as run_up
 
     if data_dir:
         os.environ["INFERQ_DATA_DIR"] = data_dir
+    if engine is not None:
+        if engine not in ("transformers", "vllm"):
+            raise typer.BadParameter("must be transformers or vllm", param_hint="--engine")
+        os.environ["INFERQ_WORKER__ENGINE"] = engine  # the API and the workers it starts read it
     get_settings.cache_clear()
     raise typer.Exit(run_up(get_settings(), host, port, workers, device))
 
@@ -146,13 +155,17 @@ def worker(
     ] = None,
     engine: Annotated[
         str | None,
-        typer.Option(help="transformers (the model runs here) or openai-http (forward to a server)."),
+        typer.Option(
+            help="transformers (the model runs here), vllm (vLLM's server beside the worker, or the one at "
+            "--upstream-url) or openai-http (forward to an OpenAI-compatible server)."
+        ),
     ] = None,
     upstream_url: Annotated[
-        str | None, typer.Option(help="openai-http: base URL, e.g. http://vllm:8000/v1.")
+        str | None,
+        typer.Option(help="openai-http, vllm: base URL of a running server, e.g. http://vllm:8000/v1."),
     ] = None,
     upstream_model: Annotated[
-        str | None, typer.Option(help="openai-http: the upstream's model name.")
+        str | None, typer.Option(help="openai-http, vllm: the upstream's model name.")
     ] = None,
     settings_from_stdin: FromStdinOpt = False,
 ) -> None:
@@ -176,8 +189,8 @@ def worker(
     if metrics_port is not None:
         settings.worker.metrics_port = metrics_port
     if engine is not None:
-        if engine not in ("transformers", "openai-http"):
-            raise typer.BadParameter("must be transformers or openai-http", param_hint="--engine")
+        if engine not in ENGINES:
+            raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}", param_hint="--engine")
         settings.worker.engine = engine  # type: ignore[assignment]
     if upstream_url is not None:
         settings.worker.upstream_url = upstream_url
@@ -186,7 +199,9 @@ def worker(
     if settings.worker.engine == "openai-http" and not settings.worker.upstream_url:
         raise typer.BadParameter("openai-http needs --upstream-url", param_hint="--upstream-url")
     _require_servers(settings)
-    if settings.worker.engine == "transformers":
+    if settings.worker.engine == "transformers" or (
+        settings.worker.engine == "vllm" and not settings.worker.upstream_url
+    ):
         _require_model(settings)
     _logging(settings)
     run(settings)

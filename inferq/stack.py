@@ -139,9 +139,18 @@ def _api_ready(url: str) -> bool:
     return False
 
 
-def _wait_ready(url: str, fleet: _Fleet, sup: Supervisor, workers: list[Child]) -> None:
+def _ready_timeout(settings: Settings) -> float:
+    """A vLLM worker installs vLLM on first use (minutes), then loads it: its own bound on top."""
+    if settings.worker.engine == "vllm" and not settings.worker.upstream_url:
+        return READY_TIMEOUT_SECONDS + settings.worker.vllm_start_seconds
+    return READY_TIMEOUT_SECONDS
+
+
+def _wait_ready(
+    url: str, fleet: _Fleet, sup: Supervisor, workers: list[Child], timeout: float = READY_TIMEOUT_SECONDS
+) -> None:
     """Until the API answers /readyz and every worker child is in the registry (restarting what dies)."""
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    deadline = time.monotonic() + timeout
     api_ok = False
     while time.monotonic() < deadline:
         sup.check()
@@ -151,9 +160,7 @@ def _wait_ready(url: str, fleet: _Fleet, sup: Supervisor, workers: list[Child]) 
             return
         time.sleep(0.2)
     missing = "the API" if not api_ok else "a worker's registration"
-    raise RuntimeError(
-        f"the stack did not become ready in {READY_TIMEOUT_SECONDS / 60:.0f} minutes ({missing})"
-    )
+    raise RuntimeError(f"the stack did not become ready in {timeout / 60:.0f} minutes ({missing})")
 
 
 def _stop_children(sup: Supervisor, drain: float) -> None:
@@ -214,6 +221,10 @@ def _banner(
         f"  curl -s {url}/v1/jobs{bearer} -H 'content-type: application/json' -d '{body}'", soft_wrap=True
     )
     console.print(f"  {cli} submit 'What is the capital of France?' --stream", soft_wrap=True)
+    engine: str = settings.worker.engine
+    if engine == "vllm":
+        engine += " (vLLM's OpenAI server beside each worker)"
+    console.print(f"[dim]engine: {escape(engine)}[/]", soft_wrap=True)
     if metrics:
         console.print(f"[dim]metrics: {url}/metrics (API) · {' · '.join(metrics)}[/]", soft_wrap=True)
     console.print(f"[dim]data: {data_dir} · {BANNER_END}[/]\n", soft_wrap=True)
@@ -379,7 +390,10 @@ def _run(
             redis_url, database_url = _servers(settings, data_dir, stack, record)
             _prepare(settings, database_url)
             fleet = _Fleet(redis_url)
-            with _step(f"starting the API and {workers} worker(s)"):
+            what = f"starting the API and {workers} worker(s)"
+            if settings.worker.engine == "vllm":
+                what += " with vLLM (installed on first use, then loaded: minutes)"
+            with _step(what):
                 sup.configure(
                     {
                         "INFERQ_REDIS_URL": redis_url,
@@ -387,7 +401,7 @@ def _run(
                         "INFERQ_DATA_DIR": str(data_dir),
                     }
                 )
-                _wait_ready(url, fleet, sup, children[1:])
+                _wait_ready(url, fleet, sup, children[1:], _ready_timeout(settings))
             sup.up = True
             urls_file = stack_file(settings)
             _write_stack_file(

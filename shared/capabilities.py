@@ -125,7 +125,25 @@ def openai_http_engine() -> Capabilities:
     return Capabilities(engine="openai-http", seed=True, stop=True)
 
 
+def vllm_engine() -> Capabilities:
+    """vLLM's OpenAI server behind the worker (`--engine vllm`): the worker forwards each of these and
+    maps vLLM's answer (its choices, logprobs, usage) into inferq's events and records. vLLM's own
+    limit on logprobs (`--max-logprobs`, 20 by default) is OpenAI's, inferq's too."""
+    return Capabilities(
+        engine="vllm",
+        n=True,
+        logprobs=True,
+        max_top_logprobs=MAX_TOP_LOGPROBS,
+        seed=True,
+        top_k=True,
+        stop=True,
+        structured_outputs=True,
+    )
+
+
 def declared(engine: str, device: str) -> Capabilities:
     if engine == "openai-http":
         return openai_http_engine()
+    if engine == "vllm":
+        return vllm_engine()
     return transformers_engine(device)

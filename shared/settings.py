@@ -92,15 +92,34 @@ class WorkerSettings(BaseModel):
     drain_seconds: float = Field(
         default=60.0, ge=0, description="On SIGTERM, how long held jobs may run before they are requeued."
     )
-    engine: Literal["transformers", "openai-http"] = Field(
+    engine: Literal["transformers", "openai-http", "vllm"] = Field(
         default="transformers",
-        description="transformers: the model runs here; openai-http: jobs go to an OpenAI-compatible server.",
+        description="transformers: the model runs here; openai-http: jobs go to an OpenAI-compatible server; "
+        "vllm: jobs go to vLLM's OpenAI server (started beside the worker unless upstream_url is set).",
     )
     upstream_url: str | None = Field(
-        default=None, description="openai-http: base URL of the server, e.g. http://vllm:8000/v1."
+        default=None,
+        description="openai-http, vllm: base URL of the server, e.g. http://vllm:8000/v1 (vllm: a vLLM "
+        "someone else runs; unset, the worker runs its own).",
     )
-    upstream_model: str | None = Field(default=None, description="openai-http: the model name it expects.")
-    upstream_api_key: str | None = Field(default=None, description="openai-http: its API key, if any.")
+    upstream_model: str | None = Field(
+        default=None, description="openai-http, vllm: the model name it expects."
+    )
+    upstream_api_key: str | None = Field(default=None, description="openai-http, vllm: its API key, if any.")
+    vllm_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="vllm: the loopback port of the worker's own vLLM; 0: a free one.",
+    )
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="vllm: extra arguments for the worker's own vLLM server, e.g. "
+        '["--max-model-len", "4096"].',
+    )
+    vllm_start_seconds: float = Field(
+        default=900.0, gt=0, description="vllm: how long the worker's own vLLM may take to answer /health."
+    )
     heartbeat_seconds: float = Field(default=1.0, gt=0)
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."

@@ -14,6 +14,7 @@ from shared.capabilities import (
     declared,
     openai_http_engine,
     transformers_engine,
+    vllm_engine,
 )
 
 CPU = transformers_engine("cpu")
@@ -65,3 +66,12 @@ def test_capabilities_declared_per_engine_and_device() -> None:
     assert declared("transformers", "cuda:1") == GPU and not GPU.seed
     # A CPU worker whose tokenizer llguidance could not read has no structured outputs.
     assert not transformers_engine("cpu", grammars=False).structured_outputs
+    # vLLM honours every checked field, on any device, and as many top_logprobs as OpenAI allows.
+    vllm = declared("vllm", "cuda:0")
+    assert vllm == vllm_engine() and vllm.engine == "vllm" and vllm.max_top_logprobs == 20
+    request = {"n": 2, "logprobs": True, "top_logprobs": 20, "seed": 1, "top_k": 5, "stop": ["x"]}
+    assert vllm.refusal({**request, "response_format": {"type": "json_object"}}, "m") is None
+    assert common([vllm, HTTP]).refusal({"n": 2}, "m") == (  # type: ignore[union-attr]
+        "n",
+        NOT_HONOURED.format(field="n", model="m", engines="vllm, openai-http"),
+    )

@@ -53,6 +53,15 @@ DB_DOWN = (OperationalError, DBAPIError, OSError)
 WRITE_BACKOFF_MAX_SECONDS = 5.0
 
 
+class EngineUnavailable(Exception):
+    """The engine went away under a running job and is coming back (a supervised server restarting):
+    the job goes back to the queue, to continue from its published text, instead of failing."""
+
+
+# How long a job handed back for EngineUnavailable waits in the queue before a worker takes it again.
+ENGINE_RETRY_SECONDS = 2.0
+
+
 @dataclass
 class _Claim:
     request: dict[str, Any]
@@ -201,6 +210,10 @@ class JobRunner:
             with contextlib.suppress(Exception):
                 await asyncio.shield(aio.wait_for(self._requeue(run), 5))
             raise
+        except EngineUnavailable as exc:
+            log.warning("job %s goes back to the queue: %s", job_id, exc)
+            await self._requeue(run, reason="engine_unavailable")
+            raise Retry(defer=ENGINE_RETRY_SECONDS) from None
         except Exception as exc:
             log.exception("job %s failed", job_id)
             metrics.failures.labels(self.model_name, "engine_error").inc()
@@ -616,7 +629,7 @@ class JobRunner:
                 self.events.emit(run.job_id, "error", {"type": error_type, "message": message[:2000]})
                 await self.events.flush(run.job_id)
 
-    async def _requeue(self, run: _Run) -> None:
+    async def _requeue(self, run: _Run, reason: str = "worker_shutdown") -> None:
         stmt = move(
             JobStatus.QUEUED,
             Job.id == run.job_id,
@@ -633,7 +646,7 @@ class JobRunner:
                     "status",
                     {
                         "status": "queued",
-                        "reason": "worker_shutdown",
+                        "reason": reason,
                         "attempt": run.claim.attempt,
                     },
                 )

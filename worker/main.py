@@ -27,11 +27,14 @@ from shared.runtime import freeze_startup_objects
 from shared.settings import Settings
 from worker import metrics
 from worker.engine import Engine
+from worker.engines.http import HttpEngine, HttpRunner
+from worker.engines.openai_http import OpenAIHttpEngine
+from worker.engines.vllm import VllmEngine
+from worker.engines.vllm_server import VllmServer
 from worker.jobs import JobRunner
 from worker.model import load_model
 from worker.publisher import EventBatcher
 from worker.registry import Heartbeat
-from worker.upstream import UpstreamEngine, UpstreamRunner
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,15 +78,32 @@ async def _listen(redis: Redis, runner: JobRunner, wake: asyncio.Event, queues: 
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+def _http_engine(settings: Settings) -> HttpEngine:
+    w = settings.worker
+    model = w.upstream_model or settings.served_model_name
+    if w.engine == "openai-http":
+        return OpenAIHttpEngine(w.upstream_url or "", w.upstream_api_key, w.job_timeout, model)
+    if w.upstream_url:  # a vLLM someone else runs
+        return VllmEngine(w.upstream_url, w.upstream_api_key, w.job_timeout, model)
+    server = VllmServer(
+        model_dir=str(settings.require_model_dir()),
+        served_name=model,
+        data_dir=settings.data_dir,
+        device=settings.model.device,
+        port=w.vllm_port,
+        args=list(w.vllm_args),
+        start_seconds=w.vllm_start_seconds,
+    )
+    return VllmEngine(server.url, None, w.job_timeout, model, server)
+
+
 async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool) -> Any:
     engine: Any
     if upstream:
-        engine = UpstreamEngine(
-            settings.worker.upstream_url or "", settings.worker.upstream_api_key, settings.worker.job_timeout
-        )
-        ctx["engine"] = engine
-        await engine.warmup()  # fails start-up if the upstream server is not there
-        log.info("forwarding jobs to %s", settings.worker.upstream_url)
+        engine = _http_engine(settings)
+        ctx["engine"] = engine  # from here on, a stop at any moment stops its server too
+        await engine.warmup()  # fails start-up if the server is not there (its own: starts it first)
+        log.info("engine %s: forwarding jobs to %s", engine.name, engine.base_url)
         return engine
     t0 = time.monotonic()
     log.info("loading model %s on %s", settings.model_path, settings.model.device)
@@ -103,7 +123,7 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis: Redis = ctx["redis"]
-    upstream = settings.worker.engine == "openai-http"
+    upstream = settings.worker.engine in ("openai-http", "vllm")
     db = create_engine(settings.require_urls()[1], pool_size=4)
     ctx["db"] = db
     # The schema check (Postgres round trips, reading the migration scripts) runs while the model loads.
@@ -145,8 +165,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     }
     runner: JobRunner
     if upstream:
-        model_name = settings.worker.upstream_model or settings.served_model_name
-        runner = UpstreamRunner(upstream=engine, upstream_model=model_name, **common)
+        runner = HttpRunner(upstream=engine, **common)
     else:
         runner = JobRunner(engine=engine, **common)
     metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, settings.metrics_token)
@@ -217,7 +236,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await _bounded("closing the events Redis", ctx["events_redis"].aclose(), 2)
     if "engine" in ctx:
         await _bounded("stopping the engine", asyncio.to_thread(ctx["engine"].stop), 15)
-        if isinstance(ctx["engine"], UpstreamEngine):
+        if isinstance(ctx["engine"], HttpEngine):
             await _bounded("closing the upstream client", ctx["engine"].aclose(), 3)
     if "db" in ctx:
         await _bounded("closing the database pool", ctx["db"].dispose(), 3)
