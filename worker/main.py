@@ -26,6 +26,8 @@ from shared.events import EventWriter
 from shared.runtime import freeze_startup_objects
 from shared.settings import Settings
 from worker import metrics
+from worker.embedder import Embedder, embedding_spec, start_embedder
+from worker.embedding_jobs import EmbeddingRunner
 from worker.engine import Engine
 from worker.jobs import JobRunner
 from worker.model import load_model
@@ -85,6 +87,9 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
         await engine.warmup()  # fails start-up if the upstream server is not there
         log.info("forwarding jobs to %s", settings.worker.upstream_url)
         return engine
+    spec = embedding_spec(settings.require_model_dir())
+    if spec is not None:  # a sentence-transformers directory: an embedding worker
+        return await start_embedder(ctx, settings, settings.require_model_dir(), spec)
     t0 = time.monotonic()
     log.info("loading model %s on %s", settings.model_path, settings.model.device)
     model, tokenizer = await _in_daemon_thread(load_model, settings.require_model_dir(), settings.model)
@@ -147,6 +152,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     if upstream:
         model_name = settings.worker.upstream_model or settings.served_model_name
         runner = UpstreamRunner(upstream=engine, upstream_model=model_name, **common)
+    elif isinstance(engine, Embedder):
+        runner = EmbeddingRunner(embedder=engine, **common)
     else:
         runner = JobRunner(engine=engine, **common)
     metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host)
