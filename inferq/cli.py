@@ -75,6 +75,12 @@ def up(
         str | None, typer.Option(help="Device for every worker (default: one GPU each, else cpu).")
     ] = None,
     data_dir: Annotated[str | None, typer.Option(help="Where embedded servers and models keep data.")] = None,
+    embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--embeddings", help="Also run an embedding worker (all-MiniLM-L6-v2) for /v1/embeddings."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole stack on this machine (embedded Valkey + PostgreSQL unless URLs are set)."""
     from inferq.stack import up as run_up
@@ -82,7 +88,7 @@ def up(
     if data_dir:
         os.environ["INFERQ_DATA_DIR"] = data_dir
     get_settings.cache_clear()
-    raise typer.Exit(run_up(get_settings(), host, port, workers, device))
+    raise typer.Exit(run_up(get_settings(), host, port, workers, device, embeddings))
 
 
 FromStdinOpt = Annotated[

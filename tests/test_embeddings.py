@@ -219,7 +219,11 @@ async def _run_batch(oai: AsyncOpenAI, lines: list[str], endpoint: Any, timeout:
     file = await oai.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch")
     batch = await oai.batches.create(input_file_id=file.id, endpoint=endpoint, completion_window="24h")
     deadline = time.monotonic() + timeout
+    t0 = last = time.monotonic()
     while batch.status not in FINAL:
+        if time.monotonic() - last > 10:
+            last = time.monotonic()
+            print(f"{last - t0:.0f}s {batch.status} {batch.request_counts}", flush=True)
         assert time.monotonic() < deadline, f"batch {batch.id} stayed {batch.status}: {batch.request_counts}"
         await asyncio.sleep(0.5)
         batch = await oai.batches.retrieve(batch.id)
@@ -232,6 +236,7 @@ async def _output(oai: AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]
     return [json.loads(line) for line in content.text.splitlines()]
 
 
+@pytest.mark.timeout(900)
 async def test_batch_of_10000_embedding_lines(oai: AsyncOpenAI, reference: Any) -> None:
     n = 10_000
     texts = {f"e{i}": f"item {i} of the corpus" for i in range(n)}
