@@ -22,7 +22,7 @@ FLOAT32 = 4
 MODULE_TRANSFORMER = "sentence_transformers.models.Transformer"
 MODULE_POOLING = "sentence_transformers.models.Pooling"
 MODULE_NORMALIZE = "sentence_transformers.models.Normalize"
-# Pooling modes, in the order sentence-transformers concatenates them when a model names several.
+# Pooling modes, in the order the older config form (pooling_mode_* flags) concatenates them.
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 _LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -62,9 +62,11 @@ def _json(path: Path) -> Any:
 def _pooling_modes(config: dict[str, Any], where: Path) -> tuple[str, ...]:
     mode = config.get("pooling_mode")
     if mode is None:
+        # The older form: one flag per mode, concatenated in sentence-transformers' fixed order.
         modes = tuple(m for key, m in _LEGACY_POOLING_KEYS.items() if config.get(key))
         modes = modes or ("mean",)
     else:
+        # The newer form: the modes in the order they are concatenated.
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
     for m in modes:
         if m not in POOLING_MODES:
@@ -73,8 +75,7 @@ def _pooling_modes(config: dict[str, Any], where: Path) -> tuple[str, ...]:
             )
     if config.get("include_prompt") is False:
         raise EmbeddingModelError(f"{where}: pooling that leaves the prompt out is not supported")
-    # Several modes concatenate in sentence-transformers' order, whatever order the file lists them in.
-    return tuple(m for m in POOLING_MODES if m in modes)
+    return modes
 
 
 def read_spec(directory: str | Path) -> EmbeddingSpec | None:

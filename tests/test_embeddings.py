@@ -8,6 +8,9 @@ import asyncio
 import base64
 import io
 import json
+import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from tests.conftest import Proc, Stack, _free_port, live_workers, registry, wait_for
+from tests.conftest import REPO, Proc, Stack, _free_port, live_workers, registry, wait_for
 
 EMBED = "all-MiniLM-L6-v2"
 CHAT = "SmolLM2-135M-Instruct"
@@ -208,6 +211,20 @@ async def test_chat_to_an_embedding_model_is_a_400_naming_model(oai: AsyncOpenAI
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
         resp = await client.post("/v1/jobs", json={"model": EMBED, "prompt": "hi"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
+
+
+async def test_readme_embeddings_snippet_runs(stack: Stack, embedder: Proc, tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Embeddings") :]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section[: section.index("\n## ", 1)], flags=re.S)
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace("http://127.0.0.1:8000", stack.base_url))
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    count, size, tokens = done.stdout.split()
+    assert (count, size) == ("2", "384") and int(tokens) > 4
 
 
 def _line(custom_id: str, url: str, body: dict[str, Any]) -> str:

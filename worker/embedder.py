@@ -131,6 +131,7 @@ class Embedder:
         self._pending: list[_Item] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="inferq-embed")
 
     def capabilities(self) -> Capabilities:
@@ -138,10 +139,14 @@ class Embedder:
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="inferq-embedder")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="inferq-embedder")
 
     def stop(self) -> None:
-        """Called from a thread at shutdown: the running forward pass ends, no other starts."""
+        """Called from a thread at shutdown (or on the loop): the running forward pass ends, no other
+        starts, and the batching task is cancelled."""
+        if self._task is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def cancel(self, request_id: str) -> None:
