@@ -31,6 +31,12 @@ from rich.text import Text
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+# Fields only one of the two `input` endpoints has: they tell a body's endpoint without asking the API.
+_RESPONSES_ONLY = ("instructions", "max_output_tokens", "previous_response_id", "text", "background", "store")
+_EMBEDDINGS_ONLY = ("encoding_format", "dimensions")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 POLL_SECONDS = 0.5
 _LINE_END = re.compile(r"\r\n|\r|\n")
@@ -105,16 +111,34 @@ def _is_full_line(obj: Any) -> bool:
 
 def _body_of(obj: Any, n: int, endpoint: str | None) -> dict[str, Any]:
     if isinstance(obj, str):
-        # A bare string is one user turn, or the prompt itself when the whole file goes to /v1/completions.
+        # A bare string is one user turn, or the prompt itself when the whole file goes to /v1/completions,
+        # or the input of an embedding or a response.
         if endpoint == COMPLETIONS:
             return {"prompt": obj}
+        if endpoint in (EMBEDDINGS, RESPONSES):
+            return {"input": obj}
         return {"messages": [{"role": "user", "content": obj}]}
     if isinstance(obj, dict):
         return dict(obj)
     raise BatchInputError(f"line {n}: expected a JSON object or string, got {type(obj).__name__}")
 
 
-def _wrap(obj: Any, n: int, endpoint: str | None, default_model: Callable[[], str]) -> dict[str, Any]:
+ModelKind = Callable[[str], bool]  # whether a model serves embeddings
+
+
+def _input_endpoint(body: dict[str, Any], model: str, embeds: ModelKind) -> str:
+    """/v1/embeddings or /v1/responses for a body with `input`: by the fields only one of them has,
+    else by the model (an embedding model, as GET /v1/models says, takes embeddings)."""
+    if any(k in body for k in _RESPONSES_ONLY):
+        return RESPONSES
+    if any(k in body for k in _EMBEDDINGS_ONLY):
+        return EMBEDDINGS
+    return EMBEDDINGS if embeds(model) else RESPONSES
+
+
+def _wrap(
+    obj: Any, n: int, endpoint: str | None, default_model: Callable[[], str], embeds: ModelKind
+) -> dict[str, Any]:
     """Turn one convenience line (a request body, maybe with a custom_id) into a full batch line."""
     body = _body_of(obj, n, endpoint)
     custom_id = body.pop("custom_id", None)
@@ -124,12 +148,14 @@ def _wrap(obj: Any, n: int, endpoint: str | None, default_model: Callable[[], st
             url = CHAT
         elif "prompt" in body:
             url = COMPLETIONS
-        else:
+        elif "input" not in body:
             raise BatchInputError(
-                f"line {n}: a request body needs 'messages' or 'prompt' (or pass --endpoint)"
+                f"line {n}: a request body needs 'messages', 'prompt' or 'input' (or pass --endpoint)"
             )
     if "model" not in body:
         body["model"] = default_model()
+    if url is None:
+        url = _input_endpoint(body, str(body["model"]), embeds)
     return {
         "custom_id": f"line-{n}" if custom_id is None else str(custom_id),
         "method": "POST",
@@ -138,11 +164,17 @@ def _wrap(obj: Any, n: int, endpoint: str | None, default_model: Callable[[], st
     }
 
 
-def build_batch_input(text: str, endpoint: str | None, default_model: Callable[[], str]) -> BatchInput:
+def build_batch_input(
+    text: str,
+    endpoint: str | None,
+    default_model: Callable[[], str],
+    embeds: ModelKind = lambda _: False,
+) -> BatchInput:
     """Parse a JSONL file's text into full OpenAI batch lines, all for one endpoint.
 
     Full lines pass unchanged; other lines are request bodies wrapped here (custom_id `line-<n>` by the
-    1-based line number in the file). `default_model` is asked, at most once, only for bodies without a model.
+    1-based line number in the file). `default_model` is asked, at most once, only for bodies without a model;
+    `embeds` only for a body with `input` whose fields do not tell embeddings from a response.
     """
     cached: list[str] = []
 
@@ -164,7 +196,7 @@ def build_batch_input(text: str, endpoint: str | None, default_model: Callable[[
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise BatchInputError(f"line {n}: not valid JSON ({exc.msg})") from None
-        line = obj if _is_full_line(obj) else _wrap(obj, n, endpoint, model)
+        line = obj if _is_full_line(obj) else _wrap(obj, n, endpoint, model, embeds)
         url = str(line["url"])
         if first is None:
             first = (n, endpoint or url)
@@ -229,6 +261,19 @@ def _first_model(client: httpx.Client) -> str:
     if not models:
         _usage_error("the API serves no model yet (no live worker); pass --model")
     return str(models[0]["id"])
+
+
+def _embedding_models(client: httpx.Client) -> ModelKind:
+    """Whether a model serves embeddings, as GET /v1/models says (asked once, when first needed)."""
+    known: dict[str, bool] = {}
+
+    def embeds(model: str) -> bool:
+        if not known:
+            for m in _json(client.get("/v1/models")).get("data") or []:
+                known[str(m["id"])] = bool((m.get("capabilities") or {}).get("embeddings"))
+        return known.get(model, False)
+
+    return embeds
 
 
 def _counts(batch: dict[str, Any]) -> tuple[int, int, int]:
@@ -333,7 +378,9 @@ def _run(
     text = path.read_text(encoding="utf-8")
     with _client(url, api_key) as client:
         try:
-            batch_input = build_batch_input(text, endpoint, lambda: model or _first_model(client))
+            batch_input = build_batch_input(
+                text, endpoint, lambda: model or _first_model(client), _embedding_models(client)
+            )
         except BatchInputError as exc:
             _usage_error(f"{path}: {exc}")
         files = {"file": (path.name, batch_input.jsonl(), "application/jsonl")}
@@ -420,7 +467,10 @@ def batch(
     ] = None,
     endpoint: Annotated[
         str | None,
-        typer.Option(help=f"{CHAT} or {COMPLETIONS} (default: by each body: messages or prompt)."),
+        typer.Option(
+            help=f"{', '.join(ENDPOINTS)} (default: by each body: messages, prompt, or input: embeddings "
+            "for an embedding model, else responses)."
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model for bodies without one (default: the API's first model).")
@@ -443,8 +493,10 @@ def batch(
 
     The first argument is status, cancel or a file (write ./status for a file named status).
     A line of the file is a full batch line {"custom_id", "method", "url", "body"}, a request body
-    such as {"messages": [...]} or {"prompt": "..."} (optional "custom_id", default line-N),
-    or a JSON string (one user message). All lines must go to the same endpoint.
+    such as {"messages": [...]}, {"prompt": "..."} or {"input": "..."} (optional "custom_id", default
+    line-N), or a JSON string (one user message, or the input with --endpoint /v1/embeddings or
+    /v1/responses). A body with "input" goes to /v1/embeddings when its model is an embedding model,
+    else to /v1/responses. All lines must go to the same endpoint.
     Ctrl-C stops waiting only: the batch keeps running on the server.
     Exit status: 0 completed, 1 failed, expired or cancelled, 2 bad input.
     """

@@ -80,6 +80,12 @@ def up(
         str | None,
         typer.Option(help="transformers (the default) or vllm (each worker runs vLLM's server beside it)."),
     ] = None,
+    embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--embeddings", help="Also run an embedding worker (all-MiniLM-L6-v2) for /v1/embeddings."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole stack on this machine (embedded Valkey + PostgreSQL unless URLs are set)."""
     from inferq.stack import up as run_up
@@ -91,7 +97,7 @@ def up(
             raise typer.BadParameter("must be transformers or vllm", param_hint="--engine")
         os.environ["INFERQ_WORKER__ENGINE"] = engine  # the API and the workers it starts read it
     get_settings.cache_clear()
-    raise typer.Exit(run_up(get_settings(), host, port, workers, device))
+    raise typer.Exit(run_up(get_settings(), host, port, workers, device, embeddings))
 
 
 FromStdinOpt = Annotated[
@@ -146,8 +152,28 @@ def api(
     )
 
 
+def _worker_model(settings: Settings, model: str | None, served_name: str | None) -> None:
+    if model is not None:
+        # Another model than the configured one: its name is its own, not the configured model's.
+        settings.model.name = model
+        settings.model.served_name = served_name or ""
+        settings.model.gguf_file = None
+    elif served_name is not None:
+        settings.model.served_name = served_name
+
+
 @app.command()
 def worker(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model directory or Hugging Face id (default: INFERQ_MODEL__NAME, else the demo model); "
+            "a sentence-transformers directory makes an embedding worker."
+        ),
+    ] = None,
+    served_name: Annotated[
+        str | None, typer.Option(help="With --model: the name jobs use (default: the directory's name).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps.")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Requests per engine step.")] = None,
     metrics_port: Annotated[
@@ -182,6 +208,7 @@ def worker(
     from worker.main import run
 
     settings = get_settings()
+    _worker_model(settings, model, served_name)
     if device:
         settings.model.device = device
     if max_batch:
@@ -218,15 +245,27 @@ def migrate() -> None:
 
 
 @model_app.command("fetch")
-def model_fetch() -> None:
+def model_fetch(
+    embeddings: Annotated[
+        bool,
+        typer.Option("--embeddings", help="Also fetch the demo embedding model (all-MiniLM-L6-v2)."),
+    ] = False,
+) -> None:
     """Download the demo model and convert it once into a fast-loading transformers directory."""
     from pathlib import Path
 
-    from worker.model import fetch_demo_model
+    from worker.model import fetch_demo_model, fetch_embedding_model
 
     settings = get_settings()
-    target = fetch_demo_model(Path(settings.model_path), progress=lambda m: console.print(f"[dim]{m}[/]"))
-    console.print(f"[green]{target}[/]")
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]{escape(message)}[/]")
+
+    target = fetch_demo_model(Path(settings.model_path), progress=progress)
+    console.print(f"[green]{escape(str(target))}[/]")
+    if embeddings:
+        target = fetch_embedding_model(Path(settings.embedding_model_path), progress=progress)
+        console.print(f"[green]{escape(str(target))}[/]")
 
 
 def _fail(resp: httpx.Response) -> None:

@@ -247,21 +247,44 @@ def _metrics_ports(workers: int, host: str) -> list[int]:
     return [_free_port(host) for _ in range(workers)]
 
 
+def _with_embedding_model(env: dict[str, str], name: str, path: str) -> dict[str, str]:
+    """`env` whose INFERQ_EXTRA_MODELS names the embedding model too (the API counts its tokens)."""
+    extra = json.loads(env.get("INFERQ_EXTRA_MODELS") or "{}")
+    extra.setdefault(name, path)
+    return {**env, "INFERQ_EXTRA_MODELS": json.dumps(extra)}
+
+
 def _children(
-    env: dict[str, str], host: str, port: int, workers: int, device: str | None
+    env: dict[str, str],
+    host: str,
+    port: int,
+    workers: int,
+    device: str | None,
+    embedding_model: str | None = None,
 ) -> tuple[list[Child], list[str]]:
+    """The API and the workers; with `embedding_model` (a directory), one more worker that serves it."""
     metrics_host = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
+    if embedding_model is not None:
+        env = _with_embedding_model(env, Path(embedding_model).name, embedding_model)
     children = [Child("api", ["api", "--host", host, "--port", str(port)], env)]
     metrics: list[str] = []
-    ports = _metrics_ports(workers, metrics_host)
-    for i, (dev, mport) in enumerate(zip(_devices(workers, device), ports, strict=True)):
+    devices = _devices(workers, device)
+    commands = [["worker", "--device", dev] for dev in devices]
+    if embedding_model is not None:
+        # Beside the first chat worker: an embedding model is small, and its passes are short.
+        # In process whatever engine the chat workers use (`--engine vllm` serves generation only).
+        commands.append(
+            ["worker", "--model", embedding_model, "--engine", "transformers", "--device", devices[0]]
+        )
+    ports = _metrics_ports(len(commands), metrics_host)
+    for i, (command, mport) in enumerate(zip(commands, ports, strict=True)):
         worker_env = {
             **env,
             "INFERQ_WORKER__METRICS_PORT": str(mport),
             "INFERQ_WORKER__METRICS_HOST": "0.0.0.0" if host in ("0.0.0.0", "::") else metrics_host,
             "INFERQ_WORKER__ADVERTISE_HOST": metrics_host,
         }
-        children.append(Child(f"worker {i + 1}", ["worker", "--device", dev], worker_env))
+        children.append(Child(f"worker {i + 1}", command, worker_env))
         if mport:
             metrics.append(f"http://{metrics_host}:{mport}/metrics (worker {i + 1})")
     return children, metrics
@@ -315,11 +338,18 @@ def _servers(
     return redis_url, database_url
 
 
-def _prepare(settings: Settings, database_url: str) -> None:
+def _prepare(settings: Settings, database_url: str, embeddings: bool) -> None:
     from shared.db import upgrade
 
     with _step("applying database migrations"):
         upgrade(database_url)
+    if embeddings:
+        from worker.model import fetch_embedding_model, is_fetched
+
+        target = Path(settings.embedding_model_path)
+        if not is_fetched(target):
+            with _step(f"fetching the demo embedding model {target.name}"):
+                fetch_embedding_model(target, progress=lambda m: console.print(f"  [dim]{m}[/]"))
     if not settings.model.name:
         from worker.model import fetch_demo_model, is_fetched
 
@@ -329,7 +359,9 @@ def _prepare(settings: Settings, database_url: str) -> None:
                 fetch_demo_model(target, progress=lambda m: console.print(f"  [dim]{m}[/]"))
 
 
-def up(settings: Settings, host: str, port: int, workers: int, device: str | None) -> int:
+def up(
+    settings: Settings, host: str, port: int, workers: int, device: str | None, embeddings: bool = False
+) -> int:
     t0 = time.monotonic()
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +384,7 @@ def up(settings: Settings, host: str, port: int, workers: int, device: str | Non
     leftovers.write_record(data_dir, record)
     watchdog = _start_watchdog(data_dir)
     try:
-        return _run(settings, data_dir, record, host, port, workers, device, t0)
+        return _run(settings, data_dir, record, host, port, workers, device, embeddings, t0)
     except (KeyboardInterrupt, _Stop):
         return 0
     finally:
@@ -369,6 +401,7 @@ def _run(
     port: int,
     workers: int,
     device: str | None,
+    embeddings: bool,
     t0: float,
 ) -> int:
     sup: Supervisor | None = None
@@ -377,7 +410,8 @@ def _run(
     with contextlib.ExitStack() as stack:
         try:
             url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-            children, metrics = _children(dict(os.environ), host, port, workers, device)
+            embedding_model = settings.embedding_model_path if embeddings else None
+            children, metrics = _children(dict(os.environ), host, port, workers, device, embedding_model)
 
             def remember() -> None:
                 record["children"] = sup.pids() if sup is not None else {}
@@ -388,9 +422,9 @@ def _run(
             # (where the servers are) follow on stdin.
             sup.start(early=True)
             redis_url, database_url = _servers(settings, data_dir, stack, record)
-            _prepare(settings, database_url)
+            _prepare(settings, database_url, embeddings)
             fleet = _Fleet(redis_url)
-            what = f"starting the API and {workers} worker(s)"
+            what = f"starting the API and {len(children) - 1} worker(s)"
             if settings.worker.engine == "vllm":
                 what += " with vLLM (installed on first use, then loaded: minutes)"
             with _step(what):

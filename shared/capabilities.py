@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from shared.embeddings import ENDPOINT as EMBEDDINGS_ENDPOINT
 from shared.logprobs import MAX_TOP_LOGPROBS
 
 # Sampling fields a request may carry that an engine may not honour, in the order they are checked.
@@ -17,6 +18,10 @@ NOT_HONOURED = (
     "{field} is not supported for model '{model}': its workers ({engines}) do not honour it; "
     "send the request without {field}"
 )
+NOT_AN_EMBEDDING_MODEL = (
+    "model '{model}' does not serve embeddings (its workers: {engines}); name an embedding model"
+)
+ONLY_EMBEDDINGS = "model '{model}' is an embedding model: it serves only /v1/embeddings, not text generation"
 TOP_LOGPROBS_OVER = (
     "top_logprobs can be at most {limit} for model '{model}' (what its workers ({engines}) return)"
 )
@@ -34,6 +39,8 @@ class Capabilities:
     structured_outputs: bool = False  # response_format json_object / json_schema
     tools: bool = False
     embeddings: bool = False
+    generation: bool = True  # chat, completions, responses: False for an embedding model's workers
+    dimensions: bool = False  # embeddings: shortened to a requested `dimensions` (Matryoshka models)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +58,10 @@ class Capabilities:
         def no(field: str) -> tuple[str, str]:
             return field, NOT_HONOURED.format(field=field, model=model, engines=engines)
 
+        if request.get("endpoint") == EMBEDDINGS_ENDPOINT:
+            return self._embedding_refusal(request, model)
+        if not self.generation:
+            return "model", ONLY_EMBEDDINGS.format(model=model)
         if (request.get("n") or 1) > 1 and not self.n:
             return no("n")
         if request.get("logprobs") and not self.logprobs:
@@ -72,6 +83,13 @@ class Capabilities:
             kind = request["response_format"]
             if not (isinstance(kind, Mapping) and kind.get("type") == "text"):
                 return no("response_format")
+        return None
+
+    def _embedding_refusal(self, request: Mapping[str, Any], model: str) -> tuple[str, str] | None:
+        if not self.embeddings:
+            return "model", NOT_AN_EMBEDDING_MODEL.format(model=model, engines=self.engine)
+        if request.get("dimensions") is not None and not self.dimensions:
+            return "dimensions", NOT_HONOURED.format(field="dimensions", model=model, engines=self.engine)
         return None
 
 
@@ -96,6 +114,8 @@ def common(caps: Iterable[Capabilities]) -> Capabilities | None:
             structured_outputs=out.structured_outputs and c.structured_outputs,
             tools=out.tools and c.tools,
             embeddings=out.embeddings and c.embeddings,
+            generation=out.generation and c.generation,
+            dimensions=out.dimensions and c.dimensions,
         )
     return out
 
@@ -139,6 +159,11 @@ def vllm_engine() -> Capabilities:
         stop=True,
         structured_outputs=True,
     )
+
+
+def embedding_engine(*, shortening: bool) -> Capabilities:
+    """A worker serving a sentence-transformers model (worker/embedder.py): embeddings only."""
+    return Capabilities(engine="embeddings", embeddings=True, generation=False, dimensions=shortening)
 
 
 def declared(engine: str, device: str) -> Capabilities:

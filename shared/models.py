@@ -72,6 +72,8 @@ class Job(Base):
     logprobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB, nullable=True)
     # For a job with n > 1 outputs: each as {index, text, finish_reason, logprobs}; `output` is the first.
     choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB, nullable=True)
+    # For an embeddings job: its vectors, float32 little-endian, one row per input (shared/embeddings.py).
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)

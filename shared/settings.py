@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared import keys
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEMO_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 MIN_ADMIN_KEY_CHARS = 32
 
 
@@ -33,6 +34,11 @@ class ModelSettings(BaseModel):
     max_batch_tokens: int = Field(default=512, ge=16, description="Tokens per engine step (prefill chunk).")
     num_blocks: int | None = Field(default=None, description="KV-cache pages; None sizes them from memory.")
     page_size: int = Field(default=256, ge=16)
+    embed_batch_tokens: int = Field(
+        default=8192,
+        ge=16,
+        description="An embedding model's forward pass: at most this many tokens, padding included.",
+    )
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch; None keeps its default."
     )
@@ -323,6 +329,11 @@ class Settings(BaseSettings):
     def model_path(self) -> str:
         """Where the model (and its tokenizer) is loaded from."""
         return self.model.name or str(self.data_dir / "models" / DEMO_MODEL_NAME)
+
+    @property
+    def embedding_model_path(self) -> str:
+        """Where `inferq model fetch --embeddings` puts the demo embedding model."""
+        return str(self.data_dir / "models" / DEMO_EMBEDDING_MODEL_NAME)
 
     @property
     def served_model_name(self) -> str:

@@ -251,7 +251,8 @@ async def test_files_refuse_bad_uploads(oai: AsyncOpenAI, client: httpx.AsyncCli
         await oai.batches.create(input_file_id="file-nope", endpoint=CHAT, completion_window="24h")
     assert err.value.body["param"] == "input_file_id"  # type: ignore[index]
     resp = await client.post(
-        "/v1/batches", json={"input_file_id": "x", "endpoint": "/v1/embeddings", "completion_window": "24h"}
+        "/v1/batches",
+        json={"input_file_id": "x", "endpoint": "/v1/images/generations", "completion_window": "24h"},
     )
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "endpoint"
     with pytest.raises(openai.NotFoundError):

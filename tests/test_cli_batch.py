@@ -12,7 +12,16 @@ from typing import Any
 import httpx
 import pytest
 
-from inferq.batch_cli import CHAT, COMPLETIONS, TERMINAL, BatchInputError, build_batch_input, parse_metadata
+from inferq.batch_cli import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
+    TERMINAL,
+    BatchInputError,
+    build_batch_input,
+    parse_metadata,
+)
 from tests.conftest import REPO, Stack
 
 
@@ -91,6 +100,36 @@ def test_build_batch_input_string_line_is_one_user_message() -> None:
     assert got.requests[0]["body"] == {"prompt": "hello", "model": "m"}
 
 
+def test_build_batch_input_picks_embeddings_or_responses_for_input_bodies() -> None:
+    asked: list[str] = []
+
+    def embeds(model: str) -> bool:
+        asked.append(model)
+        return model == "minilm"
+
+    got = build_batch_input(_jsonl({"input": "x", "model": "minilm"}), None, _model, embeds)
+    assert got.endpoint == EMBEDDINGS and got.requests[0]["body"] == {"input": "x", "model": "minilm"}
+    assert (
+        build_batch_input(_jsonl({"input": "x", "model": "chat"}), None, _model, embeds).endpoint == RESPONSES
+    )
+    assert asked == ["minilm", "chat"]
+    # Fields only one endpoint has decide without asking which kind the model is.
+    by_fields = build_batch_input(
+        _jsonl({"input": "x", "instructions": "be brief"}, {"input": "y", "max_output_tokens": 4}),
+        None,
+        _model,
+        embeds,
+    )
+    assert by_fields.endpoint == RESPONSES
+    assert build_batch_input(
+        _jsonl({"input": [1, 2], "encoding_format": "base64"}), None, _model
+    ).endpoint == (EMBEDDINGS)
+    assert asked == ["minilm", "chat"]
+    strings = build_batch_input(_jsonl("some text"), EMBEDDINGS, _model)
+    assert strings.requests[0]["body"] == {"input": "some text", "model": "m"}
+    assert strings.requests[0]["url"] == EMBEDDINGS
+
+
 def test_build_batch_input_endpoint_option_wins_over_body_shape() -> None:
     got = build_batch_input(_jsonl({"prompt": "x"}, {"messages": []}), CHAT, _model)
     assert got.endpoint == CHAT
@@ -131,7 +170,7 @@ def test_build_batch_input_rejects_mixed_urls() -> None:
     [
         ('{"messages": [}\n', "line 1: not valid JSON"),
         ("[1, 2]\n", "line 1: expected a JSON object or string, got list"),
-        ('{"max_tokens": 3}\n', "line 1: a request body needs 'messages' or 'prompt'"),
+        ('{"max_tokens": 3}\n', "line 1: a request body needs 'messages', 'prompt' or 'input'"),
         (
             '{"prompt": "a", "custom_id": "x"}\n{"prompt": "b", "custom_id": "x"}\n',
             "line 2: custom_id 'x' is already used on line 1",

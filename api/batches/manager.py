@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import undefer
 
 from api.batches.records import job_counts, rejected_line, result_line
 from api.batches.validation import parse_batch_file
@@ -28,7 +29,12 @@ from shared.transitions import move
 
 log = logging.getLogger(__name__)
 
-_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+_KIND = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+}
 _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
@@ -319,10 +325,11 @@ class BatchManager:
             return
         kind = _KIND[batch.endpoint]
         expired = batch.expired_at is not None
+        query = select(Job).where(Job.batch_id == batch_id).order_by(Job.batch_line)
+        if kind == "embeddings":
+            query = query.options(undefer(Job.embedding))  # the vectors, left out of other reads
         async with self.services.sessions() as session:
-            jobs = (
-                await session.execute(select(Job).where(Job.batch_id == batch_id).order_by(Job.batch_line))
-            ).scalars()
+            jobs = (await session.execute(query)).scalars()
             results = [(job.batch_line or 0, *result_line(job, kind, expired)) for job in jobs]
         rejected = [(entry["line"], False, rejected_line(entry)) for entry in batch.rejected or []]
         ordered = sorted(results + rejected, key=lambda r: r[0])

@@ -11,8 +11,10 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.http.errors import ApiError
+from api.openai.embeddings import render_embeddings
 from api.openai.protocol import BatchErrors, BatchObject, FileObject, RequestCounts
-from api.openai.serving import render
+from api.openai.responses import render as response_view
+from api.openai.serving import JOB_FAILED, JobFailed, render
 from shared.models import Batch, File, Job
 from shared.states import JobStatus
 
@@ -88,13 +90,24 @@ def result_line(job: Job, kind: Any, expired: bool) -> tuple[bool, dict[str, Any
         line["error"] = {"code": code, "message": message}
         return False, line
     try:
-        body: dict[str, Any] = render(job, kind).model_dump(mode="json")
+        body = _body(job, kind)
         status = 200
     except ApiError as exc:
         body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
         status = exc.status_code
     line["response"] = {"status_code": status, "request_id": job.id, "body": body}
     return status == 200, line
+
+
+def _body(job: Job, kind: Any) -> dict[str, Any]:
+    """The line's response body: what the endpoint would have answered for the job."""
+    if kind == "embeddings":
+        return render_embeddings(job, job.embedding)
+    if kind == "responses":
+        if job.status == JobStatus.FAILED.value:  # a failed request, as in the other endpoints' lines
+            raise JobFailed(JOB_FAILED.format(job_id=job.id, message=job.error_message or job.error_type))
+        return response_view.render(job)
+    return render(job, kind).model_dump(mode="json")
 
 
 def rejected_line(entry: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from api.http.errors import ApiError, describe_validation
 from api.http.services import Services
 from api.jobs.submission import prepare_job
+from api.openai.embeddings import EmbeddingRequest, prepare_embedding_job
 from api.openai.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     BatchEndpoint,
@@ -20,7 +21,11 @@ from api.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from api.openai.responses.protocol import ResponseCreateRequest
+from api.openai.responses.serving import format_params, response_job
 from api.tenancy.auth import Principal
+from shared import embeddings
+from shared import responses as wire
 from shared.models import Job
 from shared.settings import BatchSettings
 
@@ -43,6 +48,7 @@ URL_NOT_FILE_ENDPOINT = "url must be '{endpoint}' as on line {line}: a batch has
 BAD_BODY = "body must be a JSON object"
 TOO_MANY_LINES = "a batch file holds at most {limit} requests"
 NO_REQUESTS = "the file holds no requests"
+STREAM_IN_BATCH = "stream is not available in a batch"
 
 
 @dataclass
@@ -195,10 +201,19 @@ def _refusal(line: _Line, message: str, param: str | None) -> dict[str, Any]:
 
 
 async def _job_for(services: Services, line: _Line, endpoint: str, principal: Principal) -> Job:
+    if endpoint == embeddings.ENDPOINT:
+        return await prepare_embedding_job(services, EmbeddingRequest.model_validate(line.body), principal)
+    if endpoint == wire.ENDPOINT:
+        response = ResponseCreateRequest.model_validate(line.body)
+        if response.stream:
+            raise ValueError(STREAM_IN_BATCH)
+        req, attrs = await response_job(services, response, principal)
+        with format_params():
+            return await prepare_job(services, req, principal, endpoint=endpoint, extra={"response": attrs})
     model = ChatCompletionRequest if endpoint == "/v1/chat/completions" else CompletionRequest
     body = model.model_validate(line.body)
     if body.stream:
-        raise ValueError("stream is not available in a batch")
+        raise ValueError(STREAM_IN_BATCH)
     default = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == "/v1/completions" else None
     return await prepare_job(
         services, body.to_job(), principal, default_max_tokens=default, endpoint=endpoint

@@ -1,7 +1,8 @@
 """Removing what a job said while keeping what it cost: `DELETE /v1/jobs/{id}`, and the optional
 retention period (a duty, off by default). A removed job keeps its row as a tombstone (status, usage,
-timings, attempts, model) and loses its prompt, output, metadata, error message, Redis events and the
-bodies of its webhook deliveries. Rows are cleared in bounded statements, so no lock is held long."""
+timings, attempts, model) and loses its prompt, output (an embeddings job's vectors too), metadata,
+error message, Redis events and the bodies of its webhook deliveries. Rows are cleared in bounded
+statements, so no lock is held long."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ _TOMBSTONE = """
     request = jsonb_strip_nulls(jsonb_build_object(
         'model', request -> 'model', 'endpoint', request -> 'endpoint', 'max_tokens', request -> 'max_tokens'
     )),
-    output = NULL, logprobs = NULL, choices = NULL, metadata = NULL, error_message = NULL,
+    output = NULL, logprobs = NULL, choices = NULL, embedding = NULL, metadata = NULL, error_message = NULL,
     data_removed_at = now()
 """
 # Only a finished job's content goes: its status does not change (states.TERMINAL have no moves).

@@ -22,7 +22,19 @@ from api.http.requestid import HEADER as REQUEST_ID_HEADER
 from api.http.requestid import RequestId
 from api.http.services import open_services
 from api.jobs.deadlines import Deadlines
-from api.routes import batches, events, files, health, jobs, openai, responses, stats, webhooks, workers
+from api.routes import (
+    batches,
+    embeddings,
+    events,
+    files,
+    health,
+    jobs,
+    openai,
+    responses,
+    stats,
+    webhooks,
+    workers,
+)
 from api.tenancy.auth import authenticate
 from api.tenancy.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api.tenancy.idempotency import REPLAYED_HEADER
@@ -96,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_metrics.router)
     console.install(app)  # open: a page load carries no key; the page asks for one
     secured = [Depends(authenticate)]
-    for module in (jobs, openai, responses, files, batches, webhooks, workers, stats):
+    for module in (jobs, openai, embeddings, responses, files, batches, webhooks, workers, stats):
         app.include_router(module.router, dependencies=secured)
     # Its routes check who asks themselves: the events route also takes a stream token (EventSource).
     app.include_router(events.router)

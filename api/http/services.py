@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -22,7 +23,9 @@ from api.jobs.inserts import insert_jobs
 from api.streams.relay import RelayHub
 from api.streams.sharded import ShardedRelayHub
 from api.tenancy.keystore import KeyStore
+from shared.capabilities import Capabilities, embedding_engine
 from shared.db import check_schema, create_engine, session_factory
+from shared.embeddings import EmbeddingSpec, read_spec
 from shared.eventredis import EventsRedis, check_queue_redis, connect_events
 from shared.events import EventWriter
 from shared.settings import EXTRA_MODEL_HINT, Settings, require_dir
@@ -37,6 +40,13 @@ class ModelInfo:
     name: str
     tokenizer: Any
     context_length: int
+    embedding: EmbeddingSpec | None = None  # a sentence-transformers model: it serves embeddings only
+
+    def declared(self) -> Capabilities | None:
+        """What its workers will honour when that is known from its files alone (an embedding model)."""
+        if self.embedding is None:
+            return None
+        return embedding_engine(shortening=self.embedding.shortening)
 
 
 @dataclass
@@ -73,7 +83,9 @@ def _load_model_info(name: str, path: str, gguf_file: str | None = None) -> Mode
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     config = AutoConfig.from_pretrained(path, **kwargs)
     context = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 30
-    return ModelInfo(name, tokenizer, context)
+    # Only a local directory can be a sentence-transformers model here (a hub id is read by transformers).
+    embedding = read_spec(path) if Path(path).is_dir() and not gguf_file else None
+    return ModelInfo(name, tokenizer, context, embedding)
 
 
 def _load_models(settings: Settings) -> dict[str, ModelInfo]:
@@ -132,7 +144,8 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
         from api.jobs.admission import Admission  # it needs Services itself
 
         services.admission = Admission(services)
-        services.capabilities = FleetCapabilities(redis, settings)
+        declared = {name: caps for name, info in models.items() if (caps := info.declared()) is not None}
+        services.capabilities = FleetCapabilities(redis, settings, declared)
         services.insert_job = Grouped(partial(insert_jobs, db))
         services.enqueue_job = Grouped(partial(enqueue_many, redis))
         services.metrics = metrics

@@ -19,9 +19,13 @@ _SNAPSHOT_SECONDS = 1.0
 
 
 class FleetCapabilities:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, by_model: Mapping[str, Capabilities] | None = None
+    ) -> None:
         self._redis = redis
         self._fallback = declared(settings.worker.engine, settings.model.device)
+        # Models whose kind their files tell (embedding models): what their workers will declare.
+        self._declared = dict(by_model or {})
         self._snapshot: tuple[float, dict[str, Capabilities]] = (0.0, {})
 
     async def _live(self) -> dict[str, Capabilities]:
@@ -39,9 +43,9 @@ class FleetCapabilities:
         return by_model
 
     async def of(self, model: str) -> Capabilities:
-        """What every live worker of `model` honours; with none live, what this deployment's configured
-        engine declares (the job waits for a worker of that kind)."""
-        return (await self._live()).get(model, self._fallback)
+        """What every live worker of `model` honours; with none live, what the model's files declare (an
+        embedding model) or else this deployment's configured engine (the job waits for a worker)."""
+        return (await self._live()).get(model) or self._declared.get(model, self._fallback)
 
     async def check(self, model: str, request: Mapping[str, Any]) -> None:
         refused = (await self.of(model)).refusal(request, model)

@@ -33,13 +33,14 @@ NO_WEBHOOK_SECRET = (
 )
 
 
-def _model(services: Services, req: JobCreateRequest) -> ModelInfo:
-    if req.model is None:
+def resolve_model(services: Services, name: str | None) -> ModelInfo:
+    """The model a request names (the default one when it names none); 400 for one not served here."""
+    if name is None:
         return services.model
-    model = services.models.get(req.model)
+    model = services.models.get(name)
     if model is None:
         available = ", ".join(f"'{m}'" for m in services.models)
-        raise InvalidRequest(f"model '{req.model}' is not served here; available: {available}", param="model")
+        raise InvalidRequest(f"model '{name}' is not served here; available: {available}", param="model")
     return model
 
 
@@ -69,25 +70,28 @@ def _check_limits(services: Services, req: JobCreateRequest) -> None:
             raise InvalidRequest(str(exc), param=exc.param) from None
 
 
-def _deadlines(
-    services: Services, req: JobCreateRequest, cancel_after: float | None
+def deadlines(
+    services: Services,
+    cancel_after: float | None,
+    field_cancel_after: float | None = None,
+    timeout_seconds: float | None = None,
 ) -> tuple[datetime | None, float | None]:
     """The job's Cancel-After deadline (the earlier of the header's and the field's) and its running
     time bound (asked for, or the default), each checked against its maximum."""
     limits = services.settings.limits
-    asked = [s for s in (cancel_after, req.cancel_after) if s is not None]
+    asked = [s for s in (cancel_after, field_cancel_after) if s is not None]
     cancel_at = None
     if asked:
         seconds = float(min(asked))
         if seconds > limits.max_cancel_after_seconds:
-            param = "cancel_after" if req.cancel_after == seconds else headers.CANCEL_AFTER
+            param = "cancel_after" if field_cancel_after == seconds else headers.CANCEL_AFTER
             raise InvalidRequest(
                 f"a deadline can be at most {limits.max_cancel_after_seconds:g} seconds away", param=param
             )
         cancel_at = datetime.now(UTC) + timedelta(seconds=seconds)
-    timeout = req.timeout_seconds if req.timeout_seconds is not None else limits.default_timeout_seconds
+    timeout = timeout_seconds if timeout_seconds is not None else limits.default_timeout_seconds
     if timeout is not None and timeout > limits.max_timeout_seconds:
-        if req.timeout_seconds is None:  # a default over the maximum: the maximum applies
+        if timeout_seconds is None:  # a default over the maximum: the maximum applies
             return cancel_at, limits.max_timeout_seconds
         raise InvalidRequest(
             f"timeout_seconds must be at most {limits.max_timeout_seconds:g}", param="timeout_seconds"
@@ -120,9 +124,10 @@ async def prepare_job(
 ) -> Job:
     """Check a request against the limits and the model's context; the unsaved job that would run it.
     `cancel_after`: the seconds of a `Cancel-After` header."""
-    model = _model(services, req)
+    model = resolve_model(services, req.model)
     _check_limits(services, req)
-    cancel_at, timeout = _deadlines(services, req, cancel_after)
+    cancel_after_field = float(req.cancel_after) if req.cancel_after is not None else None
+    cancel_at, timeout = deadlines(services, cancel_after, cancel_after_field, req.timeout_seconds)
     limits = services.settings.limits
     max_tokens = req.max_tokens or min(default_max_tokens or limits.default_max_tokens, limits.max_tokens)
     request = req.model_dump(exclude_none=True, exclude={"metadata", "cancel_after", "timeout_seconds"})
@@ -196,9 +201,15 @@ async def submit_job(
     if req.webhook is not None:
         await check_job_webhook(services, req.webhook, job.tenant or principal.owner)
     outputs = int(job.request.get("n") or 1)  # the prompt once, each output's tokens
-    await services.admission.admit(
-        job.model, (job.prompt_tokens or 0) + outputs * int(job.request["max_tokens"])
+    return await admit_and_enqueue(
+        services, job, (job.prompt_tokens or 0) + outputs * int(job.request["max_tokens"])
     )
+
+
+async def admit_and_enqueue(services: Services, job: Job, work_tokens: int) -> Job:
+    """The admission check (`work_tokens`: what the job will cost the fleet), then the job stored in
+    Postgres and enqueued; 503 (and nothing kept) if Redis refuses it."""
+    await services.admission.admit(job.model, work_tokens)
     # Concurrent submissions share one INSERT + commit, then one Redis pipeline (api/jobs/grouped.py).
     job.created_at = await services.insert_job(job_row(job))
     try:

@@ -297,7 +297,7 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
-BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions"]
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
 
 
 class BatchCreateRequest(BaseModel):

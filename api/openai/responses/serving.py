@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from pydantic import ValidationError
@@ -60,9 +60,10 @@ def _conversation(job: Job) -> list[dict[str, str]]:
     return messages
 
 
-async def submit_response(
-    services: Services, body: ResponseCreateRequest, principal: Principal, cancel_after: float | None = None
-) -> Job:
+async def response_job(
+    services: Services, body: ResponseCreateRequest, principal: Principal
+) -> tuple[JobCreateRequest, dict[str, Any]]:
+    """The job request of a Responses request, and what the Response keeps with the job for itself."""
     body.check()
     items = input_items(body.input)
     history: list[dict[str, str]] = []
@@ -105,7 +106,25 @@ async def submit_response(
     }
     if text_format is not None and text_format.type != "text":
         attrs["text_format"] = text_format.model_dump(exclude_none=True)  # echoed as given
+    return req, attrs
+
+
+@contextlib.contextmanager
+def format_params() -> Iterator[None]:
+    """A schema the grammar cannot enforce is named as a Responses request spells it."""
     try:
+        yield
+    except InvalidRequest as exc:
+        if exc.param is not None and exc.param.startswith("response_format"):
+            exc.param = format_param(exc.param)
+        raise
+
+
+async def submit_response(
+    services: Services, body: ResponseCreateRequest, principal: Principal, cancel_after: float | None = None
+) -> Job:
+    req, attrs = await response_job(services, body, principal)
+    with format_params():
         return await submit_job(
             services,
             req,
@@ -115,11 +134,6 @@ async def submit_response(
             extra={"response": attrs},
             cancel_after=cancel_after,
         )
-    except InvalidRequest as exc:
-        # A schema the grammar cannot enforce is named as this request spells it.
-        if exc.param is not None and exc.param.startswith("response_format"):
-            exc.param = format_param(exc.param)
-        raise
 
 
 def _sse(event: dict[str, Any]) -> dict[str, str]:

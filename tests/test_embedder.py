@@ -1,0 +1,148 @@
+"""The embedding engine in process: each pooling a sentence-transformers directory may declare gives the
+vectors sentence-transformers gives, many inputs are packed into few forward passes, and a directory it
+cannot serve as declared is refused at load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shared.embeddings import EmbeddingModelError, read_spec
+from shared.settings import ModelSettings
+from worker.embedder import Embedder, load_embedding_model
+
+TEXTS = ["short", "a somewhat longer sentence about queues", "x " * 40, "embeddings for search"]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from shared.settings import Settings
+    from worker.model import fetch_embedding_model
+
+    return fetch_embedding_model(Path(Settings().embedding_model_path))
+
+
+def _variant(src: Path, dest: Path, pooling: dict[str, Any], normalize: bool, truncate: int | None) -> Path:
+    """The model's directory with another pooling, normalisation or truncate_dim (weights linked)."""
+    dest.mkdir()
+    for item in src.iterdir():
+        if item.is_file():
+            (dest / item.name).symlink_to(item)
+    (dest / "1_Pooling").mkdir()
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, **pooling}))
+    modules = json.loads((src / "modules.json").read_text())
+    if not normalize:
+        modules = [m for m in modules if not m["type"].endswith("Normalize")]
+    (dest / "modules.json").unlink()
+    (dest / "modules.json").write_text(json.dumps(modules))
+    if truncate is not None:
+        (dest / "config_sentence_transformers.json").unlink()
+        (dest / "config_sentence_transformers.json").write_text(json.dumps({"truncate_dim": truncate}))
+    return dest
+
+
+async def _engine(path: Path) -> AsyncIterator[Embedder]:
+    spec = read_spec(path)
+    assert spec is not None
+    model, tokenizer = load_embedding_model(str(path), spec, ModelSettings())
+    engine = Embedder(model, tokenizer, spec, ModelSettings())
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        await asyncio.sleep(0)  # the batching task's cancel runs
+
+
+async def _ours(path: Path, texts: list[str], dimensions: int | None = None) -> Any:
+    async with contextlib.asynccontextmanager(_engine)(path) as engine:
+        rows = [engine.token_ids(t, i) for i, t in enumerate(texts)]
+        return engine.shorten(await engine.embed(rows), dimensions)
+
+
+def _reference(path: Path, texts: list[str]) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu").encode(texts)
+
+
+@pytest.mark.parametrize(
+    ("pooling", "normalize"),
+    [
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, False),
+        ({"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False}, True),
+        ({"pooling_mode": "mean_sqrt_len_tokens"}, False),
+        ({"pooling_mode": ["mean", "cls"]}, True),
+        ({"pooling_mode": "lasttoken"}, False),
+        ({"pooling_mode": "weightedmean"}, False),
+    ],
+)
+async def test_embedder_pooling_matches_sentence_transformers(
+    model_dir: Path, tmp_path: Path, pooling: dict[str, Any], normalize: bool
+) -> None:
+    path = _variant(model_dir, tmp_path / "m", pooling, normalize, None)
+    ours = await _ours(path, TEXTS)
+    want = _reference(path, TEXTS)
+    assert ours.shape == want.shape
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-5)
+
+
+async def test_embedder_packs_many_jobs_inputs_into_few_passes(model_dir: Path) -> None:
+    texts = [f"input {i} " + "word " * (i % 7) for i in range(60)]
+    async with contextlib.asynccontextmanager(_engine)(model_dir) as engine:
+        jobs = [engine.embed([engine.token_ids(t, 0)]) for t in texts]
+        vectors = np.concatenate(await asyncio.gather(*jobs))
+        # 60 jobs of one input each: a handful of passes, not 60.
+        assert engine.stats.steps <= 4 and engine.stats.peak_batch_size >= 30
+    np.testing.assert_allclose(vectors, _reference(model_dir, texts), rtol=1e-4, atol=1e-5)
+
+
+async def test_embedder_shortens_a_model_trained_for_it(model_dir: Path, tmp_path: Path) -> None:
+    path = _variant(model_dir, tmp_path / "m", {"pooling_mode": "mean"}, True, 256)
+    spec = read_spec(path)
+    assert spec is not None and spec.shortening and spec.dimensions == 256 and spec.native_dimensions == 384
+    default = await _ours(path, TEXTS)
+    want = _reference(path, TEXTS)  # truncated to 256 by sentence-transformers itself
+    assert default.shape == want.shape == (len(TEXTS), 256)
+    cos = (default * want).sum(1) / np.linalg.norm(default, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.9999
+    short = await _ours(path, TEXTS, dimensions=64)
+    assert short.shape == (len(TEXTS), 64)
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, rtol=1e-5)
+
+
+async def test_embedder_refuses_inputs_it_would_have_to_cut(model_dir: Path) -> None:
+    async with contextlib.asynccontextmanager(_engine)(model_dir) as engine:
+        _check_refusals(engine)
+
+
+def _check_refusals(engine: Embedder) -> None:
+    with pytest.raises(ValueError, match=r"input\[3\] is 302 tokens; the model takes at most 256"):
+        engine.token_ids("word " * 300, 3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.token_ids([5, 10**6], 0)
+    assert engine.token_ids([7592, 2088], 0) == engine.token_ids("hello world", 0) == [101, 7592, 2088, 102]
+
+
+def test_read_spec_refuses_what_it_cannot_serve(model_dir: Path, tmp_path: Path) -> None:
+    dense = tmp_path / "dense"
+    shutil.copytree(model_dir, dense, ignore=shutil.ignore_patterns("*.safetensors"))
+    modules = json.loads((dense / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (dense / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(EmbeddingModelError, match="Dense is not supported"):
+        read_spec(dense)
+    odd = _variant(model_dir, tmp_path / "odd", {"pooling_mode": "median"}, True, None)
+    with pytest.raises(EmbeddingModelError, match="pooling mode 'median' is not supported"):
+        read_spec(odd)
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    assert read_spec(chat) is None  # no modules.json: not an embedding model

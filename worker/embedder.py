@@ -1,0 +1,289 @@
+"""The embedding engine: one sentence-transformers model per worker, run with transformers' AutoModel and
+the pooling and normalisation its directory declares (shared/embeddings.py reads them).
+
+Jobs hand it their inputs as token ids and await their vectors. Whatever inputs are waiting when a
+forward pass ends (from every job the worker holds) are sorted by length and cut into batches of similar
+length, each at most `embed_batch_tokens` padded tokens, so short inputs are not padded to long ones;
+inputs that arrive meanwhile wait for the next round. Forward passes run one at a time in the engine's
+own thread, so the event loop keeps serving the queue, events and heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.capabilities import Capabilities, embedding_engine
+from shared.embeddings import EmbeddingSpec, read_spec
+from shared.settings import ModelSettings
+from worker.engine import EngineStats
+
+log = logging.getLogger(__name__)
+
+INPUT_TOO_LONG = "input[{index}] is {tokens} tokens; the model takes at most {limit}"
+TOKEN_OUT_OF_RANGE = "input[{index}] holds token id {token}, outside the vocabulary (0 to {last})"
+# Rows of one forward pass, whatever their length: past this a CPU gains nothing from a bigger batch.
+MAX_ROWS = 512
+
+
+def embedding_spec(path: str) -> EmbeddingSpec | None:
+    """The model's embedding declaration when `path` is a local sentence-transformers directory."""
+    return read_spec(path) if Path(path).is_dir() else None
+
+
+def _dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        # A vector's quality is all an embedding model gives: float32 on a CPU (where half precision is
+        # no faster), float16 on a GPU (bfloat16's 8-bit mantissa costs visible cosine similarity).
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_embedding_model(path: str, spec: EmbeddingSpec, settings: ModelSettings) -> tuple[Any, Any]:
+    """(model, tokenizer) of the directory's Transformer module, on `settings.device`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from worker.model import _quiet_transformers
+
+    _quiet_transformers()
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    where = str(Path(path) / spec.transformer_path)
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    model = AutoModel.from_pretrained(where, dtype=_dtype(settings.dtype, settings.device))
+    return model.to(settings.device).eval(), tokenizer
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text's own (BERT: [CLS] and [SEP]),
+    found by tokenizing a probe with and without them (tokenizers expose no common call for it)."""
+    probe = "inferq probe"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise ValueError("cannot tell this tokenizer's special tokens apart from a text's")
+
+
+def pool(hidden: Any, mask: Any, modes: tuple[str, ...]) -> Any:
+    """sentence-transformers' pooling of one padded batch (right padding), each mode then concatenated."""
+    import torch
+
+    hidden = hidden.float()
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    counts = torch.clamp(weights.sum(dim=1), min=1e-9)
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(hidden[:, 0])
+        elif mode == "max":
+            out.append(hidden.masked_fill(weights == 0, float("-inf")).max(dim=1).values)
+        elif mode == "mean":
+            out.append((hidden * weights).sum(dim=1) / counts)
+        elif mode == "mean_sqrt_len_tokens":
+            out.append((hidden * weights).sum(dim=1) / torch.sqrt(counts))
+        elif mode == "weightedmean":
+            positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)
+            weighted = weights * positions.view(1, -1, 1)
+            out.append((hidden * weighted).sum(dim=1) / torch.clamp(weighted.sum(dim=1), min=1e-9))
+        elif mode == "lasttoken":
+            last = mask.sum(dim=1).long() - 1
+            out.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        else:  # read_spec refuses any other at load
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
+@dataclass
+class _Item:
+    ids: list[int]
+    future: asyncio.Future[np.ndarray[Any, Any]]
+
+
+class Embedder:
+    """What the rest of the worker asks of an engine (stats, health, capabilities, start and stop),
+    for an embedding model, and `embed`, which the embedding job runner awaits."""
+
+    def __init__(self, model: Any, tokenizer: Any, spec: EmbeddingSpec, settings: ModelSettings) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.settings = settings
+        self.stats = EngineStats()
+        self.healthy = True
+        self.step_observer: Any = None  # called with each forward pass's rows
+        self._budget = settings.embed_batch_tokens
+        self._pad = int(tokenizer.pad_token_id or 0)
+        self._vocab = len(tokenizer)
+        self._prefix, self._suffix = special_tokens_around(tokenizer)
+        self._pending: list[_Item] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="inferq-embed")
+
+    def capabilities(self) -> Capabilities:
+        return embedding_engine(shortening=self.spec.shortening)
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="inferq-embedder")
+
+    def stop(self) -> None:
+        """Called from a thread at shutdown (or on the loop): the running forward pass ends, no other
+        starts, and the batching task is cancelled."""
+        if self._task is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def cancel(self, request_id: str) -> None:
+        """Nothing to stop: an input's forward pass is a fraction of a second (the runner drops the job)."""
+
+    async def warmup(self) -> None:
+        await self.embed([self.token_ids("warm up", 0)])
+
+    # inputs -> token ids ------------------------------------------------------------------------------
+
+    def token_ids(self, item: str | list[int], index: int) -> list[int]:
+        """One input as the model reads it: a text tokenized, or given token ids wrapped in the model's
+        special tokens, as the text's own would be. Never truncated: too long is an error."""
+        if isinstance(item, str):
+            ids = list(self.tokenizer(item, add_special_tokens=True)["input_ids"])
+        else:
+            for token in item:
+                if not 0 <= token < self._vocab:
+                    raise ValueError(
+                        TOKEN_OUT_OF_RANGE.format(index=index, token=token, last=self._vocab - 1)
+                    )
+            ids = [*self._prefix, *item, *self._suffix]
+        if len(ids) > self.spec.max_seq_length:
+            raise ValueError(
+                INPUT_TOO_LONG.format(index=index, tokens=len(ids), limit=self.spec.max_seq_length)
+            )
+        return ids
+
+    def shorten(self, vectors: np.ndarray[Any, Any], dimensions: int | None) -> np.ndarray[Any, Any]:
+        """Cut to `dimensions` (or the model's own truncate_dim); a normalising model's vectors are
+        normalised again, so a shortened vector is a unit vector as OpenAI's are."""
+        size = dimensions or self.spec.dimensions
+        if size >= vectors.shape[1]:
+            return vectors
+        cut = vectors[:, :size]
+        if self.spec.normalize:
+            norms = np.linalg.norm(cut, axis=1, keepdims=True)
+            cut = cut / np.maximum(norms, 1e-12)
+        return np.ascontiguousarray(cut, dtype=np.float32)
+
+    # batching -----------------------------------------------------------------------------------------
+
+    async def embed(self, rows: list[list[int]]) -> np.ndarray[Any, Any]:
+        """The vectors of `rows` (token ids, special tokens included), one row each, float32."""
+        assert self._wake is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        items = [_Item(ids, loop.create_future()) for ids in rows]
+        self._pending.extend(items)
+        self._wake.set()
+        self.stats.active += 1
+        try:
+            return np.stack(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            self.stats.active -= 1
+
+    def _batches(self, items: list[_Item]) -> list[list[_Item]]:
+        """Length-bucketed: sorted by length, cut where the padded batch would pass the token budget."""
+        batches: list[list[_Item]] = []
+        current: list[_Item] = []
+        for item in sorted(items, key=lambda i: len(i.ids)):
+            # Sorted, so this item is the longest so far: the batch pads to its length.
+            if current and ((len(current) + 1) * len(item.ids) > self._budget or len(current) >= MAX_ROWS):
+                batches.append(current)
+                current = []
+            current.append(item)
+        if current:
+            batches.append(current)
+        return batches
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            items, self._pending = self._pending, []
+            for batch in self._batches([i for i in items if not i.future.done()]):
+                try:
+                    vectors = await loop.run_in_executor(self._pool, self._forward, [i.ids for i in batch])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.exception("forward pass of %d inputs failed", len(batch))
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    continue
+                for item, row in zip(batch, vectors, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(row)
+
+    def _forward(self, rows: list[list[int]]) -> np.ndarray[Any, Any]:
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        device = self.settings.device
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = pool(hidden, mask, self.spec.pooling)
+            if self.spec.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        tokens = sum(len(r) for r in rows)
+        self.stats.steps += 1
+        self.stats.tokens += tokens
+        self.stats.last_batch_size = len(rows)
+        self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(rows))
+        if self.step_observer is not None:
+            with contextlib.suppress(Exception):
+                self.step_observer(len(rows))
+        out: np.ndarray[Any, Any] = pooled.float().cpu().numpy().astype(np.float32, copy=False)
+        return out
+
+
+async def start_embedder(ctx: dict[str, Any], settings: Any, path: str, spec: EmbeddingSpec) -> Embedder:
+    """Load the model (in a daemon thread, as the chat model is: a stop during the load exits at once)
+    and start the engine."""
+    from worker import metrics
+    from worker.main import _in_daemon_thread
+
+    model, tokenizer = await _in_daemon_thread(load_embedding_model, path, spec, settings.model)
+    engine = Embedder(model, tokenizer, spec, settings.model)
+    ctx["engine"] = engine
+    engine.start()
+    await engine.warmup()
+    engine.step_observer = metrics.batch_size.labels(settings.served_model_name).observe
+    log.info(
+        "embedding model %s ready: %s pooling%s, %d dimensions, inputs up to %d tokens",
+        settings.served_model_name,
+        "+".join(spec.pooling),
+        ", normalised" if spec.normalize else "",
+        spec.dimensions,
+        spec.max_seq_length,
+    )
+    return engine
