@@ -11,7 +11,7 @@ from typing import Any
 from shared.logprobs import MAX_TOP_LOGPROBS
 
 # Sampling fields a request may carry that an engine may not honour, in the order they are checked.
-CHECKED_FIELDS = ("n", "logprobs", "top_logprobs", "seed", "top_k", "stop", "response_format")
+CHECKED_FIELDS = ("n", "logprobs", "top_logprobs", "seed", "top_k", "stop", "response_format", "tools")
 
 NOT_HONOURED = (
     "{field} is not supported for model '{model}': its workers ({engines}) do not honour it; "
@@ -72,6 +72,8 @@ class Capabilities:
             kind = request["response_format"]
             if not (isinstance(kind, Mapping) and kind.get("type") == "text"):
                 return no("response_format")
+        if request.get("tools") and not self.tools:
+            return no("tools")
         return None
 
 
@@ -105,8 +107,9 @@ def common(caps: Iterable[Capabilities]) -> Capabilities | None:
 
 
 def transformers_engine(device: str, *, sampler: bool | None = None, grammars: bool = True) -> Capabilities:
-    """The built-in engine: its own sampler (seed, logprobs, grammar masks) runs on CPU workers only,
-    for now; a GPU worker refuses those at submit instead of failing them when they run."""
+    """The built-in engine: its own sampler (seed, logprobs, grammar masks, hence structured outputs
+    and tools) runs on CPU workers only, for now; a GPU worker refuses those at submit instead of
+    failing them when they run."""
     own_sampler = not device.startswith("cuda") if sampler is None else sampler
     return Capabilities(
         engine="transformers",
@@ -117,6 +120,7 @@ def transformers_engine(device: str, *, sampler: bool | None = None, grammars: b
         top_k=True,
         stop=True,
         structured_outputs=own_sampler and grammars,
+        tools=own_sampler and grammars,  # calls are enforced by the same grammar masks
     )
 
 
