@@ -103,8 +103,9 @@ class HermesToolParser:
         return ParsedCall(data["name"], body[found.end() : end])
 
     def extract(self, text: str) -> Parsed:
-        """The calls of a finished answer. Text with a call that does not parse (cut by max_tokens, or
-        written freely by an unconstrained model) is all content, and has no calls."""
+        """The calls of a finished answer. A last call cut short (by max_tokens) is left out, the calls
+        before it kept; text that does not read as calls (written freely by an unconstrained model) is
+        all content, with no calls."""
         start = text.find(CALL_START)
         if start < 0:
             return Parsed(text)
@@ -113,16 +114,23 @@ class HermesToolParser:
         while rest.startswith(CALL_START):
             end = rest.find(CALL_END)
             if end < 0:
+                if self._cut_short(rest[len(CALL_START) :]):
+                    break
                 return Parsed(text)
             call = self._call(rest[len(CALL_START) : end])
             if call is None:
                 return Parsed(text)
             calls.append(call)
             rest = rest[end + len(CALL_END) :].lstrip()
-        if rest:  # text after the calls: not a format this parser knows
-            return Parsed(text)
+        else:
+            if rest:  # text after the calls: not a format this parser knows
+                return Parsed(text)
         content = text[:start]
         return Parsed(content if content.strip() else None, calls)
+
+    def _cut_short(self, body: str) -> bool:
+        """Whether an unfinished call's text is the start of a call (so its answer ran out of tokens)."""
+        return _NAME.match(body) is not None or body.strip() in ("", "{") or body.lstrip().startswith('{"')
 
     def partial(self, text: str) -> Partial:
         """What of an answer being generated is surely content, and the calls begun in it."""

@@ -6,8 +6,9 @@ builds the same grammar from the same stored request, as for `response_format` (
 
 The call format is Hermes' (`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, the format of
 Hermes 2 Pro, Qwen 2.5/3 and the models tuned after them; parsed by shared/tool_parsers.py):
-- `required`, or a named function: the answer is calls from its first token (exactly one with
-  `parallel_tool_calls` false), to the allowed functions, with arguments valid against their schemas;
+- `required`: the answer is calls from its first token (exactly one with `parallel_tool_calls`
+  false), to the given functions, with arguments valid against their schemas; a named function: one
+  call to it (as OpenAI and vLLM answer it);
 - `auto`: any text, until the model writes the call marker `<tool_call>`; from there a lazy grammar
   holds it to complete calls, and the answer ends after them (so text comes before calls, as in
   vLLM's Hermes parser);
@@ -151,13 +152,14 @@ def grammar_key(request: Mapping[str, Any]) -> str | None:
     if choice is None or choice == "none":
         return None
     functions = [{"name": f["name"], "parameters": _parameters(f)} for f in _functions(request)]
+    parallel = request.get("parallel_tool_calls") is not False
     if isinstance(choice, Mapping):
         wanted = choice["function"]["name"]
         functions = [f for f in functions if f["name"] == wanted]
-        mode = "required"
+        mode, parallel = "required", False  # one call of that function, as OpenAI and vLLM answer it
     else:
         mode = str(choice)
-    key = {"mode": mode, "parallel": request.get("parallel_tool_calls") is not False, "functions": functions}
+    key = {"mode": mode, "parallel": parallel, "functions": functions}
     return json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
