@@ -255,3 +255,44 @@ class CallStream:
             self._closed.add(i)
             out.append(CallDelta(index=i, arguments=arguments, done=True))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class CallSpan:
+    """Where one call lies in an answer's text: its marker's start, the end of its name (once written),
+    its arguments' start and end (None while unfinished), and the end of its closing marker."""
+
+    start: int
+    name: str | None = None
+    name_end: int | None = None
+    arguments_start: int | None = None
+    arguments_end: int | None = None
+    end: int | None = None
+
+
+def call_spans(text: str) -> tuple[int, list[CallSpan]]:
+    """The end of an answer's content (before its first call marker, or before what could be the start
+    of one) and where its calls lie, for views numbered by position in the text (Responses' stream)."""
+    start = text.find(CALL_START)
+    if start < 0:
+        return len(text) - _held_back(text, CALL_START), []
+    spans = []
+    at = start
+    while at >= 0:
+        body_start = at + len(CALL_START)
+        named = _NAME.match(text, body_start)
+        if named is None:
+            spans.append(CallSpan(at))
+            break
+        found = _ARGUMENTS_KEY.search(text, named.end())
+        if found is None:
+            spans.append(CallSpan(at, named.group(1), named.end()))
+            break
+        finish = _json_end(text, found.end())
+        close = text.find(CALL_END, finish) if finish is not None else -1
+        end = close + len(CALL_END) if close >= 0 else None
+        spans.append(CallSpan(at, named.group(1), named.end(), found.end(), finish, end))
+        if end is None:
+            break
+        at = text.find(CALL_START, end)
+    return start, spans
