@@ -403,3 +403,108 @@ async def test_tools_openai_agents_runs_a_tool_round_trip_on_chat_completions(st
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"]
     assert kinds[-1] == "message_output_item"
+
+
+RESPONSES_TOOLS = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": WEATHER_SCHEMA,
+        "strict": True,
+    }
+]
+
+
+async def test_tools_responses_function_call_streamed_and_answered_with_previous_response_id(
+    oai: AsyncOpenAI,
+) -> None:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "input": "What is the weather in Paris?",
+        "tools": RESPONSES_TOOLS,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 0,
+        "max_output_tokens": 80,
+    }
+    first = await oai.responses.create(**body)
+    assert first.status == "completed"
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and len(first.output) == 1, first.output
+    call = calls[0]
+    assert call.call_id.startswith("call_") and call.name == "get_weather" and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_SCHEMA)
+    assert first.tools and first.tools[0].name == "get_weather"  # type: ignore[union-attr]
+
+    # Streamed: the item, its argument pieces and their end, numbered in order; the same call.
+    events = [e async for e in await oai.responses.create(**body, stream=True)]
+    numbers = [e.sequence_number for e in events]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    types = [e.type for e in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert len(added) == 1 and added[0].item.type == "function_call"
+    pieces = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0].arguments == pieces == call.arguments
+    assert "response.output_text.delta" not in types
+    # The same stream again, rebuilt by another request: the same numbers and pieces.
+    response_id = events[-1].response.id  # type: ignore[union-attr]
+    again = [e async for e in await oai.responses.retrieve(response_id, stream=True)]
+    assert [e.sequence_number for e in again] == numbers
+
+    # The result goes back with previous_response_id; the answer is text.
+    second = await oai.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}],
+        tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
+        tool_choice="none",
+        temperature=0,
+        max_output_tokens=40,
+    )
+    assert second.output_text and not [i for i in second.output if i.type == "function_call"]
+    items = await oai.responses.input_items.list(second.id)
+    assert [i.type for i in items.data] == ["function_call_output"]
+
+
+@pytest.mark.timeout(600)
+async def test_tools_openai_agents_runs_a_tool_round_trip_on_responses(stack: Stack) -> None:
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIResponsesModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)
+    seen: list[str] = []
+
+    @function_tool
+    def get_time(timezone: str) -> str:
+        """The time in a timezone.
+
+        Args:
+            timezone: The timezone.
+        """
+        seen.append(timezone)
+        return "12:00"
+
+    client = AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    agent = Agent(
+        name="clock",
+        instructions="You tell the time using the tools.",
+        tools=[get_time],
+        model=OpenAIResponsesModel(model=MODEL, openai_client=client),
+        model_settings=ModelSettings(
+            tool_choice="get_time", parallel_tool_calls=False, temperature=0, max_tokens=60
+        ),
+    )
+    result = await Runner.run(agent, "What time is it in Tokyo?", max_turns=6)
+    assert seen and all(isinstance(t, str) for t in seen)
+    assert isinstance(result.final_output, str) and result.final_output
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
