@@ -24,7 +24,7 @@ message of `<tool_response>` blocks (consecutive results in one message).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -323,7 +323,3 @@ def chat_messages(
         else:
             out.insert(0, {"role": "system", "content": block})
     return out, None
-
-
-def function_names(request: Mapping[str, Any]) -> Sequence[str]:
-    return [f["name"] for f in _functions(request)]

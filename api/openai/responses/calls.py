@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.openai.responses.events import ResponseEvents, _end_type, after
+from api.openai.responses.events import IN_PROGRESS, ResponseEvents, _end_type, after
 from api.openai.responses.render import function_call, item_status, message, output_part, ran, render
 from shared import responses as wire
 from shared.events import Event, text_after
@@ -41,7 +41,7 @@ class CallResponseEvents(ResponseEvents):
     def _start(self) -> list[dict[str, Any]]:
         self.started = True
         in_progress = render(self.job, "in_progress")
-        return [{"type": wire.IN_PROGRESS, "sequence_number": wire_in_progress(), "response": in_progress}]
+        return [{"type": wire.IN_PROGRESS, "sequence_number": IN_PROGRESS, "response": in_progress}]
 
     def _fresh(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = list(after(events, self.last if self.last >= 0 else None))
@@ -88,10 +88,6 @@ def events_for(job: Job) -> ResponseEvents:
     """The derivation of a response's stream events: by text, or, for one whose answer may hold calls,
     by position in its text."""
     return CallResponseEvents(job) if calls_allowed(job.request) else ResponseEvents(job)
-
-
-def wire_in_progress() -> int:
-    return 2  # as a text answer's (events.IN_PROGRESS)
 
 
 def derive(job: Job, text: str, final: Job | None) -> list[dict[str, Any]]:
