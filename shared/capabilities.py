@@ -4,7 +4,7 @@ would not honour (never a 202 followed by a failed job, never a field silently d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -12,7 +12,7 @@ from shared.embeddings import ENDPOINT as EMBEDDINGS_ENDPOINT
 from shared.logprobs import MAX_TOP_LOGPROBS
 
 # Sampling fields a request may carry that an engine may not honour, in the order they are checked.
-CHECKED_FIELDS = ("n", "logprobs", "top_logprobs", "seed", "top_k", "stop", "response_format")
+CHECKED_FIELDS = ("n", "logprobs", "top_logprobs", "seed", "top_k", "stop", "response_format", "tools")
 
 NOT_HONOURED = (
     "{field} is not supported for model '{model}': its workers ({engines}) do not honour it; "
@@ -25,6 +25,33 @@ ONLY_EMBEDDINGS = "model '{model}' is an embedding model: it serves only /v1/emb
 TOP_LOGPROBS_OVER = (
     "top_logprobs can be at most {limit} for model '{model}' (what its workers ({engines}) return)"
 )
+
+
+def _response_format_asked(value: Any) -> bool:
+    return value is not None and not (isinstance(value, Mapping) and value.get("type") == "text")
+
+
+# Whether a request asks for a field, in the order fields are checked; and what honours it.
+_ASKED: dict[str, Callable[[Any], bool]] = {
+    "n": lambda v: (v or 1) > 1,
+    "logprobs": bool,
+    "top_logprobs": bool,
+    "seed": lambda v: v is not None,
+    "top_k": lambda v: v is not None,
+    "stop": bool,
+    "response_format": _response_format_asked,
+    "tools": bool,
+}
+_HONOURED_BY = {
+    "n": "n",
+    "logprobs": "logprobs",
+    "top_logprobs": "max_top_logprobs",
+    "seed": "seed",
+    "top_k": "top_k",
+    "stop": "stop",
+    "response_format": "structured_outputs",
+    "tools": "tools",
+}
 
 
 @dataclass(frozen=True)
@@ -53,36 +80,21 @@ class Capabilities:
     def refusal(self, request: Mapping[str, Any], model: str) -> tuple[str, str] | None:
         """(param, message) for the first field of `request` (a job's request dict, or a sampling
         request's fields) these capabilities do not honour; None when all are honoured."""
-        engines = self.engine
-
-        def no(field: str) -> tuple[str, str]:
-            return field, NOT_HONOURED.format(field=field, model=model, engines=engines)
-
         if request.get("endpoint") == EMBEDDINGS_ENDPOINT:
             return self._embedding_refusal(request, model)
         if not self.generation:
             return "model", ONLY_EMBEDDINGS.format(model=model)
-        if (request.get("n") or 1) > 1 and not self.n:
-            return no("n")
-        if request.get("logprobs") and not self.logprobs:
-            return no("logprobs")
+        return self._generation_refusal(request, model)
+
+    def _generation_refusal(self, request: Mapping[str, Any], model: str) -> tuple[str, str] | None:
         top = request.get("top_logprobs")
-        if top and top > self.max_top_logprobs:
-            if not self.logprobs or self.max_top_logprobs == 0:
-                return no("top_logprobs")
+        if top and self.logprobs and 0 < self.max_top_logprobs < top and request.get("logprobs"):
             return "top_logprobs", TOP_LOGPROBS_OVER.format(
-                limit=self.max_top_logprobs, model=model, engines=engines
+                limit=self.max_top_logprobs, model=model, engines=self.engine
             )
-        if request.get("seed") is not None and not self.seed:
-            return no("seed")
-        if request.get("top_k") is not None and not self.top_k:
-            return no("top_k")
-        if request.get("stop") and not self.stop:
-            return no("stop")
-        if request.get("response_format") is not None and not self.structured_outputs:
-            kind = request["response_format"]
-            if not (isinstance(kind, Mapping) and kind.get("type") == "text"):
-                return no("response_format")
+        for field, asked in _ASKED.items():
+            if asked(request.get(field)) and not getattr(self, _HONOURED_BY[field]):
+                return field, NOT_HONOURED.format(field=field, model=model, engines=self.engine)
         return None
 
     def _embedding_refusal(self, request: Mapping[str, Any], model: str) -> tuple[str, str] | None:
@@ -125,8 +137,9 @@ def common(caps: Iterable[Capabilities]) -> Capabilities | None:
 
 
 def transformers_engine(device: str, *, sampler: bool | None = None, grammars: bool = True) -> Capabilities:
-    """The built-in engine: its own sampler (seed, logprobs, grammar masks) runs on CPU workers only,
-    for now; a GPU worker refuses those at submit instead of failing them when they run."""
+    """The built-in engine: its own sampler (seed, logprobs, grammar masks, hence structured outputs
+    and tools) runs on CPU workers only, for now; a GPU worker refuses those at submit instead of
+    failing them when they run."""
     own_sampler = not device.startswith("cuda") if sampler is None else sampler
     return Capabilities(
         engine="transformers",
@@ -137,6 +150,7 @@ def transformers_engine(device: str, *, sampler: bool | None = None, grammars: b
         top_k=True,
         stop=True,
         structured_outputs=own_sampler and grammars,
+        tools=own_sampler and grammars,  # calls are enforced by the same grammar masks
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from shared import tools
+
 
 class Tokenizer(Protocol):
     chat_template: str | None
@@ -19,7 +21,10 @@ def prompt_token_ids(tokenizer: Tokenizer, request: dict[str, Any]) -> list[int]
     if messages is not None:
         if not tokenizer.chat_template:
             raise ValueError("this model has no chat template: send 'prompt' instead of 'messages'")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        # Tools, earlier calls and their results as this model is shown them (shared/tools.py).
+        messages, shown = tools.chat_messages(request, tokenizer.chat_template)
+        extra = {} if shown is None else {"tools": shown}
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]

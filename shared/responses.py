@@ -22,13 +22,15 @@ TEXT_DELTA: Final = "response.output_text.delta"
 TEXT_DONE: Final = "response.output_text.done"
 PART_DONE: Final = "response.content_part.done"
 ITEM_DONE: Final = "response.output_item.done"
+ARGUMENTS_DELTA: Final = "response.function_call_arguments.delta"
+ARGUMENTS_DONE: Final = "response.function_call_arguments.done"
 COMPLETED: Final = "response.completed"
 INCOMPLETE: Final = "response.incomplete"
 FAILED: Final = "response.failed"
 ERROR: Final = "error"
 EVENT_TYPES: Final = frozenset(
     {CREATED, QUEUED, IN_PROGRESS, ITEM_ADDED, PART_ADDED, TEXT_DELTA, TEXT_DONE, PART_DONE, ITEM_DONE}
-    | {COMPLETED, INCOMPLETE, FAILED, ERROR}
+    | {COMPLETED, INCOMPLETE, FAILED, ERROR, ARGUMENTS_DELTA, ARGUMENTS_DONE}
 )
 
 

@@ -11,14 +11,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from shared.deadlines import parse_duration
 from shared.logprobs import MAX_TOP_LOGPROBS, TOP_LOGPROBS_WITHOUT_LOGPROBS, TokenLogprob
 from shared.states import JobStatus
+from shared.tools import Tool, ToolCall, ToolChoice
 from shared.webhooks import JobWebhookEvent
+
+TOOL_CALLS_NOT_ASSISTANT = "only assistant messages carry tool_calls"
+TOOL_MESSAGE_NEEDS_ID = "a tool message needs the tool_call_id of the call it answers"
+TOOL_CALL_ID_NOT_TOOL = "only tool messages carry a tool_call_id"
 
 
 class ChatMessage(BaseModel):
+    """A chat message; an assistant's may carry the tool calls it made, and a `tool` message answers
+    one of them (its `tool_call_id`)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(default="", max_length=1_000_000)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _tool_fields_with_their_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(TOOL_CALLS_NOT_ASSISTANT)
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError(TOOL_MESSAGE_NEEDS_ID)
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError(TOOL_CALL_ID_NOT_TOOL)
+        return self
 
 
 RESPONSE_FORMAT_SCHEMA_MISSING = (
@@ -85,6 +105,19 @@ class SamplingParams(BaseModel):
         ge=0,
         le=MAX_TOP_LOGPROBS,
         description="With logprobs: also the most likely tokens at each position, this many.",
+    )
+    tools: list[Tool] | None = Field(
+        default=None,
+        max_length=128,
+        description="Functions the model may call (with `messages`); the calls follow their schemas.",
+    )
+    tool_choice: ToolChoice | None = Field(
+        default=None,
+        description="`auto` (the default with tools): text or calls; `required`: calls only; a named "
+        "function: calls to it only; `none`: text only. Enforced by a grammar.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: at most one call per answer (default true)."
     )
 
     @field_validator("top_logprobs")
@@ -203,6 +236,7 @@ class JobChoice(BaseModel):
     text: str
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class JobError(BaseModel):
@@ -225,6 +259,11 @@ class JobResponse(BaseModel):
     )
     choices: list[JobChoice] | None = Field(
         default=None, description="For a job that asked for n > 1: every output; usage counts them all."
+    )
+    tool_calls: list[ToolCall] | None = Field(
+        default=None,
+        description="For a job with tools whose answer made calls: the calls parsed from `output` "
+        "(which keeps the model's text as written), with ids that every view of the job shares.",
     )
     finish_reason: str | None
     usage: Usage | None

@@ -43,6 +43,8 @@ def can_move(src: JobStatus, dst: JobStatus) -> bool:
 class FinishReason(StrEnum):
     STOP = "stop"
     LENGTH = "length"
+    # It ended after tool calls (shared/tool_parsers.py found them in its text).
+    TOOL_CALLS = "tool_calls"
     CANCELLED = "cancelled"
     # A deadline ended it: Cancel-After, or timeout_seconds of running time.
     TIMEOUT = "timeout"

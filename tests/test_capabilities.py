@@ -38,6 +38,10 @@ HTTP = openai_http_engine()
         (HTTP, {"response_format": {"type": "json_object"}}, "response_format"),
         (HTTP, {"response_format": {"type": "text"}}, None),
         (HTTP, {"seed": 0, "stop": ["a"], "temperature": 0.5}, None),
+        (CPU, {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, None),
+        (GPU, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (HTTP, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (HTTP, {"tools": []}, None),
     ],
 )
 def test_capabilities_refuse_the_first_field_not_honoured(
@@ -75,3 +79,6 @@ def test_capabilities_declared_per_engine_and_device() -> None:
         "n",
         NOT_HONOURED.format(field="n", model="m", engines="vllm, openai-http"),
     )
+    # Tools are enforced by the same grammar masks: where those run, and only there.
+    assert CPU.tools and not GPU.tools and not HTTP.tools
+    assert not transformers_engine("cpu", grammars=False).tools

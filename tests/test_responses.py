@@ -353,7 +353,7 @@ async def test_responses_worker_lost_mid_response_streams_one_consistent_text(
 @pytest.mark.parametrize(
     ("extra", "param", "words"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "not supported"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type", "not supported"),
         ({"reasoning": {"effort": "low"}}, "reasoning", "not supported"),
         ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
         ({"text": {"format": {"type": "xml"}}}, "text.format.type", "'json_schema'"),
@@ -366,9 +366,10 @@ async def test_responses_worker_lost_mid_response_streams_one_consistent_text(
         ),
         (
             {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
-            "input.0.type",
-            "function_call_output",
+            "input",
+            "answers no earlier call",
         ),
+        ({"input": [{"type": "computer_call_output", "call_id": "c"}]}, "input.0.type", "computer_call"),
         ({"input": []}, "input", "empty"),
         ({"previous_response_id": "resp_0123456789abcdef01234567"}, "previous_response_id", "no response"),
         ({"model": "no-such-model"}, "model", "not served"),

@@ -163,6 +163,7 @@ async def test_upstream_model_refuses_at_submit_what_its_workers_would_drop(uc: 
         ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
         ({"top_k": 5}, "top_k"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
     ):
         for route in ("/v1/jobs", "/v1/chat/completions"):
             resp = await uc.post(route, json={**base, **extra})
@@ -180,4 +181,6 @@ async def test_upstream_model_refuses_at_submit_what_its_workers_would_drop(uc: 
     # The session's transformers worker (a CPU one) honours them all.
     local = next(m for m in models.values() if m["capabilities"]["engine"] == "transformers")
     assert local["workers"] >= 1
-    assert all(local["capabilities"][k] for k in ("n", "logprobs", "seed", "top_k", "structured_outputs"))
+    assert all(
+        local["capabilities"][k] for k in ("n", "logprobs", "seed", "top_k", "structured_outputs", "tools")
+    )

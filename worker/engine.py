@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 # Below this, dividing the logits by the temperature overflows them: such requests run greedy (as in vLLM).
 GREEDY_BELOW = 1e-5
 STRUCTURED_UNAVAILABLE = (
-    "response_format cannot run on this worker: structured outputs need the CPU sampler (not on GPU "
-    "workers yet) and a fast (Rust) tokenizer"
+    "response_format and tools cannot run on this worker: their grammars need the CPU sampler (not on "
+    "GPU workers yet) and a fast (Rust) tokenizer"
 )
 # Rather than run a seeded request unseeded, or drop the logprobs it asked for, the job fails saying why.
 SAMPLER_UNAVAILABLE = "{what} cannot run on this worker: it needs the CPU sampler (not on GPU workers yet)"
@@ -43,6 +43,7 @@ class SamplingOptions:
     top_p: float
     top_k: int | None
     response_format: dict[str, Any] | None = None  # as stored in the job's request; None: plain text
+    tool_grammar: str | None = None  # the grammar of the request's tools (shared/tools.py); None: none
     grammar_prefix: tuple[int, ...] = ()  # tokens the grammar has seen already (a retried job's text)
     seed: int | None = None  # the request draws from its own generator, seeded with this
     top_logprobs: int | None = None  # None: no logprobs; else that many alternatives per token
@@ -243,10 +244,12 @@ class Engine:
     def _constraint(self, options: SamplingOptions) -> Constraint | None:
         """The request's grammar matcher (built from a cached one); a schema that cannot be compiled
         raises, which fails the job with the reason rather than leaving it stuck."""
-        if not options.response_format:
+        if not options.response_format and not options.tool_grammar:
             return None
         if self._grammars is None:
             raise RuntimeError(STRUCTURED_UNAVAILABLE)
+        if options.tool_grammar:
+            return self._grammars.tool_constraint(options.tool_grammar, options.grammar_prefix)
         return self._grammars.constraint(options.response_format, options.grammar_prefix)
 
     def cancel(self, request_id: str) -> None:

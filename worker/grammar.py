@@ -1,4 +1,4 @@
-"""Grammar matchers for structured outputs: one llguidance matcher per constrained request.
+"""Grammar matchers for structured outputs and tool calls: one llguidance matcher per constrained request.
 
 The tokenizer view llguidance needs (~1 s to build) is made once per worker, when the engine starts;
 each schema's matcher is built once (keyed by the canonical schema JSON) and copied for each request,
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,12 +59,19 @@ class Grammars:
         if schema is None:
             return None
         key = structured.canonical(schema)
+        return self._matcher(key, lambda: structured.grammar(key), prefix)
+
+    def tool_constraint(self, grammar: str, prefix: Sequence[int] = ()) -> Constraint:
+        """A fresh matcher for a request's tool grammar (shared/tools.py), cached by its text."""
+        return self._matcher(grammar, lambda: grammar, prefix)
+
+    def _matcher(self, key: str, build: Callable[[], str], prefix: Sequence[int]) -> Constraint:
         with self._lock:
             template = self._matchers.get(key)
             if template is not None:
                 self._matchers.move_to_end(key)
         if template is None:
-            template = LLMatcher(self._tokenizer, structured.grammar(key), log_level=0)
+            template = LLMatcher(self._tokenizer, build(), log_level=0)
             if template.is_error():
                 raise structured.SchemaError(structured.SCHEMA_UNSUPPORTED.format(error=template.get_error()))
             with self._lock:

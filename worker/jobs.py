@@ -17,7 +17,7 @@ from sqlalchemy import Interval, func, literal_column, or_
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared import aio, keys, logs
+from shared import aio, keys, logs, tools
 from shared.deadlines import ended, expire_unstarted
 from shared.eventredis import EventsRedis
 from shared.events import (
@@ -33,6 +33,7 @@ from shared.logprobs import LOGPROBS
 from shared.models import Job
 from shared.prompts import prompt_token_ids
 from shared.states import FinishReason, JobStatus
+from shared.tool_parsers import parser_for
 from shared.transitions import move
 from shared.webhooks import OUTPUT, queue_output_delivery
 from worker import metrics
@@ -428,6 +429,7 @@ class JobRunner:
             top_p=float(request.get("top_p", 1.0)),
             top_k=request.get("top_k"),
             response_format=request.get("response_format"),
+            tool_grammar=tools.request_grammar(request),
             grammar_prefix=tuple(resumed),
             seed=seed,
             top_logprobs=int(request.get("top_logprobs") or 0) if request.get("logprobs") else None,
@@ -521,10 +523,19 @@ class JobRunner:
         if out.handle is None and out.resumed:  # the text it continues from had used up max_tokens
             return FinishReason.LENGTH
         if decoder.stopped:
-            return FinishReason.STOP
+            return self._stopped(run, out)
         if decoder.token_ids and decoder.token_ids[-1] in self._eos_ids():
-            return FinishReason.STOP
-        return FinishReason.LENGTH if len(decoder.token_ids) >= out.options.max_tokens else FinishReason.STOP
+            return self._stopped(run, out)
+        if len(decoder.token_ids) >= out.options.max_tokens:
+            return FinishReason.LENGTH
+        return self._stopped(run, out)
+
+    def _stopped(self, run: _Run, out: _Output) -> FinishReason:
+        """An answer that ended by itself: `tool_calls` when it made calls (as OpenAI says it)."""
+        if tools.calls_allowed(run.claim.request):
+            if parser_for(self.engine.tokenizer.chat_template).extract(out.text).calls:
+                return FinishReason.TOOL_CALLS
+        return FinishReason.STOP
 
     async def _complete(
         self,

@@ -17,7 +17,7 @@ from api.jobs.inserts import job_row
 from api.tenancy.auth import Principal
 from api.tenancy.ratelimit import quota_key
 from api.webhooks import ssrf
-from shared import headers, structured
+from shared import headers, structured, tools
 from shared.models import Job, WebhookSecret, new_job_id
 from shared.prompts import prompt_token_ids
 from shared.schemas import JobCreateRequest
@@ -70,6 +70,14 @@ def _check_limits(services: Services, req: JobCreateRequest) -> None:
             raise InvalidRequest(str(exc), param=exc.param) from None
 
 
+def _check_tools(services: Services, request: dict[str, Any]) -> None:
+    """The tools' schemas and the grammar the worker will build from them (cached), checked now."""
+    try:
+        tools.check(request, services.settings.limits.max_schema_bytes)
+    except tools.ToolsError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+
+
 def deadlines(
     services: Services,
     cancel_after: float | None,
@@ -101,7 +109,8 @@ def deadlines(
 
 async def _count_prompt_tokens(model: ModelInfo, request: dict[str, Any], param: str) -> int:
     tokenizer = model.tokenizer
-    size = len(request.get("prompt") or "") + sum(len(m["content"]) for m in request.get("messages") or [])
+    messages = request.get("messages") or []
+    size = len(request.get("prompt") or "") + sum(len(m.get("content") or "") for m in messages)
     try:
         if size > _TOKENIZE_IN_THREAD_CHARS:
             ids = await asyncio.to_thread(prompt_token_ids, tokenizer, request)
@@ -135,6 +144,7 @@ async def prepare_job(
     if endpoint is not None:
         request["endpoint"] = endpoint
     request.update(extra or {})  # what a route keeps with the job for itself (e.g. a response's input)
+    _check_tools(services, request)
     if principal.key_id is not None and principal.tokens_per_day is not None:
         request["quota_key"] = quota_key(principal.key_id)  # the worker adds the tokens it generates
     await services.capabilities.check(model.name, request)

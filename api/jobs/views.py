@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from shared.models import Job
 from shared.schemas import JobError, JobResponse, JobUrls, Timings, Usage
+from shared.tool_parsers import chat_tool_calls, parsed_answer
 
 
 def job_urls(job_id: str) -> JobUrls:
@@ -20,6 +23,11 @@ def job_response(job: Job) -> JobResponse:
             completion_tokens=completion,
             total_tokens=job.prompt_tokens + completion,
         )
+    parsed = parsed_answer(job.request, job.output)
+    tool_calls = chat_tool_calls(job.id, parsed.calls) if parsed is not None and parsed.calls else None
+    choices = job.choices
+    if choices and parsed is not None:
+        choices = [_with_calls(job, choice) for choice in choices]
     error = JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None
     return JobResponse(
         id=job.id,
@@ -31,7 +39,8 @@ def job_response(job: Job) -> JobResponse:
         request=job.request,
         output=job.output,
         logprobs=job.logprobs,  # type: ignore[arg-type]
-        choices=job.choices,  # type: ignore[arg-type]
+        choices=choices,  # type: ignore[arg-type]
+        tool_calls=tool_calls,  # type: ignore[arg-type]
         finish_reason=job.finish_reason,
         usage=usage,
         timings=Timings(
@@ -51,3 +60,10 @@ def job_response(job: Job) -> JobResponse:
         deadline_at=job.deadline_at,
         urls=job_urls(job.id),
     )
+
+
+def _with_calls(job: Job, choice: dict[str, Any]) -> dict[str, Any]:
+    parsed = parsed_answer(job.request, choice.get("text"))
+    if parsed is None or not parsed.calls:
+        return choice
+    return {**choice, "tool_calls": chat_tool_calls(job.id, parsed.calls, int(choice["index"]))}

@@ -2,8 +2,9 @@
 
 Unknown request fields are accepted and ignored, as OpenAI clients send many optional ones; fields
 whose meaning inferq cannot honour (the prompt's logprobs with `echo`) are refused with a
-clear 400 instead of being silently dropped. `response_format` is enforced (shared/structured.py) and
-`logprobs` computed in the worker's sampler (shared/logprobs.py), never ignored.
+clear 400 instead of being silently dropped. `response_format` is enforced (shared/structured.py),
+`tools` too (shared/tools.py), and `logprobs` computed in the worker's sampler (shared/logprobs.py),
+never ignored.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from shared.logprobs import (
     TokenLogprob,
 )
 from shared.schemas import ChatMessage, JobCreateRequest, ResponseFormat, Usage
+from shared.tools import Tool, ToolCall, ToolChoice
 
 ECHO_LOGPROBS_UNSUPPORTED = "logprobs with echo would need the prompt's logprobs, which are not supported"
 NON_TEXT_CONTENT = "only text content parts are supported"
-TOOL_MESSAGES_UNSUPPORTED = "tool messages are not supported"
 PROMPT_SHAPE = "prompt must be a string or a list holding exactly one string"
 # OpenAI's own default for the legacy completions endpoint.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -47,6 +48,8 @@ class ChatCompletionMessageParam(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="An assistant's earlier calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the call it answers.")
 
     @field_validator("content")
     @classmethod
@@ -55,20 +58,18 @@ class ChatCompletionMessageParam(BaseModel):
             raise ValueError(NON_TEXT_CONTENT)
         return value
 
-    @field_validator("role")
-    @classmethod
-    def _no_tools(cls, value: str) -> str:
-        if value == "tool":
-            raise ValueError(TOOL_MESSAGES_UNSUPPORTED)
-        return value
-
     def to_message(self) -> ChatMessage:
         if isinstance(self.content, list):
             text = "".join(p.text or "" for p in self.content)
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=text)  # type: ignore[arg-type]
+        return ChatMessage(
+            role=role,
+            content=text,
+            tool_calls=self.tool_calls or None,
+            tool_call_id=self.tool_call_id,
+        )
 
 
 class StreamOptions(BaseModel):
@@ -137,6 +138,15 @@ class ChatCompletionRequest(_GenerationRequest):
         le=MAX_TOP_LOGPROBS,
         description="With logprobs: also the most likely tokens at each position, this many.",
     )
+    tools: list[Tool] | None = Field(
+        default=None, max_length=128, description="Functions the model may call; calls follow their schemas."
+    )
+    tool_choice: ToolChoice | None = Field(
+        default=None,
+        description="`auto` (the default with tools), `required`, a named function, or `none`: "
+        "enforced by a grammar.",
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call.")
 
     @field_validator("top_logprobs")
     @classmethod
@@ -149,6 +159,9 @@ class ChatCompletionRequest(_GenerationRequest):
         fields = self._job_fields(self.max_completion_tokens or self.max_tokens)
         if self.logprobs:
             fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        for name in ("tools", "tool_choice", "parallel_tool_calls"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         return JobCreateRequest(messages=[m.to_message() for m in self.messages], **fields)
 
 
@@ -191,12 +204,15 @@ class CompletionRequest(_GenerationRequest):
 
 # Responses ---------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="The calls the answer made (ids shared by every view of the job)."
+    )
 
 
 class ChoiceLogprobs(BaseModel):

@@ -39,12 +39,14 @@ from api.streams.sse import job_events, load_job, until_end
 from api.tenancy.auth import Principal
 from api.tenancy.idempotency import REPLAYED_HEADER, Outcome, run_idempotent
 from shared import logs
-from shared.events import CHOICES, choice_of, text_after
+from shared.events import CHOICES, Event, choice_of, text_after
 from shared.headers import JOB_ID
 from shared.logprobs import LOGPROBS, completion_logprobs
 from shared.models import Job
 from shared.schemas import Usage
 from shared.states import FinishReason, JobStatus
+from shared.tool_parsers import CallDelta, CallStream, call_id, chat_tool_calls, parsed_answer
+from shared.tools import calls_allowed
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ def render(job: Job, kind: Kind) -> ChatCompletion | Completion:
             choices=[
                 ChatChoice(
                     index=out["index"],
-                    message=AssistantMessage(content=out["text"]),
+                    message=_message(job, out["text"], out["index"]),
                     finish_reason=_reason(out["finish_reason"]),
                     logprobs=ChoiceLogprobs.model_validate({"content": out.get("logprobs") or []})
                     if asked
@@ -150,8 +152,19 @@ def render(job: Job, kind: Kind) -> ChatCompletion | Completion:
     )
 
 
+def _message(job: Job, text: str, index: int) -> AssistantMessage:
+    """A chat answer: its text, or (for a request with tools) its content and calls."""
+    parsed = parsed_answer(job.request, text)
+    if parsed is None or not parsed.calls:
+        return AssistantMessage(content=text)
+    calls = chat_tool_calls(job.id, parsed.calls, index)
+    return AssistantMessage(content=parsed.content, tool_calls=calls)  # type: ignore[arg-type]
+
+
 def _reason(finish_reason: str | None) -> Any:
-    return "length" if finish_reason == FinishReason.LENGTH.value else "stop"
+    if finish_reason in (FinishReason.LENGTH.value, FinishReason.TOOL_CALLS.value):
+        return finish_reason
+    return "stop"
 
 
 async def cancel_quietly(services: Services, job_id: str) -> None:
@@ -195,6 +208,7 @@ class _Chunks:
     def __init__(self, kind: Kind, job: Job, include_usage: bool) -> None:
         self.kind = kind
         self.id = response_id(kind, job.id)
+        self.job_id = job.id
         self.model = job.model
         self.created = int(time.time())
         self.include_usage = include_usage
@@ -238,6 +252,28 @@ class _Chunks:
         self._offsets[index] = offset + sum(len(e["token"]) for e in entries)
         return completion_logprobs(entries, offset)
 
+    def calls(self, deltas: list[CallDelta], index: int, logprobs: list[dict[str, Any]] | None) -> list[str]:
+        """The chunks of an answer's new content and call pieces (OpenAI's `delta.tool_calls`: a call's
+        first chunk has its id, type and name; the next ones pieces of its arguments)."""
+        out = []
+        for d in deltas:
+            if d.done:
+                continue
+            if d.index < 0:
+                delta: dict[str, Any] = {"content": d.content}
+            elif d.name is not None:
+                call = {"index": d.index, "id": call_id(self.job_id, d.index, index), "type": "function"}
+                delta = {"tool_calls": [{**call, "function": {"name": d.name, "arguments": ""}}]}
+            else:
+                delta = {"tool_calls": [{"index": d.index, "function": {"arguments": d.arguments}}]}
+            choice = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
+            out.append(choice)
+        if self.logprobs and logprobs:
+            if not out:
+                out.append({"index": index, "delta": {}, "finish_reason": None, "logprobs": None})
+            out[0]["logprobs"] = self._logprobs(logprobs, index)
+        return [self._dump([c]) for c in out]
+
     def role(self, index: int = 0) -> str:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         return self._dump([{**choice, "logprobs": None}])
@@ -255,6 +291,8 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
     sent = [0] * n  # characters already streamed, per choice
     # Each choice's text so far (a retried job continues it; only text past `sent` goes out).
     texts = [""] * n
+    # A chat with tools: each choice's text as content and call pieces (shared/tool_parsers.py).
+    calls = [CallStream() for _ in range(n)] if kind == "chat" and calls_allowed(job.request) else None
     try:
         if kind == "chat":
             for i in range(n):
@@ -262,22 +300,12 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
         async for event in job_events(services, job.id):
             texts = [text_after(text, event, i) for i, text in enumerate(texts)]
             if event.event == "token":
-                i = min(choice_of(event), n - 1)
-                if len(texts[i]) > sent[i] or event.data.get(LOGPROBS):
-                    new, sent[i] = texts[i][sent[i] :], max(sent[i], len(texts[i]))
-                    yield chunks.text(new, logprobs=event.data.get(LOGPROBS), index=i)
+                for chunk in _token_chunks(chunks, event, texts, sent, calls):
+                    yield chunk
             elif event.event == "done":
                 ended = True
-                reason = event.data.get("finish_reason")
-                if reason in (FinishReason.CANCELLED.value, FinishReason.TIMEOUT.value):
-                    why = JOB_TIMED_OUT if reason == FinishReason.TIMEOUT.value else JOB_CANCELLED
-                    yield _error_chunk(why.format(job_id=job.id), JobCancelled.type)
-                else:
-                    ends = event.data.get(CHOICES) or [{"index": 0, "finish_reason": reason}]
-                    for end in ends:
-                        yield chunks.text("", _reason(end["finish_reason"]), index=int(end["index"]))
-                    if include_usage:
-                        yield chunks.usage(event.data["usage"])
+                for chunk in _end_chunks(chunks, event, texts, calls):
+                    yield chunk
                 break
             elif event.event == "error":
                 ended = True
@@ -288,6 +316,38 @@ async def stream_job(services: Services, job: Job, kind: Kind, include_usage: bo
     finally:
         if not ended and services.settings.cancel_on_disconnect:
             services.spawn(cancel_quietly(services, job.id))
+
+
+def _token_chunks(
+    chunks: _Chunks, event: Event, texts: list[str], sent: list[int], calls: list[CallStream] | None
+) -> list[str]:
+    """The chunks of a token event: its choice's new text (and logprobs), or, for a chat with tools,
+    that text's new content and call pieces."""
+    i = min(choice_of(event), len(texts) - 1)
+    if calls is not None:
+        return chunks.calls(calls[i].feed(texts[i]), i, event.data.get(LOGPROBS))
+    if len(texts[i]) > sent[i] or event.data.get(LOGPROBS):
+        new, sent[i] = texts[i][sent[i] :], max(sent[i], len(texts[i]))
+        return [chunks.text(new, logprobs=event.data.get(LOGPROBS), index=i)]
+    return []
+
+
+def _end_chunks(chunks: _Chunks, event: Event, texts: list[str], calls: list[CallStream] | None) -> list[str]:
+    """The chunks of the done event: the calls' last pieces, each choice's finish_reason, the usage; or
+    the error of a job that was cancelled or ran out of time."""
+    reason = event.data.get("finish_reason")
+    if reason in (FinishReason.CANCELLED.value, FinishReason.TIMEOUT.value):
+        why = JOB_TIMED_OUT if reason == FinishReason.TIMEOUT.value else JOB_CANCELLED
+        return [_error_chunk(why.format(job_id=chunks.job_id), JobCancelled.type)]
+    out = []
+    for i, stream in enumerate(calls or []):
+        out += chunks.calls(stream.finish(texts[i]), i, None)
+    ends = event.data.get(CHOICES) or [{"index": 0, "finish_reason": reason}]
+    for end in ends:
+        out.append(chunks.text("", _reason(end["finish_reason"]), index=int(end["index"])))
+    if chunks.include_usage:
+        out.append(chunks.usage(event.data["usage"]))
+    return out
 
 
 class ClientGone(Exception):

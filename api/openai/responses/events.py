@@ -149,10 +149,10 @@ class ResponseEvents:
         return events
 
 
-def finished(job: Job, job_events: list[Event]) -> list[dict[str, Any]]:
+def finished(derive: ResponseEvents, job_events: list[Event]) -> list[dict[str, Any]]:
     """Every stream event of a finished response: from its job's events while Redis has them (the
     deltas as they were streamed), else from its Postgres record alone (the text as one delta)."""
-    derive = ResponseEvents(job)
+    job = derive.job
     events = derive.opening()
     if any(e.is_end for e in job_events):
         for event in job_events:
@@ -172,7 +172,7 @@ def after(events: Iterable[dict[str, Any]], starting_after: int | None) -> Itera
         number = event["sequence_number"]
         if starting_after is None or number > starting_after:
             if (
-                event["type"] == wire.TEXT_DELTA
+                event["type"] in (wire.TEXT_DELTA, wire.ARGUMENTS_DELTA)
                 and starting_after is not None
                 and starting_after > _TEXT_BASE
             ):

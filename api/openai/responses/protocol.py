@@ -16,7 +16,12 @@ UNKNOWN_FIELD = "unknown field '{field}'"
 BACKGROUND_NEEDS_STORE = "background responses must be stored: 'store' cannot be false with 'background'"
 EMPTY_INPUT = "input must not be empty"
 NON_TEXT_PART = "content parts of type '{type}' are not supported; only input_text and output_text"
-NON_MESSAGE_ITEM = "input items of type '{type}' are not supported; only messages"
+NON_MESSAGE_ITEM = (
+    "input items of type '{type}' are not supported; only message, function_call and function_call_output"
+)
+NON_FUNCTION_TOOL = "tools of type '{type}' are not supported; only function"
+BAD_TOOL_CHOICE = 'tool_choice must be none, auto, required or {"type": "function", "name": ...}'
+ITEM_FIELD = "'{field}' must be a string"
 BAD_ROLE = "role must be one of user, assistant, system, developer"
 BAD_CONTENT = "content must be a string or a list of text parts"
 FORMAT_SCHEMA_MISSING = "a 'name' and a 'schema' object are required for type 'json_schema'"
@@ -27,9 +32,6 @@ METADATA_SHAPE = (
 
 # Fields of OpenAI's request that inferq accepts when they ask for nothing it lacks.
 _NEUTRAL: dict[str, Any] = {
-    "tools": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "auto", "none"),
-    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
     "truncation": lambda v: v in (None, "disabled"),
     "include": lambda v: v in (None, []),
     "service_tier": lambda v: v in (None, "auto", "default"),
@@ -97,7 +99,13 @@ class TextFormat(BaseModel):
 
 
 def format_param(param: str | None) -> str | None:
-    """A job's `response_format...` field as the Responses request names it (`text.format...`)."""
+    """A job's `response_format...` field as the Responses request names it (`text.format...`), and a
+    tool's `tools.N.function.x` as `tools.N.x`; the job's messages are the request's input (after any
+    earlier response's)."""
+    if param is not None and param.startswith("messages"):
+        return "input"
+    if param is not None and param.startswith("tools."):
+        return param.replace(".function.", ".", 1)
     if param is None or not param.startswith("response_format"):
         return param
     rest = param.removeprefix("response_format").removeprefix(".json_schema")
@@ -131,6 +139,16 @@ class ResponseCreateRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     previous_response_id: str | None = Field(default=None, max_length=64)
     text: TextConfig | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=128,
+        description="Function tools (`type`, `name`, `description`, `parameters`, `strict`); their calls "
+        "follow their schemas (a grammar).",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="none, auto (the default with tools), required, or a named function."
+    )
+    parallel_tool_calls: bool | None = None
 
     @field_validator("metadata")
     @classmethod
@@ -153,13 +171,39 @@ class ResponseCreateRequest(BaseModel):
 
     @property
     def echoed(self) -> dict[str, Any]:
-        """The neutral fields as the Response echoes them."""
-        extra = self.model_extra or {}
+        """The tool fields as the Response echoes them."""
         return {
-            "tool_choice": extra.get("tool_choice") or "auto",
-            "parallel_tool_calls": extra.get("parallel_tool_calls", True),
+            "tools": self.tools or [],
+            "tool_choice": self.tool_choice or "auto",
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
             "truncation": "disabled",
         }
+
+    def chat_tools(self) -> dict[str, Any]:
+        """The job fields of the request's tools (chat's shape); 400 naming a tool inferq cannot run."""
+        fields: dict[str, Any] = {}
+        if self.tools:
+            tools = []
+            for i, tool in enumerate(self.tools):
+                if tool.get("type") != "function":
+                    raise InvalidRequest(
+                        NON_FUNCTION_TOOL.format(type=tool.get("type")), param=f"tools.{i}.type"
+                    )
+                function = {k: v for k, v in tool.items() if k != "type"}
+                tools.append({"type": "function", "function": function})
+            fields["tools"] = tools
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+                raise InvalidRequest(BAD_TOOL_CHOICE, param="tool_choice")
+            fields["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        elif choice is not None:
+            if choice not in ("none", "auto", "required"):
+                raise InvalidRequest(BAD_TOOL_CHOICE, param="tool_choice")
+            fields["tool_choice"] = choice
+        if self.parallel_tool_calls is not None:
+            fields["parallel_tool_calls"] = self.parallel_tool_calls
+        return fields
 
 
 def _part_text(part: Any, param: str) -> tuple[str, str]:
@@ -187,6 +231,9 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, item in enumerate(value):
         where = f"input.{i}"
         kind = item.get("type", "message")
+        if kind in ("function_call", "function_call_output"):
+            items.append(_call_item(item, where))
+            continue
         if kind != "message":
             raise InvalidRequest(NON_MESSAGE_ITEM.format(type=kind), param=f"{where}.type")
         role = item.get("role")
@@ -207,12 +254,33 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def as_chat(items: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Message items as the chat messages a job runs (developer speaks as system)."""
-    return [
-        {
-            "role": "system" if item["role"] == "developer" else item["role"],
-            "content": "".join(p["text"] for p in item["content"]),
-        }
-        for item in items
-    ]
+def _call_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A function_call (a call the model made) or function_call_output (its result) input item."""
+    fields = ("call_id", "name", "arguments") if item["type"] == "function_call" else ("call_id", "output")
+    for name in fields:
+        if not isinstance(item.get(name), str) or not item[name]:
+            raise InvalidRequest(ITEM_FIELD.format(field=name), param=f"{where}.{name}")
+    return {"type": item["type"], **{name: item[name] for name in fields}}
+
+
+def as_chat(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as the chat messages a job runs: developer speaks as system; function_call items
+    are an assistant message's calls (consecutive ones, one message), their outputs tool messages."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        if item["type"] == "function_call":
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
+            if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif item["type"] == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        else:
+            role = "system" if item["role"] == "developer" else item["role"]
+            messages.append({"role": role, "content": "".join(p["text"] for p in item["content"])})
+    return messages

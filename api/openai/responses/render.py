@@ -12,6 +12,7 @@ from typing import Any, Literal
 from shared import responses as wire
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
+from shared.tool_parsers import call_id, item_id, parsed_answer
 
 Phase = Literal["created", "in_progress", "final"]
 
@@ -58,6 +59,29 @@ def message(job: Job, text: str | None, item_status: str) -> dict[str, Any]:
     }
 
 
+def function_call(job: Job, index: int, name: str, arguments: str, item_status: str) -> dict[str, Any]:
+    """The response's `index`-th call as a function_call output item."""
+    return {
+        "id": item_id(job.id, index),
+        "type": "function_call",
+        "status": item_status,
+        "call_id": call_id(job.id, index),
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def output_items(job: Job) -> list[dict[str, Any]]:
+    """A finished response's output: its message, and (for one with tools) its calls."""
+    parsed = parsed_answer(job.request, job.output)
+    if parsed is None or not parsed.calls:
+        return [message(job, job.output or "", item_status(job))]
+    items = [] if parsed.content is None else [message(job, parsed.content, "completed")]
+    for i, call in enumerate(parsed.calls):
+        items.append(function_call(job, i, call.name, call.arguments, "completed"))
+    return items
+
+
 def ran(job: Job) -> bool:
     """Whether the job ever started (and so has an output message)."""
     return job.started_at is not None
@@ -95,7 +119,7 @@ def render(job: Job, phase: Phase = "final") -> dict[str, Any]:
     final = phase == "final"
     output: list[dict[str, Any]] = []
     if final and ran(job) and job.status not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
-        output = [message(job, job.output or "", item_status(job))]
+        output = output_items(job)
     error = None
     if final and job.status == JobStatus.FAILED.value:
         error = {"code": "server_error", "message": job.error_message or job.error_type or "failed"}
@@ -123,7 +147,7 @@ def render(job: Job, phase: Phase = "final") -> dict[str, Any]:
         "temperature": float(request.get("temperature", 1.0)),
         "text": {"format": a.get("text_format") or {"type": "text"}},
         "tool_choice": a.get("tool_choice", "auto"),
-        "tools": [],
+        "tools": a.get("tools") or [],
         "top_p": float(request.get("top_p", 1.0)),
         "truncation": "disabled",
         "usage": _usage(job) if final else None,
@@ -133,6 +157,8 @@ def render(job: Job, phase: Phase = "final") -> dict[str, Any]:
 
 def input_item(job: Job, index: int, item: dict[str, Any]) -> dict[str, Any]:
     """One of a response's own input items as `GET .../input_items` lists it."""
+    if item.get("type", "message") != "message":  # a function_call or function_call_output
+        return {"id": wire.message_id(job.id, index), **item, "status": "completed"}
     content = item["content"]
     if item["role"] == "assistant":
         content = [output_part(part["text"]) for part in content]

@@ -17,7 +17,8 @@ from api.http.services import Services
 from api.jobs.cancellation import cancel_job
 from api.jobs.submission import submit_job
 from api.openai.responses import render as view
-from api.openai.responses.events import ResponseEvents, after, finished, last_number
+from api.openai.responses.calls import events_for
+from api.openai.responses.events import after, finished, last_number
 from api.openai.responses.protocol import ResponseCreateRequest, as_chat, format_param, input_items
 from api.openai.serving import cancel_quietly
 from api.streams.sse import job_events, load_job
@@ -28,6 +29,7 @@ from shared.events import read_events
 from shared.models import Job
 from shared.schemas import JobCreateRequest
 from shared.states import TERMINAL, JobStatus
+from shared.tool_parsers import chat_tool_calls, parsed_answer
 
 RESPONSE_NOT_FOUND = "no response with id '{id}'"
 STILL_STOPPING = "response '{id}' is still stopping after its cancel; delete it again in a moment"
@@ -50,12 +52,17 @@ async def find(services: Services, principal: Principal, response_id: str, param
     return job
 
 
-def _conversation(job: Job) -> list[dict[str, str]]:
-    """An earlier response's messages (less its instructions, which do not carry over) and its answer."""
-    messages: list[dict[str, str]] = list(job.request.get("messages") or [])
+def _conversation(job: Job) -> list[dict[str, Any]]:
+    """An earlier response's messages (less its instructions, which do not carry over) and its answer:
+    its text, or its content and the calls it made (named by their call_id)."""
+    messages: list[dict[str, Any]] = list(job.request.get("messages") or [])
     if view.attrs(job).get("instructions") is not None:
         messages = messages[1:]
-    if job.output:
+    parsed = parsed_answer(job.request, job.output)
+    if parsed is not None and parsed.calls:
+        calls = chat_tool_calls(job.id, parsed.calls)
+        messages.append({"role": "assistant", "content": parsed.content or "", "tool_calls": calls})
+    elif job.output:
         messages.append({"role": "assistant", "content": job.output})
     return messages
 
@@ -66,7 +73,7 @@ async def response_job(
     """The job request of a Responses request, and what the Response keeps with the job for itself."""
     body.check()
     items = input_items(body.input)
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         previous = await find(services, principal, body.previous_response_id, "previous_response_id")
         if JobStatus(previous.status) not in TERMINAL:
@@ -89,6 +96,7 @@ async def response_job(
     text_format = body.text.format if body.text is not None else None
     if text_format is not None:
         fields["response_format"] = text_format.response_format()
+    fields.update(body.chat_tools())
     try:
         req = JobCreateRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
@@ -111,12 +119,12 @@ async def response_job(
 
 @contextlib.contextmanager
 def format_params() -> Iterator[None]:
-    """A schema the grammar cannot enforce is named as a Responses request spells it."""
+    """A field the job's checks refuse (a schema the grammar cannot enforce, a tool's parameters, the
+    prompt's length) is named as a Responses request spells it."""
     try:
         yield
     except InvalidRequest as exc:
-        if exc.param is not None and exc.param.startswith("response_format"):
-            exc.param = format_param(exc.param)
+        exc.param = format_param(exc.param)
         raise
 
 
@@ -151,7 +159,7 @@ async def check_starting_after(services: Services, job: Job, starting_after: int
     if JobStatus(job.status) in TERMINAL:
         last = last_number(job)
     else:
-        derive = ResponseEvents(job)
+        derive = events_for(job)
         numbers = [e["sequence_number"] for e in derive.opening()]
         for event in await read_events(services.events_redis, job.id):
             numbers += [e["sequence_number"] for e in derive.feed(event)]
@@ -168,10 +176,12 @@ async def stream_response(
 ) -> AsyncIterator[dict[str, str]]:
     """The response's stream events after `starting_after`, as SSE messages, until its last event."""
     if JobStatus(job.status) in TERMINAL:
-        for event in after(finished(job, await read_events(services.events_redis, job.id)), starting_after):
+        for event in after(
+            finished(events_for(job), await read_events(services.events_redis, job.id)), starting_after
+        ):
             yield _sse(event)
         return
-    derive = ResponseEvents(job)
+    derive = events_for(job)
     ended = False
     try:
         for event in after(derive.opening(), starting_after):
