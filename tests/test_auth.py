@@ -26,6 +26,10 @@ from shared.browser import STREAM_TOKEN_PARAM, STREAM_TOKEN_PATH, UI_PATH
 from shared.settings import Settings
 from tests.conftest import REPO, Proc, Stack, _admin, start_api
 
+# Three API processes start in this module (two in its fixture, one with auth off): minutes on a loaded
+# two-core machine.
+pytestmark = pytest.mark.timeout(900)
+
 JOB = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
 KEY_PREFIX = "iq_"
 
