@@ -20,7 +20,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from shared.capabilities import Capabilities, transformers_engine
 from shared.settings import ModelSettings
-from worker import sampling
+from worker import attention, sampling
 from worker.grammar import Constraint, Grammars
 from worker.sampling import RequestExtras, TokenLogprob
 
@@ -173,6 +173,8 @@ class Engine:
             use_cuda_graph=False,
             use_async_batching=False,
         )
+        if not str(self.model.device).startswith("cuda"):
+            attention.install()  # decode steps attend each request to its own keys only
         init = self.model.init_continuous_batching
         manager = init(generation_config=gen, continuous_batching_config=cb)
         manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
