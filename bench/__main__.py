@@ -8,6 +8,8 @@ startup     time to "inferq is up": cached starts, and (--fresh) a fresh clone
 responses   background responses: create rate vs POST /v1/jobs, resume request to first event
 waiting     200 clients waiting for their jobs: Prefer: wait vs polling every 50 ms vs SSE
 events      token events/s of one Valkey core with the event script vs three shards; per-job costs
+decode-step one decode step of the built-in engine in parts: linear, attention, KV cache, sampling, Python
+engines     engines through inferq side by side, alternating: streaming chat tokens/s at concurrency 16
 structured  engine tokens/s at concurrency 16 with 0 %, 50 % and 100 % of requests JSON-schema constrained
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
@@ -29,6 +31,8 @@ COMMANDS = {
     "responses": "bench.responses",
     "waiting": "bench.waiting",
     "structured": "bench.structured",
+    "engines": "bench.engines",
+    "decode-step": "bench.decode_step",
     "events": "bench.events",
     "all": "bench.run_all",
     "chart": "bench.chart",
