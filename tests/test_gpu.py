@@ -121,14 +121,12 @@ def _prompt(engine: Engine, text: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-@pytest.mark.asyncio(loop_scope="module")
 async def test_gpu_worker_declares_what_a_cpu_worker_does(engine: Engine) -> None:
     assert engine.capabilities() == transformers_engine("cpu")
     caps = engine.capabilities()
     assert caps.seed and caps.logprobs and caps.max_top_logprobs == 20 and caps.structured_outputs and caps.n
 
 
-@pytest.mark.asyncio(loop_scope="module")
 async def test_gpu_seed_n_logprobs_and_top_k(engine: Engine) -> None:
     ids = _prompt(engine, "Write a poem about the sea.")
 
@@ -160,7 +158,6 @@ async def test_gpu_seed_n_logprobs_and_top_k(engine: Engine) -> None:
         assert entry.logprob == pytest.approx(entry.top[0][1]) and entry.logprob <= 0.0
 
 
-@pytest.mark.asyncio(loop_scope="module")
 async def test_gpu_structured_output_follows_the_schema(engine: Engine) -> None:
     ids = _prompt(engine, "Give me a city and its population as JSON.")
     response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
