@@ -8,6 +8,8 @@ startup     time to "inferq is up": cached starts, and (--fresh) a fresh clone
 responses   background responses: create rate vs POST /v1/jobs, resume request to first event
 waiting     200 clients waiting for their jobs: Prefer: wait vs polling every 50 ms vs SSE
 events      token events/s of one Valkey core with the event script vs three shards; per-job costs
+decode-step one decode step of the built-in engine in parts: linear, attention, KV cache, sampling, Python
+engines     engines through inferq side by side, alternating: streaming chat tokens/s at concurrency 16
 structured  engine tokens/s at concurrency 16 with 0 %, 50 % and 100 % of requests JSON-schema constrained
 scrape      /metrics scrapes and polls of queued jobs with 50,000 event streams in Redis, before and after
 all         all of the above, then `chart`; results in bench/results.json
@@ -30,6 +32,8 @@ COMMANDS = {
     "responses": "bench.responses",
     "waiting": "bench.waiting",
     "structured": "bench.structured",
+    "engines": "bench.engines",
+    "decode-step": "bench.decode_step",
     "events": "bench.events",
     "scrape": "bench.scrape",
     "all": "bench.run_all",

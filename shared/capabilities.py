@@ -136,21 +136,20 @@ def common(caps: Iterable[Capabilities]) -> Capabilities | None:
 # to load the tokenizer); the API uses these for a model none of whose workers is live.
 
 
-def transformers_engine(device: str, *, sampler: bool | None = None, grammars: bool = True) -> Capabilities:
-    """The built-in engine: its own sampler (seed, logprobs, grammar masks, hence structured outputs
-    and tools) runs on CPU workers only, for now; a GPU worker refuses those at submit instead of
-    failing them when they run."""
-    own_sampler = not device.startswith("cuda") if sampler is None else sampler
+def transformers_engine(device: str, *, grammars: bool = True) -> Capabilities:
+    """The built-in engine: its own sampler (seed, logprobs, top-k, grammar masks) runs on the device the
+    logits are on, so CPU and CUDA workers honour the same fields; structured outputs and tools need
+    llguidance to have read the tokenizer (`grammars`)."""
     return Capabilities(
         engine="transformers",
         n=True,
-        logprobs=own_sampler,
-        max_top_logprobs=MAX_TOP_LOGPROBS if own_sampler else 0,
-        seed=own_sampler,
+        logprobs=True,
+        max_top_logprobs=MAX_TOP_LOGPROBS,
+        seed=True,
         top_k=True,
         stop=True,
-        structured_outputs=own_sampler and grammars,
-        tools=own_sampler and grammars,  # calls are enforced by the same grammar masks
+        structured_outputs=grammars,
+        tools=grammars,  # calls are enforced by the same grammar masks
     )
 
 

@@ -28,10 +28,10 @@ HTTP = openai_http_engine()
         (CPU, {"n": 4, "logprobs": True, "top_logprobs": 20, "seed": 1, "top_k": 3, "stop": ["x"]}, None),
         (CPU, {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}, None),
         (CPU, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        (GPU, {"seed": 3}, "seed"),
-        (GPU, {"logprobs": True}, "logprobs"),
-        (GPU, {"response_format": {"type": "json_object"}}, "response_format"),
-        (GPU, {"n": 2, "top_k": 4, "stop": ["."]}, None),
+        # A GPU worker runs the same sampler on its device: it honours what a CPU worker does.
+        (GPU, {"n": 4, "logprobs": True, "top_logprobs": 20, "seed": 1, "top_k": 3, "stop": ["x"]}, None),
+        (GPU, {"response_format": {"type": "json_object"}}, None),
+        (GPU, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (HTTP, {"n": 2}, "n"),
         (HTTP, {"n": 1}, None),
         (HTTP, {"top_k": 1}, "top_k"),
@@ -39,7 +39,7 @@ HTTP = openai_http_engine()
         (HTTP, {"response_format": {"type": "text"}}, None),
         (HTTP, {"seed": 0, "stop": ["a"], "temperature": 0.5}, None),
         (CPU, {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, None),
-        (GPU, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (GPU, {"tools": [{"type": "function", "function": {"name": "f"}}]}, None),
         (HTTP, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (HTTP, {"tools": []}, None),
     ],
@@ -60,14 +60,17 @@ def test_capabilities_of_a_mixed_fleet_are_what_every_worker_honours() -> None:
     assert mixed is not None
     assert mixed.engine == "transformers, openai-http"
     honoured = (mixed.n, mixed.seed, mixed.logprobs, mixed.top_k, mixed.stop)
-    assert honoured == (False, False, False, False, True)
+    assert honoured == (False, True, False, False, True)
+    # A worker whose tokenizer llguidance could not read takes structured outputs away from its model.
+    no_grammar = common([CPU, transformers_engine("cuda:0", grammars=False)])
+    assert no_grammar is not None and not no_grammar.structured_outputs and no_grammar.seed
     assert Capabilities.from_json({**CPU.to_json(), "from_a_later_version": 1}) == CPU
 
 
 def test_capabilities_declared_per_engine_and_device() -> None:
     assert declared("openai-http", "cpu") == HTTP
     assert declared("transformers", "cpu") == CPU and CPU.structured_outputs and CPU.max_top_logprobs == 20
-    assert declared("transformers", "cuda:1") == GPU and not GPU.seed
+    assert declared("transformers", "cuda:1") == GPU == CPU
     # A CPU worker whose tokenizer llguidance could not read has no structured outputs.
     assert not transformers_engine("cpu", grammars=False).structured_outputs
     # vLLM honours every checked field, on any device, and as many top_logprobs as OpenAI allows.
@@ -79,6 +82,6 @@ def test_capabilities_declared_per_engine_and_device() -> None:
         "n",
         NOT_HONOURED.format(field="n", model="m", engines="vllm, openai-http"),
     )
-    # Tools are enforced by the same grammar masks: where those run, and only there.
-    assert CPU.tools and not GPU.tools and not HTTP.tools
+    # Tools are enforced by the same grammar masks, on the device the logits are on.
+    assert CPU.tools and GPU.tools and not HTTP.tools
     assert not transformers_engine("cpu", grammars=False).tools

@@ -116,3 +116,45 @@ async def test_greedy_requests_in_a_sampling_batch_decode_exactly_like_generate(
     for i in range(len(prompts)):
         assert results[2 * i] == expected[i]
         assert len(results[2 * i + 1]) > 0
+
+
+def test_sampler_computes_in_float32_when_the_logits_are_bfloat16() -> None:
+    """A bfloat16 model's logits are upcast before the sampler's log-softmax: the logprobs are float32's,
+    not bfloat16's (about 3 significant digits), and the rows it returns are float32."""
+    from worker.sampling import RequestExtras
+
+    torch.manual_seed(4)
+    scores = (torch.randn(2, 1000) * 4).to(torch.bfloat16)
+    extras = RequestExtras.of(seed=None, top_logprobs=3)
+    assert extras is not None
+    sampler = _sampler()
+    sampler._extra_rows = [(1, 0, extras)]
+    out = sampler(torch.zeros(2, dtype=torch.long), scores.clone(), _args([(1.0, 1, 1.0)] * 2))  # type: ignore[arg-type]
+    assert out.dtype == torch.float32
+    expected = torch.log_softmax(scores[1].float(), dim=-1)
+    token = int(expected.argmax())
+    (entry,) = extras.logprobs
+    assert entry.token == token
+    assert entry.logprob == float(expected[token])
+    best = torch.topk(expected, 3)
+    assert entry.top == list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+
+
+def test_grammar_bitmask_unpacked_with_torch_ops_matches_numpy() -> None:
+    """The unpacking a GPU worker runs on its device (torch shifts), checked here on CPU tensors against
+    the numpy unpacking CPU workers use, on random words (sign bit included) and a vocabulary that ends
+    inside a word."""
+    from worker.grammar import forbidden, forbidden_torch
+
+    generator = torch.Generator().manual_seed(5)
+    vocab = 49_152 - 7
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=generator)
+    bitmask[0] = -1  # every token allowed
+    expected = forbidden(bitmask, vocab)
+    got = forbidden_torch(bitmask, vocab)
+    assert got.dtype == torch.bool and got.shape == (3, vocab)
+    assert torch.equal(got, expected)
+    assert not bool(got[0].any())
+    # Bit i of word w is token 32w + i; a set bit allows it.
+    assert bool(got[1, 33]) == (not (int(bitmask[1, 1]) >> 1) & 1)

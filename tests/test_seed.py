@@ -1,20 +1,28 @@
 """`seed`: a seeded request draws from its own generator, so the same seed, prompt and parameters give
-the same text whatever else shares the engine's batch; another seed gives another text."""
+the same text whatever else shares the engine's batch; another seed gives another text.
+
+That promise is made for float32 models (docs/sampling.md): in bfloat16 (dtype `auto` on CPUs with
+AVX512-BF16 or AMX, and on GPUs) a change of batch moves the logits by far more than the draws can
+absorb, and seeded texts part after some tokens. So the engine-level test runs on a float32 worker of
+its own (a second served name on the session's servers), whatever `auto` picks on the machine."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from openai import AsyncOpenAI
 
-from tests.conftest import Stack
+from tests.conftest import Proc, Stack, _free_port, live_workers, registry, start_api, wait_for
 from tests.helpers import STORY
 from tests.test_sampling import _args, _sampler
 from worker.sampling import RequestExtras
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = "smol-float32"
 NEIGHBOURS = [
     "Name three rivers of Europe.",
     "Write a poem about the sea.",
@@ -23,9 +31,30 @@ NEIGHBOURS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def float32_api(stack: Stack, model_dir: Path) -> Iterator[str]:
+    """An API that also serves MODEL, and a float32 worker of MODEL (its own queue: the session's worker
+    serves the other name); both stop when the module ends."""
+    url, api = start_api(stack, INFERQ_EXTRA_MODELS=json.dumps({MODEL: str(model_dir)}))
+    env = {**stack.api.env, "INFERQ_MODEL__SERVED_NAME": MODEL, "INFERQ_MODEL__DTYPE": "float32"}
+    worker = Proc(
+        ["worker", "--max-batch", "16", "--metrics-port", str(_free_port())], env, stack.api.log_dir
+    )
+    worker.start()
+    try:
+        serving = lambda: any(w.get("model") == MODEL for w in registry(stack.servers.redis_url))  # noqa: E731
+        wait_for(serving, 120, "the float32 worker", [api, worker])
+        yield url
+    finally:
+        worker.stop()
+        api.stop()
+        # Other modules count the session's live workers: this one must be gone from the registry.
+        wait_for(lambda: live_workers(stack.servers.redis_url) == 1, 60, "the float32 worker gone", [])
+
+
 @pytest.fixture
-async def oai(stack: Stack) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+async def oai(float32_api: str) -> AsyncIterator[AsyncOpenAI]:
+    yield AsyncOpenAI(base_url=f"{float32_api}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def test_seed_a_seeded_rows_draws_do_not_depend_on_its_neighbours() -> None:

@@ -20,7 +20,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from shared.capabilities import Capabilities, transformers_engine
 from shared.settings import ModelSettings
-from worker import sampling
+from worker import attention, sampling
 from worker.grammar import Constraint, Grammars
 from worker.sampling import RequestExtras, TokenLogprob
 
@@ -29,11 +29,8 @@ log = logging.getLogger(__name__)
 # Below this, dividing the logits by the temperature overflows them: such requests run greedy (as in vLLM).
 GREEDY_BELOW = 1e-5
 STRUCTURED_UNAVAILABLE = (
-    "response_format and tools cannot run on this worker: their grammars need the CPU sampler (not on "
-    "GPU workers yet) and a fast (Rust) tokenizer"
+    "response_format and tools cannot run on this worker: their grammars need a fast (Rust) tokenizer"
 )
-# Rather than run a seeded request unseeded, or drop the logprobs it asked for, the job fails saying why.
-SAMPLER_UNAVAILABLE = "{what} cannot run on this worker: it needs the CPU sampler (not on GPU workers yet)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +142,6 @@ class Engine:
         self._constraints: dict[str, Constraint] = {}
         # Seeded requests' generators and logprobs requests' lists, likewise (sampling.RequestExtras).
         self._extras: dict[str, RequestExtras] = {}
-        self._sampler = False  # whether our BatchSampler runs (CPU workers)
         self.step_observer: Callable[[int], None] | None = None  # sees each step's batch size
 
     def start(self) -> None:
@@ -170,23 +166,28 @@ class Engine:
             max_batch_tokens=self.settings.max_batch_tokens,
             num_blocks=self.settings.num_blocks or self._default_blocks(),
             page_size=self.settings.page_size,
+            # Our sampler (below) reads which request each row is in prepare_tensor_args, then samples in
+            # the same step, with a few host reads: a step captured in a CUDA graph, or the next batch
+            # prepared while the current one runs (async batching), would break both. transformers
+            # turns them on only with a flash attention kernel (the worker loads sdpa), so on CPUs and
+            # on GPUs running sdpa this changes nothing.
+            use_cuda_graph=False,
+            use_async_batching=False,
         )
+        if not str(self.model.device).startswith("cuda"):
+            attention.install()  # decode steps attend each request to its own keys only
         init = self.model.init_continuous_batching
         manager = init(generation_config=gen, continuous_batching_config=cb)
         manager.output_router = _LoopRouter(asyncio.get_running_loop(), self)
-        if not str(self.model.device).startswith("cuda"):
-            sampling.install(manager, self._constraints, self._extras)
-            self._sampler = True
-            self._grammars = self._build_grammars(eos[0] if isinstance(eos, list) else eos)
+        # The sampler runs on whatever device the logits are on, so CPU and GPU workers offer the same.
+        sampling.install(manager, self._constraints, self._extras)
+        self._grammars = self._build_grammars(eos[0] if isinstance(eos, list) else eos)
         manager.start()
         self._manager = manager
 
     def capabilities(self) -> Capabilities:
-        """What this worker honours, once started: the sampler runs on CPU workers, and grammars need
-        llguidance to have read the tokenizer."""
-        return transformers_engine(
-            str(self.model.device), sampler=self._sampler, grammars=self._grammars is not None
-        )
+        """What this worker honours, once started: grammars need llguidance to have read the tokenizer."""
+        return transformers_engine(str(self.model.device), grammars=self._grammars is not None)
 
     def _build_grammars(self, eos: int) -> Grammars | None:
         """llguidance's view of the tokenizer (about a second, once per worker); without it the worker
@@ -217,11 +218,7 @@ class Engine:
         if self._manager is None:
             raise RuntimeError("engine not started")
         constraint = self._constraint(options)
-        extras = RequestExtras.of(options.seed, options.top_logprobs)
-        if extras is not None and not self._sampler:
-            raise RuntimeError(
-                SAMPLER_UNAVAILABLE.format(what="seed" if options.seed is not None else "logprobs")
-            )
+        extras = RequestExtras.of(options.seed, options.top_logprobs, self.model.device)
         handle = RequestHandle(request_id, extras)
         self._handles[request_id] = handle
         self.stats.active = len(self._handles)

@@ -28,12 +28,47 @@ _COMPLETE = ".inferq-complete"
 Progress = Callable[[str], None]
 
 
-def _torch_dtype(name: str, device: str) -> Any:
+# CPU flags (from /proc/cpuinfo) whose presence means bfloat16 matrix products run in hardware
+# (AVX512-BF16 dot products, AMX tiles); without them oneDNN emulates bfloat16, slower than float32.
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(name: str, device: str) -> tuple[Any, str]:
+    """(torch dtype, why) for the `dtype` setting on `device`: `auto` is bfloat16 where the device runs it
+    natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX that oneDNN will use) and
+    float32 elsewhere; an explicit name is taken as given."""
     import torch
 
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name != "auto":
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return dtype, f"dtype {name} as configured"
+    if device.startswith("cuda"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"auto: {device} supports bfloat16"
+        return torch.float32, f"auto: {device} does not support bfloat16"
+    if device == "cpu":
+        flags = sorted(_cpu_flags().intersection(_BF16_CPU_FLAGS))
+        if not flags:
+            return torch.float32, "auto: the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag)"
+        try:
+            onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch built without oneDNN
+            onednn = False
+        if onednn:
+            return torch.bfloat16, f"auto: the CPU runs bfloat16 natively ({', '.join(flags)})"
+        return torch.float32, f"auto: the CPU has {', '.join(flags)} but this torch has no oneDNN bfloat16"
+    return torch.float32, f"auto: float32 on {device}"
 
 
 def _quiet_transformers() -> None:
@@ -57,9 +92,9 @@ def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:
         torch.set_num_threads(model.threads)
     kwargs: dict[str, Any] = {"gguf_file": model.gguf_file} if model.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_torch_dtype(model.dtype, model.device), attn_implementation="sdpa", **kwargs
-    )
+    dtype, why = resolve_dtype(model.dtype, model.device)
+    log.info("model dtype %s (%s)", str(dtype).removeprefix("torch."), why)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
     lm = lm.to(model.device).eval()  # type: ignore[arg-type]
     return lm, tokenizer
 

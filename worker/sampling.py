@@ -14,7 +14,10 @@ even for rows that asked for greedy decoding. On a CPU that is a tenth of a smal
   that is -inf everywhere except the sampled token.
 
 So each token is drawn from the same distribution as in transformers, and the cost scales with the
-rows that sample. It reads per-request values on the host, so it is for CPU runs only.
+rows that sample. Everything runs on the device the logits are on (a CPU or a CUDA GPU), in float32
+whatever the model's dtype: the engine hands over float32 logits, and the sampler upcasts any that are
+not, so logprobs keep float32's precision under a bfloat16 model. The per-request values it needs on
+the host (which rows sample, their largest k) cost a few small device-to-host reads per step.
 
 Structured outputs ride on the same call: the rows of requests with a grammar (`constraints`, by
 request id) get their llguidance token mask applied first, so that a greedy row's token is exactly
@@ -83,10 +86,14 @@ class RequestExtras:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
-    def of(cls, seed: int | None, top_logprobs: int | None) -> RequestExtras | None:
+    def of(
+        cls, seed: int | None, top_logprobs: int | None, device: torch.device | str = "cpu"
+    ) -> RequestExtras | None:
+        """`device`: where the logits are, so the seeded generator draws there (torch.multinomial needs
+        its generator on the probabilities' device)."""
         if seed is None and top_logprobs is None:
             return None
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         return cls(generator, top_logprobs)
 
     def record(self, position: int, entry: TokenLogprob) -> None:
@@ -140,13 +147,15 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
         if not picked:
             return scores
         vocab = scores.size(-1)
+        # llguidance writes the packed masks into host memory; they go to the logits' device packed
+        # (32 tokens a word) and are unpacked there.
         bitmask = torch.full((len(picked), (vocab + 31) // 32), -1, dtype=torch.int32)
         for j, (_, constraint) in enumerate(picked):
             grammar.fill(constraint, bitmask, j)
-        forbidden = grammar.forbidden(bitmask, vocab)
+        forbidden = grammar.forbidden(bitmask, vocab, scores.device)
         if len(picked) == scores.size(0):
             return scores.masked_fill_(forbidden, -float("inf"))  # every row: in place, no copies
-        index = torch.tensor([row for row, _ in picked])
+        index = torch.tensor([row for row, _ in picked], device=scores.device)
         scores[index] = scores[index].masked_fill(forbidden, -float("inf"))
         return scores
 
@@ -154,6 +163,10 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
         self, input_ids: torch.LongTensor, scores: torch.Tensor, logits_processor_args: torch.Tensor
     ) -> torch.Tensor:
         rows = scores.size(0)
+        if scores.dtype != torch.float32:
+            # transformers' runner upcasts the logits already; this keeps the sampler's log-softmax,
+            # temperature and top-p in float32 if one ever hands it a half-precision row.
+            scores = scores.float()
         if self._rows:
             scores = self._mask(scores)
         args: dict[type, tuple[ContinuousBatchingLogitsProcessor, torch.Tensor]] = {}
@@ -167,7 +180,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
         extra_rows = [e for e in self._extra_rows if e[0] < rows]
         top_k = args.get(ContinuousBatchingTopKLogitsWarper)
         if top_k is None:
-            sampled = torch.arange(rows)
+            sampled = torch.arange(rows, device=scores.device)
         else:
             sampled = (top_k[1] != 1).nonzero().squeeze(-1)
         if sampled.numel() == 0:
@@ -202,7 +215,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
         seeded = {row: e.generator for row, _, e in extra_rows if e.generator is not None}
         if not seeded:
             return torch.multinomial(probs, num_samples=1)
-        tokens = torch.empty((probs.size(0), 1), dtype=torch.int64)
+        tokens = torch.empty((probs.size(0), 1), dtype=torch.int64, device=probs.device)
         free = []
         for j, row in enumerate(sampled.tolist()):
             generator = seeded.get(row)
@@ -211,7 +224,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
             else:
                 tokens[j] = torch.multinomial(probs[j], num_samples=1, generator=generator)
         if free:
-            index = torch.tensor(free)
+            index = torch.tensor(free, device=probs.device)
             tokens[index] = torch.multinomial(probs[index], num_samples=1)
         return tokens
 
@@ -224,7 +237,8 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
         wanted = [(row, pos, e) for row, pos, e in extra_rows if e.top_logprobs is not None]
         if not wanted:
             return
-        logprobs = torch.log_softmax(scores[torch.tensor([row for row, _, _ in wanted])], dim=-1)
+        index = torch.tensor([row for row, _, _ in wanted], device=scores.device)
+        logprobs = torch.log_softmax(scores[index], dim=-1)
         k = max(int(e.top_logprobs or 0) for _, _, e in wanted)
         top = torch.topk(logprobs, k, dim=-1) if k else None
         for j, (row, pos, extras) in enumerate(wanted):

@@ -1,0 +1,147 @@
+"""Engines through inferq, side by side in one run: streaming chat tokens/s at one concurrency (16 by
+default, 64 tokens each, greedy, the bench prompts), the systems started one at a time and measured
+in turns (round 1: A, B, ...; round 2: A, B, ...), so that a machine whose load drifts during the run
+weighs on every system alike.
+
+    python -m bench engines [--systems builtin-main-float32,builtin] [--rounds 2] [--json out.json]
+
+Systems:
+  builtin               inferq's built-in engine from this checkout, its defaults (dtype auto)
+  builtin-float32       the same with INFERQ_MODEL__DTYPE=float32
+  builtin-main-float32  the built-in engine as on the `main` branch (exported from git into a temporary
+                        directory and run from there), float32: the "before" of a change to the engine
+  transformers-serve    `transformers serve --continuous-batching`, float32 (bench.systems)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import systems
+from bench.harness import SERVED_NAME, demo_model, running_stack
+from bench.machine import stack_markers
+from bench.peers import run_level, warm_up
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ("builtin", "builtin-float32", "builtin-main-float32", "transformers-serve")
+
+
+@contextlib.contextmanager
+def _main_tree(ref: str) -> Iterator[Path]:
+    """`ref`'s files (git archive) in a temporary directory, to run that version's code."""
+    with tempfile.TemporaryDirectory(prefix="inferq-bench-main-") as tmp:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _builtin(
+    model_dir: Path, *, max_batch: int, log_dir: Path, dtype: str | None, code: Path | None
+) -> Iterator[systems.Running]:
+    env = {"INFERQ_AUTH": "off", "INFERQ_MAX_QUEUE_SECONDS": "100000"}
+    if dtype:
+        env["INFERQ_MODEL__DTYPE"] = dtype
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    with running_stack(model_dir, max_batch=max_batch, log_dir=log_dir, extra_env=env) as stack:
+        systems.answers_chat(stack.base_url, SERVED_NAME)()
+        pids = {"api": stack.api_pid, "worker": stack.worker_pid or 0}
+        config = {"max_batch": max_batch, "dtype": dtype or "auto", "code": str(code or REPO)}
+        markers = stack_markers(stack.redis_url, stack.database_url)
+        yield systems.Running("inferq", stack.base_url, SERVED_NAME, pids, config, markers)
+
+
+def _start(
+    name: str, model_dir: Path, args: argparse.Namespace, log_dir: Path, main_code: Path | None
+) -> contextlib.AbstractContextManager[systems.Running]:
+    if name == "builtin":
+        return _builtin(model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype=None, code=None)
+    if name == "builtin-float32":
+        return _builtin(model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype="float32", code=None)
+    if name == "builtin-main-float32":
+        return _builtin(model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype="float32", code=main_code)
+    if name == "transformers-serve":
+        return systems.transformers_serve(model_dir, max_batch=args.max_batch, log_dir=log_dir)
+    raise ValueError(f"unknown system {name!r}; one of {', '.join(SYSTEMS)}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    for n in names:
+        if n not in SYSTEMS:
+            raise SystemExit(f"unknown system {n!r}; one of {', '.join(SYSTEMS)}")
+    model_dir = demo_model()
+    log_dir = Path(tempfile.mkdtemp(prefix="inferq-bench-engines-"))
+    result: dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": _cores()},
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "requests": args.requests or 2 * args.concurrency,
+        "systems": {n: {"runs": []} for n in names},
+        "order": [],
+    }
+    with contextlib.ExitStack() as stack:
+        needs_main = "builtin-main-float32" in names
+        main_code = stack.enter_context(_main_tree(args.main_ref)) if needs_main else None
+        for rnd in range(args.rounds):
+            for name in names:
+                with _start(name, model_dir, args, log_dir / f"{name}-{rnd}", main_code) as running:
+                    asyncio.run(warm_up(running.base_url, running.model))
+                    level = asyncio.run(
+                        run_level(
+                            running,
+                            concurrency=args.concurrency,
+                            requests=result["requests"],
+                            max_tokens=args.max_tokens,
+                        )
+                    )
+                level["config"] = running.config
+                result["systems"][name]["runs"].append(level)
+                result["order"].append(name)
+                print(f"round {rnd + 1} {name}: {level['tokens_per_s']} tokens/s", flush=True)
+    for entry in result["systems"].values():
+        entry["tokens_per_s_median"] = round(statistics.median(r["tokens_per_s"] for r in entry["runs"]), 2)
+    base = names[0]
+    for entry in result["systems"].values():
+        entry["ratio_to_" + base] = round(
+            entry["tokens_per_s_median"] / result["systems"][base]["tokens_per_s_median"], 2
+        )
+    return result
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench engines", description=__doc__)
+    parser.add_argument("--systems", default="builtin-main-float32,builtin")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=0, help="per system and round; 0: 2 x concurrency")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--main-ref", default="main", help="git ref of builtin-main-float32")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = run(args)
+    for name, entry in result["systems"].items():
+        runs = ", ".join(str(r["tokens_per_s"]) for r in entry["runs"])
+        ratio = next(v for k, v in entry.items() if k.startswith("ratio_to_"))
+        print(f"{name}: {runs} tokens/s (median {entry['tokens_per_s_median']}, {ratio}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
