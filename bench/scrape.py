@@ -6,7 +6,7 @@ worker: a registry entry stands in for one, so that the jobs stay queued and the
 Requests go one at a time; per request: latency p50/p99, the API process's CPU time (psutil), and the
 Redis commands (all, and SCANs) and Redis CPU it caused (`INFO commandstats`, `INFO cpu`).
 
-    python -m bench scrape [--baseline /work/wt/metrics-baseline] [--streams 50000] [--scrapes 1000]
+    python -m bench scrape [--baseline ../inferq-087942a] [--streams 50000] [--scrapes 1000]
                            [--polls 10000] [--baseline-polls 1000] [--jobs 50] [--json bench/scrape.json]
 """
 
