@@ -269,7 +269,11 @@ def start_api(stack: Stack, **env: str) -> tuple[str, Proc]:
             return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
         return False
 
-    wait_for(ready, 120, "an extra API", [api])
+    try:
+        wait_for(ready, 120, "an extra API", [api])
+    except BaseException:  # a failed or timed-out start (pytest-timeout raises in here) leaves nothing
+        api.stop()
+        raise
     return url, api
 
 
