@@ -47,6 +47,8 @@ STATE_DEPENDENT = {
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/responses"),
+    # The fuzzed model is a chat model: embeddings of it are a 400 naming `model` (and `dimensions`).
+    ("POST", "/v1/embeddings"),
     ("GET", "/v1/responses/{response_id}/input_items"),
     ("GET", "/v1/responses/{response_id}"),  # a starting_after past the response's last event
     # A URL the SSRF guard (loopback only here) refuses, an unknown `after` cursor.
