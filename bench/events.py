@@ -119,7 +119,7 @@ async def _load(
     ws = [EventWriter(c, maxlen=20_000, ttl_seconds=600) for c in clients]
     await asyncio.to_thread(parent.recv)  # the relay has every subscription
     data = {"index": 0, "text": " token"}  # a typical token event
-    await ws[0].publish_many([(j, "token", data) for j in job_ids])  # scripts loaded, connections open
+    await ws[0].publish_many([(j, "token", data, 0) for j in job_ids])  # scripts loaded, connections open
     await asyncio.sleep(0.5)  # those reach the relay before it starts counting
     written = 0
     running = True
@@ -128,7 +128,7 @@ async def _load(
         nonlocal written
         rng = random.Random()
         while running:
-            items: list[Any] = [(rng.choice(job_ids), "token", data) for _ in range(batch)]
+            items: list[Any] = [(rng.choice(job_ids), "token", data, 0) for _ in range(batch)]
             await w.publish_many(items)
             written += batch
 

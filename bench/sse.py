@@ -125,7 +125,7 @@ async def publish_tokens(
         stamp = time.time()
         for k in range(sent, min(total, sent + per_tick)):
             index, job = divmod(k, len(ids))
-            batch.append((ids[job], "token", {"index": index, "text": " tok", "t": stamp}))
+            batch.append((ids[job], "token", {"index": index, "text": " tok", "t": stamp}, 0))
         await writer.publish_many(batch)  # type: ignore[arg-type]
         sent += len(batch)
         next_at += tick
@@ -163,7 +163,7 @@ async def run_async(stack: RunningStack, args: argparse.Namespace) -> dict[str, 
     try:
         async with fake_worker(redis, args.streams):
             await writer.publish_many(
-                [(i, "status", {"status": "running", "worker_id": FAKE_WORKER}) for i in ids]
+                [(i, "status", {"status": "running", "worker_id": FAKE_WORKER}, 0) for i in ids]
             )
             cmd = [sys.executable, "-m", "bench.sse_client", "--url", stack.base_url]
             cmd += ["--ids", str(ids_file), "--out", str(out_file)]
@@ -185,7 +185,7 @@ async def run_async(stack: RunningStack, args: argparse.Namespace) -> dict[str, 
                         writer, ids, args.events_per_stream, args.rate, args.tick
                     )
                     await writer.publish_many(
-                        [(i, "done", {"finish_reason": "length", "t": time.time()}) for i in ids]
+                        [(i, "done", {"finish_reason": "length", "t": time.time()}, 0) for i in ids]
                     )
                     await _read_until(proc, "DONE", 600)
                     published["machine_busy"], published["api_cpu_cores"] = meter.busy(), api_cpu.cores()

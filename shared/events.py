@@ -34,24 +34,44 @@ CHOICE = "choice"
 RESUME_FROM_BY_CHOICE = "resume_from_chars_by_choice"
 CHOICES = "choices"
 
-_PUBLISH_LUA = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', 'e', ARGV[3], 'd', ARGV[4])
+# Every event is written with the attempt it belongs to (ARGV[6]; 0: written by the API, no attempt's),
+# and each entry keeps the highest attempt seen so far (field `a`): an event of an older attempt than
+# that (a worker that was frozen, lost its job to another and woke up) is dropped, as is any event after
+# the job's end (`done` or `error`). A dropped event returns seq 0, which XADD never gives.
+_FENCE_LUA = """
+local fence = 0
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  local f = last[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'e' and (f[i + 1] == 'done' or f[i + 1] == 'error') then return 0 end
+    if f[i] == 'a' then fence = tonumber(f[i + 1]) end
+  end
+end
+local attempt = tonumber(ARGV[6])
+if attempt > 0 and attempt < fence then return 0 end
+if attempt > fence then fence = attempt end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', 'e', ARGV[3], 'd', ARGV[4], 'a', fence)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local seq = string.sub(id, 3)
-redis.call('PUBLISH', ARGV[5], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+"""
+_PUBLISH_LUA = (
+    _FENCE_LUA
+    + """redis.call('PUBLISH', ARGV[5], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
 return seq
 """
+)
 
 # The cluster's variant: a sharded channel in the stream's slot, so the server routes and checks it
 # with the stream. It travels as an argument: declared as a key it would count as a missing key while
 # its slot is being migrated, and every event of the slot would fail with TRYAGAIN until the end.
-_SPUBLISH_LUA = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', 'e', ARGV[3], 'd', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local seq = string.sub(id, 3)
-redis.call('SPUBLISH', ARGV[5], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+_SPUBLISH_LUA = (
+    _FENCE_LUA
+    + """redis.call('SPUBLISH', ARGV[5], seq .. '|' .. ARGV[3] .. '|' .. ARGV[4])
 return seq
 """
+)
+FENCED = 0  # the seq of an event that was dropped (an older attempt's, or after the job's end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +157,8 @@ def dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
-Item = tuple[str, EventType, dict[str, Any]]
+# (job id, event, data, attempt): the attempt of the job that writes it, 0 for an event the API writes.
+Item = tuple[str, EventType, dict[str, Any], int]
 _REDIRECT_TRIES = 3
 
 
@@ -170,7 +191,7 @@ class EventWriter:
         except Exception:  # slot not covered right now: its own lane, retried after a lookup
             return "?"
 
-    def _args(self, job_id: str, event: str, data: dict[str, Any]) -> tuple[Any, ...]:
+    def _args(self, job_id: str, event: str, data: dict[str, Any], attempt: int) -> tuple[Any, ...]:
         return (
             "EVALSHA",
             self._sha,
@@ -181,10 +202,12 @@ class EventWriter:
             event,
             dumps(data),
             keys.live_channel(job_id),
+            attempt,
         )
 
-    async def publish(self, job_id: str, event: EventType, data: dict[str, Any]) -> int:
-        return (await self.publish_many([(job_id, event, data)]))[0]
+    async def publish(self, job_id: str, event: EventType, data: dict[str, Any], *, attempt: int = 0) -> int:
+        """One event; its seq, or FENCED if it was dropped (see _FENCE_LUA)."""
+        return (await self.publish_many([(job_id, event, data, attempt)]))[0]
 
     async def publish_many(self, items: list[Item]) -> list[int]:
         """One round trip per shard for all items; raises the first error any item got."""
@@ -212,8 +235,8 @@ class EventWriter:
         for _ in range(2):
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for job_id, event, data in items:
-                        pipe.execute_command(*self._args(job_id, event, data))
+                    for item in items:
+                        pipe.execute_command(*self._args(*item))
                     results = await pipe.execute(raise_on_error=False)
             except Exception as exc:  # the connection: no reply to any of them
                 return [exc] * len(items)
@@ -293,7 +316,7 @@ def _suffix_failures(items: Sequence[Item], results: list[Any]) -> list[int | Ba
     the caller sends a job's failed events again in order and its stream must stay in order."""
     failed: dict[str, BaseException] = {}
     out: list[int | BaseException] = []
-    for (job_id, _, _), r in zip(items, results, strict=True):
+    for (job_id, *_), r in zip(items, results, strict=True):
         if job_id in failed:
             out.append(failed[job_id])
         elif isinstance(r, BaseException):

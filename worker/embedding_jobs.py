@@ -86,7 +86,10 @@ class EmbeddingRunner(JobRunner):
         metrics.success.labels(name, reason.value).inc()
         usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
         self.events.emit(
-            run.job_id, "done", {"finish_reason": reason.value, "usage": usage, "timings": timings}
+            run.job_id,
+            "done",
+            {"finish_reason": reason.value, "usage": usage, "timings": timings},
+            attempt=run.claim.attempt,
         )
         await self.events.flush(run.job_id)
         return status.value

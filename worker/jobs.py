@@ -94,7 +94,7 @@ class _Output:
         return self.resume + self.decoder.text
 
 
-@dataclass
+@dataclass(eq=False)
 class _Run:
     job_id: str
     claim: _Claim
@@ -147,8 +147,10 @@ class JobRunner:
         self.default_max_tokens = default_max_tokens
         self.model_name = model_name
         self.output_webhook_seconds = output_webhook_seconds
-        self.running: dict[str, _Run] = {}
+        self.running: dict[str, _Run] = {}  # by job: its newest attempt on this worker
+        self._runs: set[_Run] = set()  # every attempt running here (a frozen worker may hold two of a job)
         self._token_texts: TokenTexts | None = None
+        events.on_fenced = self._fenced
 
     def _logprob_dicts(self, entries: list[TokenLogprob], eos: set[int]) -> list[dict[str, Any]]:
         """The sampler's entries as shared.logprobs.TokenLogprob dicts; the end-of-sequence token that
@@ -195,13 +197,14 @@ class JobRunner:
         if claim.attempt > 1:
             run.resumes, run.next_index, run.resume_logprobs = await self._published(job_id, n)
         self.running[job_id] = run
+        self._runs.add(run)
         metrics.queue_time.labels(self.model_name).observe(_ms(claim.started_at - claim.created_at) / 1000)
         metrics.running.labels(self.model_name).inc()
         status = {"status": "running", "worker_id": self.worker_id, "attempt": claim.attempt}
         status[RESUME_FROM] = len(run.resumes[0])
         if n > 1:
             status[RESUME_FROM_BY_CHOICE] = [len(text) for text in run.resumes]
-        self.events.emit(job_id, "status", status)
+        self.events.emit(job_id, "status", status, attempt=claim.attempt)
         timer = self._arm_deadline(run)
         try:
             return await self._generate(run)
@@ -224,7 +227,9 @@ class JobRunner:
             if timer is not None:
                 timer.cancel()
             metrics.running.labels(self.model_name).dec()
-            self.running.pop(job_id, None)
+            self._runs.discard(run)
+            if self.running.get(job_id) is run:  # a newer attempt of it may run here now (see _fenced)
+                del self.running[job_id]
             self._stop(run)
 
     def _arm_deadline(self, run: _Run) -> asyncio.TimerHandle | None:
@@ -313,6 +318,15 @@ class JobRunner:
         run.cancelled = True
         self._stop(run)
         return True
+
+    def _fenced(self, job_id: str, attempt: int) -> None:
+        """Redis dropped this attempt's events: a newer attempt runs the job (this worker was frozen long
+        enough to lose it, and woke up) or it ended. Stop generating it; its final write will find the
+        job moved on and drop the result."""
+        for run in list(self._runs):
+            if run.job_id == job_id and run.claim.attempt == attempt:
+                run.cancelled = True
+                self._stop(run)
 
     def _stop(self, run: _Run) -> None:
         """Make the engine drop the job's request, if it still runs."""
@@ -509,7 +523,7 @@ class JobRunner:
             event[CHOICE] = out.index
         if out.options.top_logprobs is not None:
             event[LOGPROBS] = out.pending
-        self.events.emit(run.job_id, "token", event)
+        self.events.emit(run.job_id, "token", event, attempt=run.claim.attempt)
         run.next_index += 1
         out.logprobs += out.pending
         out.pending = []
@@ -581,7 +595,7 @@ class JobRunner:
         done: dict[str, Any] = {"finish_reason": reason.value, "usage": usage, "timings": timings}
         if choices is not None:
             done[CHOICES] = [{"index": c["index"], "finish_reason": c["finish_reason"]} for c in choices]
-        self.events.emit(run.job_id, "done", done)
+        self.events.emit(run.job_id, "done", done, attempt=run.claim.attempt)
         await self.events.flush(run.job_id)
         return status.value
 
@@ -637,7 +651,12 @@ class JobRunner:
         }
         with contextlib.suppress(Exception):
             if await self._write_final(run, JobStatus.FAILED, values):
-                self.events.emit(run.job_id, "error", {"type": error_type, "message": message[:2000]})
+                self.events.emit(
+                    run.job_id,
+                    "error",
+                    {"type": error_type, "message": message[:2000]},
+                    attempt=run.claim.attempt,
+                )
                 await self.events.flush(run.job_id)
 
     async def _requeue(self, run: _Run, reason: str = "worker_shutdown") -> None:
@@ -660,6 +679,7 @@ class JobRunner:
                         "reason": reason,
                         "attempt": run.claim.attempt,
                     },
+                    attempt=run.claim.attempt + 1,  # this attempt's late events are dropped from now on
                 )
                 await aio.wait_for(self.events.flush(run.job_id), 2)
         except Exception:

@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared import aio
 from shared.eventredis import REDIRECTS
-from shared.events import CHOICE, EventType, EventWriter, Item
+from shared.events import CHOICE, FENCED, EventType, EventWriter, Item
 from shared.logprobs import LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class EventBatcher:
     def __init__(self, writer: EventWriter, *, coalesce_seconds: float = 0.0) -> None:
         self._writer = writer
         self._coalesce = coalesce_seconds
+        # Called with (job, attempt) whose events Redis dropped: a newer attempt owns the job, or it ended.
+        self.on_fenced: Callable[[str, int], None] | None = None
         self._merged: dict[str, int] = {}  # per job: token events taken into an earlier one (index shift)
         self._lanes: dict[str, _Lane] = {}
         self._busy: set[str] = set()  # shards with a send in flight: one at a time each, in order
@@ -90,14 +93,17 @@ class EventBatcher:
         await asyncio.gather(*self._sends, return_exceptions=True)
         await self._writer.aclose()
 
-    def emit(self, job_id: str, event: EventType, data: dict[str, Any]) -> None:
+    def emit(self, job_id: str, event: EventType, data: dict[str, Any], *, attempt: int = 0) -> None:
+        """Queue one event of the job's attempt `attempt` (0: of no attempt). Once Redis has seen a newer
+        attempt's events, or the job's end, an attempt's events are dropped (shared.events._FENCE_LUA)
+        and `on_fenced` is told."""
         lane = self._lanes.get(job_id)
         if lane is None:
             lane = self._lanes[job_id] = _Lane(job_id)
         if self._coalesce and event == "token":
             now = asyncio.get_running_loop().time()
             if lane.tail_open(now) and lane.items[-1][2].get(CHOICE) == data.get(CHOICE):
-                lane.items[-1] = (job_id, "token", _joined(lane.items[-1][2], data))
+                lane.items[-1] = (job_id, "token", _joined(lane.items[-1][2], data), lane.items[-1][3])
                 self._merged[job_id] = self._merged.get(job_id, 0) + 1
                 return
             shift = self._merged.get(job_id)
@@ -107,7 +113,7 @@ class EventBatcher:
         elif event != "token":
             # A new attempt numbers its tokens on from what its stream holds; an ended job has no more.
             self._merged.pop(job_id, None)
-        lane.items.append((job_id, event, data))
+        lane.items.append((job_id, event, data, attempt))
         lane.emitted += 1
         self._wake.set()
 
@@ -163,13 +169,16 @@ class EventBatcher:
             results = [exc] * len(items)
         now = asyncio.get_running_loop().time()
         failed: list[tuple[_Lane, BaseException]] = []
+        fenced: set[tuple[str, int]] = set()
         pos = 0
         for lane, taken in batch:
             mine = results[pos : pos + len(taken)]
             pos += len(taken)
             ok = next((i for i, r in enumerate(mine) if isinstance(r, BaseException)), len(mine))
-            for _ in range(ok):
-                lane.items.popleft()
+            for r in mine[:ok]:
+                item = lane.items.popleft()
+                if r == FENCED:
+                    fenced.add((lane.job_id, item[3]))
             lane.written += ok
             lane.sending = 0
             if ok < len(mine):
@@ -193,6 +202,14 @@ class EventBatcher:
                 error,
                 first.retry_at - now,
             )
+        for job_id, attempt in fenced:
+            log.warning(
+                "job %s attempt %d: its events were dropped (a newer attempt runs it, or it ended)",
+                job_id,
+                attempt,
+            )
+            if self.on_fenced is not None:
+                self.on_fenced(job_id, attempt)
         self._busy.discard(route)
         self._resolve()
         self._wake.set()

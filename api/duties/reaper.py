@@ -170,6 +170,7 @@ class Reaper:
                     "worker_id": row.worker_id,
                     "attempt": row.attempts,
                 },
+                attempt=row.attempts + 1,  # the lost attempt's late events are dropped from now on
             )
             await ensure_enqueued(services, row.id, queue, row.tenant, in_line_since=row.created_at)
             return

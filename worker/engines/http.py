@@ -341,7 +341,7 @@ class HttpRunner(JobRunner):
             event[CHOICE] = out.index
         if _top(run.claim.request) is not None:
             event[LOGPROBS] = out.pending
-        self.events.emit(run.job_id, "token", event)
+        self.events.emit(run.job_id, "token", event, attempt=run.claim.attempt)
         run.next_index += 1
         out.logprobs += out.pending
         out.pending = []
