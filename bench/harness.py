@@ -61,6 +61,7 @@ def running_stack(
     extra_env: dict[str, str] | None = None,
     worker: bool = True,
     code: Path | None = None,
+    ready_timeout: float = 180,
 ) -> Iterator[RunningStack]:
     """Embedded Valkey + PostgreSQL in a temporary directory, then `inferq api` and (unless `worker` is
     false) `inferq worker`; every process is stopped on exit, and dies with the benchmark. `code`: run
@@ -102,7 +103,7 @@ def running_stack(
             wait_until(
                 lambda: _ready(base, redis_url, worker),
                 procs,
-                timeout=180,
+                timeout=ready_timeout,
                 what=f"inferq stack (logs in {logs})",
             )
             yield RunningStack(

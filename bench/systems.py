@@ -4,6 +4,7 @@ inferq (API + one worker), `transformers serve --continuous-batching`, and the n
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -93,6 +94,51 @@ def transformers_serve(model_dir: Path, *, max_batch: int, log_dir: Path) -> Ite
     ) as proc:
         config = {"num_blocks": blocks, "max_batch_tokens": 512, "command": " ".join(args[1:])}
         yield Running("transformers-serve", base, model, {"server": proc.pid}, config)
+
+
+def vllm_python() -> Path:
+    """The python of the vLLM environment `--engine vllm` makes on first use (the same pinned version);
+    made here if missing (minutes)."""
+    import asyncio
+
+    from shared.settings import default_data_dir
+    from worker.engines.vllm_server import ensure_env, env_dir
+
+    device = "cpu"
+    return asyncio.run(ensure_env(env_dir(default_data_dir(), device), device, lambda proc: None))
+
+
+@contextlib.contextmanager
+def vllm_direct(model_dir: Path, *, log_dir: Path, name: str = "vllm") -> Iterator[Running]:
+    """vLLM's OpenAI server with its defaults (its CPU build: bfloat16), started the way `--engine vllm`
+    starts it (same command, same KV cache space), serving the model under the bench's served name."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = [
+        str(vllm_python()),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "PYTHONPATH"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # what the worker's supervisor gives it
+    with server(
+        args,
+        ready=answers_chat(base, SERVED_NAME),
+        env=env,
+        log=log_dir / "vllm.log",
+        timeout=600,
+        what="vLLM's OpenAI server",
+    ) as proc:
+        config = {"command": " ".join(args[1:]), "VLLM_CPU_KVCACHE_SPACE": env["VLLM_CPU_KVCACHE_SPACE"]}
+        yield Running(name, base, SERVED_NAME, {"vllm": proc.pid}, config, {"vllm": "vllm.entrypoints"})
 
 
 @contextlib.contextmanager
