@@ -114,6 +114,7 @@ def vllm_direct(model_dir: Path, *, log_dir: Path, name: str = "vllm") -> Iterat
     starts it (same command, same KV cache space), serving the model under the bench's served name."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    log_dir.mkdir(parents=True, exist_ok=True)
     args = [
         str(vllm_python()),
         "-m",

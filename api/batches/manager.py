@@ -21,7 +21,7 @@ from api.batches.validation import parse_batch_file
 from api.http.services import Services
 from api.jobs.cancellation import signal_cancel
 from api.jobs.enqueue import enqueue
-from api.jobs.published import published
+from api.jobs.published import end_waiting_retry
 from api.tenancy.auth import Principal
 from shared.models import ApiKey, Batch, File, Job
 from shared.states import BATCH_TERMINAL, BatchStatus, FinishReason, JobStatus
@@ -205,39 +205,12 @@ class BatchManager:
                     pipe.zrem(self.services.settings.queues.for_model(model, batch=True), job_id)
                 await pipe.execute()
         for row in retried:
-            if not await self._cancel_retried(row):
+            queue = self.services.settings.queues.for_model(row.model, batch=True)
+            if not await end_waiting_retry(self.services, row, FinishReason.CANCELLED, queue):
                 running.append(row.id)  # a worker took it meanwhile: stopped there instead
         if running:
             await signal_cancel(self.services, running)
         self._signalled.update(to_signal)
-
-    async def _cancel_retried(self, row: Any) -> bool:
-        """A job of a cancelled batch that waits to be tried again ends with the text it published;
-        False when it no longer waits."""
-        services = self.services
-        kept = await published(
-            services,
-            row.id,
-            request=dict(row.request),
-            model=row.model,
-            attempts=row.attempts,
-            reason=FinishReason.CANCELLED,
-        )
-        stmt = move(
-            JobStatus.CANCELLED,
-            Job.id == row.id,
-            Job.attempts == row.attempts,
-            src=JobStatus.QUEUED,
-            finished_at=func.clock_timestamp(),
-            **kept.values(),
-        )
-        async with services.sessions() as session, session.begin():
-            result = await session.execute(stmt)
-        if not getattr(result, "rowcount", 0):
-            return False
-        await services.redis.zrem(services.settings.queues.for_model(row.model, batch=True), row.id)
-        await services.events.publish(row.id, "done", kept.done(row.prompt_tokens))
-        return True
 
     # feeding the batch queue -------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from api.http.services import Services
-from api.jobs.enqueue import enqueue
+from api.jobs.enqueue import enqueue, forget
 from api.jobs.published import Published, published
 from shared import keys
 from shared.fleet import live_workers
@@ -52,13 +52,6 @@ async def ensure_enqueued(
         await redis.zadd(queue, {job_id: score}, lt=True)
     if not enqueued or in_line_since is not None:
         await redis.publish(keys.wake_channel(queue), "1")  # takeable again: workers need not wait to poll
-
-
-async def forget(services: Services, job_id: str, queue: str) -> None:
-    async with services.redis.pipeline(transaction=False) as pipe:
-        pipe.delete(keys.ARQ_IN_PROGRESS_PREFIX + job_id, keys.ARQ_JOB_PREFIX + job_id)
-        pipe.zrem(queue, job_id)
-        await pipe.execute()
 
 
 class Reaper:
@@ -174,7 +167,7 @@ class Reaper:
             )
             await ensure_enqueued(services, row.id, queue, row.tenant, in_line_since=row.created_at)
             return
-        await forget(services, row.id, queue)
+        await forget(services.redis, row.id, queue)
         if kept is not None:
             await services.events.publish(row.id, "done", kept.done(row.prompt_tokens))
         else:

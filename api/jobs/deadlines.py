@@ -14,15 +14,15 @@ from typing import Annotated, Any
 from fastapi import Depends, Header
 from sqlalchemy import func, select
 
-from api.duties.reaper import forget, queue_of
+from api.duties.reaper import queue_of
 from api.http.errors import InvalidRequest
 from api.http.services import Services
-from api.jobs.published import published
+from api.jobs.enqueue import forget
+from api.jobs.published import end_waiting_retry
 from shared import headers
 from shared.deadlines import BAD_DURATION, ended, expire_unstarted, parse_duration
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
-from shared.transitions import move
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +79,10 @@ class Deadlines:
         if row is None:
             return  # a worker took it meanwhile: the worker enforces its deadline now
         log.info("job %s expired: its deadline passed before it started", job_id)
-        await forget(self.services, job_id, queue_of(self.services, row.model, row.batch_id))
+        await forget(self.services.redis, job_id, queue_of(self.services, row.model, row.batch_id))
         await self.services.events.publish(job_id, "done", ended(row.prompt_tokens, 0, JobStatus.EXPIRED))
 
     async def _stop_retried(self, row: Any) -> None:
-        services = self.services
-        kept = await published(
-            services,
-            row.id,
-            request=dict(row.request),
-            model=row.model,
-            attempts=row.attempts,
-            reason=FinishReason.TIMEOUT,
-        )
-        stmt = move(
-            JobStatus.CANCELLED,
-            Job.id == row.id,
-            Job.attempts == row.attempts,
-            src=JobStatus.QUEUED,
-            finished_at=func.clock_timestamp(),
-            **kept.values(),
-        )
-        async with services.sessions() as session, session.begin():
-            result = await session.execute(stmt)
-        if not getattr(result, "rowcount", 0):
-            return
-        log.info("job %s reached its deadline while waiting to be retried; stopped", row.id)
-        await forget(services, row.id, queue_of(services, row.model, row.batch_id))
-        await services.events.publish(
-            row.id, "done", kept.done(row.prompt_tokens, status=JobStatus.CANCELLED.value)
-        )
+        queue = queue_of(self.services, row.model, row.batch_id)
+        if await end_waiting_retry(self.services, row, FinishReason.TIMEOUT, queue):
+            log.info("job %s reached its deadline while waiting to be retried; stopped", row.id)

@@ -92,3 +92,11 @@ async def enqueue(redis: Redis, queue: str, job_id: str, tenant: str | None) -> 
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+async def forget(redis: Redis, job_id: str, queue: str) -> None:
+    """The job leaves `queue` and arq forgets it (its record and any in-progress lock)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.ARQ_IN_PROGRESS_PREFIX + job_id, keys.ARQ_JOB_PREFIX + job_id)
+        pipe.zrem(queue, job_id)
+        await pipe.execute()

@@ -11,9 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import func
+
 from api.http.services import Services
+from api.jobs.enqueue import forget
 from shared.events import CHOICES, logprobs_of, read_events, text_of
-from shared.states import FinishReason
+from shared.models import Job
+from shared.states import FinishReason, JobStatus
+from shared.transitions import move
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,30 @@ async def published(
     # Counted as the worker counts the text a retried attempt continues from: its tokens re-encoded.
     tokens = sum(len(info.tokenizer.encode(t, add_special_tokens=False)) for t in texts if t) if info else 0
     return Published(texts, logprobs, tokens, reason)
+
+
+async def end_waiting_retry(services: Services, row: Any, reason: FinishReason, queue: str) -> bool:
+    """A job that waits in `queue` to be tried again (it lost a worker) ends `cancelled` with the text
+    it published, as its worker would have ended it (a cancel of its batch, or its deadline: `reason`).
+    False when it no longer waits (a worker took it meanwhile). `row`: its id, attempts, model, request
+    and prompt_tokens."""
+    kept = await published(
+        services, row.id, request=dict(row.request), model=row.model, attempts=row.attempts, reason=reason
+    )
+    stmt = move(
+        JobStatus.CANCELLED,
+        Job.id == row.id,
+        Job.attempts == row.attempts,
+        src=JobStatus.QUEUED,
+        finished_at=func.clock_timestamp(),
+        **kept.values(),
+    )
+    async with services.sessions() as session, session.begin():
+        result = await session.execute(stmt)
+    if not getattr(result, "rowcount", 0):
+        return False
+    await forget(services.redis, row.id, queue)
+    await services.events.publish(
+        row.id, "done", kept.done(row.prompt_tokens, status=JobStatus.CANCELLED.value)
+    )
+    return True
