@@ -31,6 +31,7 @@ from worker.embedding_jobs import EmbeddingRunner
 from worker.engine import Engine
 from worker.engines.http import HttpEngine, HttpRunner
 from worker.engines.openai_http import OpenAIHttpEngine
+from worker.engines.sidecar import wait_until_up
 from worker.engines.vllm import VllmEngine
 from worker.engines.vllm_server import VllmServer
 from worker.jobs import JobRunner
@@ -84,8 +85,10 @@ def _http_engine(settings: Settings) -> HttpEngine:
     w = settings.worker
     model = w.upstream_model or settings.served_model_name
     if w.engine == "openai-http":
-        return OpenAIHttpEngine(w.upstream_url or "", w.upstream_api_key, w.job_timeout, model)
-    if w.upstream_url:  # a vLLM someone else runs
+        return OpenAIHttpEngine(
+            w.upstream_url or "", w.upstream_api_key, w.job_timeout, model, w.upstream_capabilities
+        )
+    if w.upstream_url:  # a vLLM someone else runs (or a sidecar: upstream_sidecar)
         return VllmEngine(w.upstream_url, w.upstream_api_key, w.job_timeout, model)
     server = VllmServer(
         model_dir=str(settings.require_model_dir()),
@@ -104,6 +107,10 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
     if upstream:
         engine = _http_engine(settings)
         ctx["engine"] = engine  # from here on, a stop at any moment stops its server too
+        if settings.worker.upstream_sidecar and settings.worker.upstream_url:
+            # Its platform restarts it: a stream it loses hands the job back rather than failing it.
+            engine.supervised = True
+            await wait_until_up(engine, settings.worker.vllm_start_seconds)
         await engine.warmup()  # fails start-up if the server is not there (its own: starts it first)
         log.info("engine %s: forwarding jobs to %s", engine.name, engine.base_url)
         return engine
