@@ -31,9 +31,9 @@ from worker.embedding_jobs import EmbeddingRunner
 from worker.engine import Engine
 from worker.engines.http import HttpEngine, HttpRunner
 from worker.engines.openai_http import OpenAIHttpEngine
-from worker.engines.sidecar import wait_until_up
+from worker.engines.sidecar import SidecarNotUp, wait_until_up
 from worker.engines.vllm import VllmEngine
-from worker.engines.vllm_server import VllmServer
+from worker.engines.vllm_server import VllmError, VllmServer
 from worker.jobs import JobRunner
 from worker.model import load_model
 from worker.publisher import EventBatcher
@@ -411,7 +411,12 @@ def run(settings: Settings) -> None:
     # uvloop: the loop wakes once per engine step and once per poll; the C loop costs the model's
     # threads less CPU than asyncio's pure-Python one.
     asyncio.set_event_loop(uvloop.new_event_loop())
-    build_worker(settings).run()
+    try:
+        build_worker(settings).run()
+    except (VllmError, SidecarNotUp) as exc:
+        # Errors that say what to do: the line itself, not a traceback around it.
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     # The engine's thread was asked to stop and given its time; a thread still alive now would hold
     # the interpreter at exit for ever, and a supervisor would have to SIGKILL the worker.
     stuck = [
