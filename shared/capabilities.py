@@ -153,9 +153,50 @@ def transformers_engine(device: str, *, grammars: bool = True) -> Capabilities:
     )
 
 
-def openai_http_engine() -> Capabilities:
-    """An OpenAI-compatible server behind the worker: what the worker forwards and maps back today."""
-    return Capabilities(engine="openai-http", seed=True, stop=True)
+# What an operator may declare an OpenAI-compatible upstream honours (INFERQ_WORKER__UPSTREAM_CAPABILITIES),
+# by the request field's name: each is forwarded as the vllm engine forwards it and mapped back the same
+# way (worker/engines/http.py). Not `tools`: the HTTP engines do not forward tool definitions.
+UPSTREAM_DECLARABLE = ("n", "logprobs", "top_logprobs", "seed", "top_k", "stop", "response_format")
+# What an openai-http worker declares when the operator says nothing: what every such server honours.
+UPSTREAM_DEFAULT = "seed,stop"
+UNKNOWN_UPSTREAM_CAPABILITY = (
+    "upstream_capabilities: unknown capability {name!r}; use a comma-separated list of "
+    + ", ".join(UPSTREAM_DECLARABLE)
+    + " (top_logprobs=K for at most K alternatives, {max} when K is left out), e.g. 'seed,stop,n,logprobs'"
+)
+BAD_UPSTREAM_CAPABILITY = "upstream_capabilities: {problem}, in {text!r}"
+
+
+def parse_upstream(text: str) -> Capabilities:
+    """An operator's declaration of what an OpenAI-compatible upstream honours, e.g.
+    `n,logprobs,top_logprobs=20,top_k,response_format,seed,stop`; ValueError names what is wrong."""
+    found: dict[str, Any] = {}
+    for raw in text.split(","):
+        name, eq, value = (part.strip() for part in raw.partition("="))
+        if not name:
+            continue
+        if name not in UPSTREAM_DECLARABLE:
+            raise ValueError(UNKNOWN_UPSTREAM_CAPABILITY.format(name=name, max=MAX_TOP_LOGPROBS))
+        if eq and name != "top_logprobs":
+            raise ValueError(BAD_UPSTREAM_CAPABILITY.format(problem=f"{name} takes no value", text=text))
+        if name == "top_logprobs":
+            top = int(value) if value.isdigit() else -1
+            if eq and not 1 <= top <= MAX_TOP_LOGPROBS:
+                problem = f"top_logprobs=K needs K from 1 to {MAX_TOP_LOGPROBS}"
+                raise ValueError(BAD_UPSTREAM_CAPABILITY.format(problem=problem, text=text))
+            found["max_top_logprobs"] = top if eq else MAX_TOP_LOGPROBS
+        else:
+            found[_HONOURED_BY[name]] = True
+    if found.get("max_top_logprobs") and not found.get("logprobs"):
+        problem = "top_logprobs needs logprobs (a server that returns alternatives returns logprobs)"
+        raise ValueError(BAD_UPSTREAM_CAPABILITY.format(problem=problem, text=text))
+    return Capabilities(engine="openai-http", **found)
+
+
+def openai_http_engine(declared: str | None = None) -> Capabilities:
+    """An OpenAI-compatible server behind the worker: what its operator declared it honours
+    (`parse_upstream`), else only what every such server honours (seed, stop)."""
+    return parse_upstream(declared if declared is not None else UPSTREAM_DEFAULT)
 
 
 def vllm_engine() -> Capabilities:
@@ -179,9 +220,9 @@ def embedding_engine(*, shortening: bool) -> Capabilities:
     return Capabilities(engine="embeddings", embeddings=True, generation=False, dimensions=shortening)
 
 
-def declared(engine: str, device: str) -> Capabilities:
+def declared(engine: str, device: str, upstream: str | None = None) -> Capabilities:
     if engine == "openai-http":
-        return openai_http_engine()
+        return openai_http_engine(upstream)
     if engine == "vllm":
         return vllm_engine()
     return transformers_engine(device)

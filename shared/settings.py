@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared import keys
+from shared import capabilities, keys
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEMO_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -112,6 +112,20 @@ class WorkerSettings(BaseModel):
         default=None, description="openai-http, vllm: the model name it expects."
     )
     upstream_api_key: str | None = Field(default=None, description="openai-http, vllm: its API key, if any.")
+    upstream_capabilities: str | None = Field(
+        default=None,
+        description="openai-http: what the upstream honours, comma-separated, e.g. "
+        "'n,logprobs,top_logprobs=20,top_k,response_format,seed,stop' (each is then forwarded and mapped "
+        "back as on the vllm engine; the API refuses the rest with a 400 naming the field). Unset: "
+        "'seed,stop', what every OpenAI-compatible server honours.",
+    )
+    upstream_sidecar: bool = Field(
+        default=False,
+        description="openai-http, vllm: the server at upstream_url runs beside this worker and its platform "
+        "starts and restarts it (a Kubernetes sidecar container, a Compose service): the worker waits up to "
+        "vllm_start_seconds for it at start, with a progress line, and a job whose stream it loses goes "
+        "back to the queue instead of failing.",
+    )
     vllm_port: int = Field(
         default=0,
         ge=0,
@@ -124,7 +138,10 @@ class WorkerSettings(BaseModel):
         '["--max-model-len", "4096"].',
     )
     vllm_start_seconds: float = Field(
-        default=900.0, gt=0, description="vllm: how long the worker's own vLLM may take to answer /health."
+        default=900.0,
+        gt=0,
+        description="vllm: how long the worker's own vLLM (or a sidecar's, upstream_sidecar) may take to "
+        "answer /health.",
     )
     heartbeat_seconds: float = Field(default=1.0, gt=0)
     metrics_port: int = Field(
@@ -142,6 +159,13 @@ class WorkerSettings(BaseModel):
         ge=0,
         description="Engine slots batch jobs leave free for interactive ones; None means a quarter.",
     )
+
+    @field_validator("upstream_capabilities")
+    @classmethod
+    def _known_capabilities(cls, value: str | None) -> str | None:
+        if value is not None:
+            capabilities.parse_upstream(value)  # its ValueError says what is wrong and what is known
+        return value
 
 
 class FleetSettings(BaseModel):

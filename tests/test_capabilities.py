@@ -3,9 +3,11 @@ request is refused (the table the API applies at submit)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from shared.capabilities import (
     NOT_HONOURED,
@@ -16,6 +18,8 @@ from shared.capabilities import (
     transformers_engine,
     vllm_engine,
 )
+from shared.logprobs import MAX_TOP_LOGPROBS
+from shared.settings import WorkerSettings
 
 CPU = transformers_engine("cpu")
 GPU = transformers_engine("cuda:0")
@@ -85,3 +89,27 @@ def test_capabilities_declared_per_engine_and_device() -> None:
     # Tools are enforced by the same grammar masks, on the device the logits are on.
     assert CPU.tools and GPU.tools and not HTTP.tools
     assert not transformers_engine("cpu", grammars=False).tools
+
+
+def test_capabilities_an_operator_declares_for_an_openai_http_upstream() -> None:
+    assert HTTP == Capabilities(engine="openai-http", seed=True, stop=True)  # nothing declared
+    full = openai_http_engine("n, logprobs,top_logprobs=20,top_k,response_format,seed,stop")
+    assert full == replace(vllm_engine(), engine="openai-http")
+    assert full.refusal({"n": 2, "logprobs": True, "top_logprobs": 20, "top_k": 3}, "m") is None
+    some = declared("openai-http", "cpu", "logprobs,top_logprobs=5")
+    assert some.max_top_logprobs == 5 and not some.seed and not some.n
+    assert some.refusal({"logprobs": True, "top_logprobs": 6}, "m")[0] == "top_logprobs"  # type: ignore[index]
+    assert some.refusal({"seed": 1}, "m")[0] == "seed"  # type: ignore[index]
+    assert openai_http_engine("logprobs,top_logprobs").max_top_logprobs == MAX_TOP_LOGPROBS
+    for text, message in (
+        ("n,beam_search", "unknown capability 'beam_search'"),
+        ("tools", "unknown capability 'tools'"),  # the HTTP engines do not forward tool definitions
+        ("top_logprobs=5", "top_logprobs needs logprobs"),
+        ("logprobs,top_logprobs=21", "top_logprobs=K needs K from 1 to 20"),
+        ("seed=1", "seed takes no value"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            openai_http_engine(text)
+    # The setting is checked when settings are read: a worker with a typo does not start.
+    with pytest.raises(ValidationError, match="unknown capability 'nn'"):
+        WorkerSettings(upstream_capabilities="nn,seed")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -38,12 +39,18 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
+from shared.capabilities import vllm_engine
 from shared.settings import Settings
+from worker.engines.vllm_server import VLLM_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 K8S = REPO / "deploy" / "k8s"
-K8S_TREES = {"base": K8S / "base", "overlay": K8S / "overlays" / "example"}
+K8S_TREES = {
+    "base": K8S / "base",
+    "overlay": K8S / "overlays" / "example",
+    "vllm": K8S / "overlays" / "vllm",  # the example with vLLM as each worker's sidecar
+}
 KEDA_SCHEMA = REPO / "deploy" / "schemas" / "keda-scaledobject-v1alpha1.schema.json"
 # The oldest Kubernetes release the manifests aim at, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
@@ -218,7 +225,11 @@ def test_prometheus_scrapes_the_api_and_the_workers(compose: dict[str, Any]) -> 
     prometheus = services["prometheus"]
     config = load_yaml(_mounted(prometheus, "/etc/prometheus/prometheus.yml"))
     api_port = int(services["api"]["command"][services["api"]["command"].index("--port") + 1])
-    expected = {"api": api_port, "worker": _metrics_port(services["worker"]["command"])}
+    expected = {"api": api_port}
+    for name, service in services.items():
+        if service.get("command", [])[:2] == ["inferq", "worker"]:
+            expected[name] = _metrics_port(service["command"])
+    assert {"worker", "worker-vllm"} <= expected.keys()
     scraped: dict[str, int] = {}
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
@@ -388,8 +399,29 @@ def _env(container: dict[str, Any], t: Tree) -> dict[str, str]:
             env.update(t.get("ConfigMap", source["configMapRef"]["name"])["data"])
         if "secretRef" in source:
             env.update(t.get("Secret", source["secretRef"]["name"])["stringData"])
-    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        env[e["name"]] = t.get("ConfigMap", ref["name"])["data"][ref["key"]] if ref else e["value"]
     return env
+
+
+def _settings_of(container: dict[str, Any], t: Tree) -> Settings:
+    return _with_command(settings_from(_env(container, t)), container["command"])
+
+
+def _with_command(settings: Settings, command: list[str]) -> Settings:
+    """The settings `inferq worker` runs with: its environment's, then its --engine option."""
+    if "--engine" in command:
+        settings.worker.engine = command[command.index("--engine") + 1]  # type: ignore[assignment]
+    return settings
+
+
+def _runs_inferq(container: dict[str, Any]) -> bool:
+    return container.get("command", [])[:1] == ["inferq"]
+
+
+def _gpus(container: dict[str, Any]) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
 
 
 @TREES
@@ -450,7 +482,10 @@ def test_k8s_worker_gets_one_gpu_drains_and_has_a_prestop_hook(which: str) -> No
     worker = _worker(t)
     pod = worker["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    resources = container["resources"]
+    # One GPU per pod: the worker's, or its vLLM sidecar's when the worker relays to one.
+    (holder,) = [c for c in pod.get("initContainers", []) + [container] if _gpus(c)]
+    assert holder is container or _settings_of(container, t).worker.upstream_sidecar
+    resources = holder["resources"]
     assert int(resources["limits"]["nvidia.com/gpu"]) == 1
     assert int(resources["requests"].get("nvidia.com/gpu", 1)) == 1  # extended resources: requests == limits
     pre_stop = container["lifecycle"]["preStop"]
@@ -554,6 +589,11 @@ def test_k8s_references_resolve_and_settings_exist(which: str) -> None:
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     assert ref["key"] in t.get("Secret", ref["name"])["stringData"]
+                ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                if ref:
+                    assert ref["key"] in t.get("ConfigMap", ref["name"])["data"]
+            if not _runs_inferq(container):
+                continue  # a sidecar (vLLM): its own wiring is checked by the vllm tests below
             settings = settings_from(_env(container, t))
             assert settings.require_urls()
             if obj["kind"] == "Deployment" or obj["kind"] == "Job":
@@ -582,6 +622,96 @@ def test_k8s_overlay_sets_namespace_and_images() -> None:
     assert seen == set(images.values())
     base_worker, worker = _worker(tree("base")), _worker(t)
     assert worker["spec"]["template"]["spec"] != base_worker["spec"]["template"]["spec"], "patches applied"
+
+
+def _arg(args: list[str], flag: str) -> str:
+    assert args.count(flag) == 1, f"{flag} once in {args}"
+    return args[args.index(flag) + 1]
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' `$(VAR)` in command and args, from the container's environment."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+
+
+def _check_vllm_wiring(worker: Settings, host: str, vllm_args: list[str], image: str, model: str) -> None:
+    """A worker relaying to a vLLM beside it: at that vLLM's port, for the model vLLM serves."""
+    assert worker.worker.engine == "vllm" and worker.worker.upstream_sidecar
+    url = urlsplit(worker.worker.upstream_url or "")
+    assert url.hostname == host and url.path == "/v1"
+    assert url.port == int(_arg(vllm_args, "--port")), "the worker's URL is not vLLM's port"
+    # vLLM serves the model under its --model value (no --served-model-name): what the worker asks for.
+    assert "--served-model-name" not in vllm_args
+    assert _arg(vllm_args, "--model") == model == worker.worker.upstream_model
+    # What the worker declares for vLLM (top_logprobs up to 20) is what this server returns.
+    assert int(_arg(vllm_args, "--max-logprobs")) >= vllm_engine().max_top_logprobs
+    assert image == f"vllm/vllm-openai:v{VLLM_VERSION}", "the image and the supervised install differ"
+
+
+def test_k8s_vllm_runs_as_a_sidecar_of_each_worker() -> None:
+    t = tree("vllm")
+    worker = _worker(t)
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (vllm,) = pod["initContainers"]
+    # A native sidecar: started before the worker, restarted when it dies, stopped after the worker drained.
+    assert vllm["restartPolicy"] == "Always"
+    env = _env(vllm, t)
+    args = [_expand(a, env) for a in vllm["command"] + vllm["args"]]
+    assert args[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    settings = _settings_of(container, t)
+    # The same model: vLLM's --model is the worker's INFERQ_MODEL__NAME (one ConfigMap key for both).
+    assert _arg(args, "--model") == settings.model.name
+    _check_vllm_wiring(settings, "127.0.0.1", args, vllm["image"], settings.model.name)
+    ports = {p["name"]: p["containerPort"] for p in vllm["ports"]}
+    assert int(_arg(args, "--port")) in ports.values()
+    for probe in ("startupProbe", "livenessProbe"):
+        get = vllm[probe]["httpGet"]
+        assert get["path"] == "/health" and ports.get(get["port"], get["port"]) == int(_arg(args, "--port"))
+    # The kubelet probes the pod's address, not its loopback.
+    assert _arg(args, "--host") == "0.0.0.0"
+    assert vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"] >= 600
+    # The GPU and the memory are vLLM's; the worker only relays.
+    assert _gpus(vllm) == 1 and _gpus(container) == 0
+    assert "nvidia.com/gpu" not in container["resources"].get("requests", {})
+    assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+    volumes = {v["name"] for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in vllm["volumeMounts"]}
+    assert set(mounts.values()) <= volumes and mounts["/dev/shm"] == "dshm"
+    assert env["HF_HOME"].startswith(next(p for p, n in mounts.items() if n == "data"))
+    # The rest of the example overlay holds (namespace, images, KEDA on the same Deployment).
+    assert (
+        worker["metadata"]["namespace"]
+        == tree("overlay").get("Deployment", "inferq-worker")["metadata"]["namespace"]
+    )
+
+
+def test_compose_vllm_profile_runs_vllm_beside_a_worker(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    vllm, worker = services["vllm"], services["worker-vllm"]
+    assert vllm["profiles"] == worker["profiles"] == ["vllm"]
+    assert "profiles" not in services["worker"], "the default `up` still runs the transformers worker"
+    args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(a)) for a in vllm["entrypoint"] + vllm["command"]]
+    assert args[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in worker["environment"].items()}
+    settings = _with_command(settings_from(env), worker["command"])
+    # With INFERQ_MODEL__NAME unset, vLLM loads the demo model the `model` service fetched, the worker's.
+    assert _arg(args, "--model") == settings.model_path
+    assert (
+        vllm["command"][vllm["command"].index("--model") + 1]
+        == worker["environment"]["INFERQ_WORKER__UPSTREAM_MODEL"]
+    )
+    _check_vllm_wiring(settings, "vllm", args, vllm["image"], settings.model_path)
+    assert "/health" in " ".join(vllm["healthcheck"]["test"])
+    assert seconds(vllm["healthcheck"]["start_period"]) >= 600
+    devices = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("count") == 1 and "gpu" in d.get("capabilities", []) for d in devices)
+    assert "deploy" not in worker, "the GPU is vLLM's"
+    assert worker["depends_on"]["vllm"]["condition"] == "service_started"  # it waits for /health itself
+    # `--scale worker=0` leaves nothing waiting for the transformers worker.
+    assert all("worker" not in (s.get("depends_on") or {}) for s in services.values())
+    drain = float(worker["environment"]["INFERQ_WORKER__DRAIN_SECONDS"])
+    assert seconds(worker["stop_grace_period"]) >= drain + 5
 
 
 # ---------------------------------------------------------------------------------------------------

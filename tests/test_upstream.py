@@ -184,3 +184,88 @@ async def test_upstream_model_refuses_at_submit_what_its_workers_would_drop(uc: 
     assert all(
         local["capabilities"][k] for k in ("n", "logprobs", "seed", "top_k", "structured_outputs", "tools")
     )
+
+
+# An openai-http worker whose upstream is another inferq (OpenAI-compatible: /v1/chat/completions), whose
+# built-in engine honours n and logprobs: what its operator declares is forwarded and mapped back.
+DECLARED_MODEL = "declared-smol"
+DECLARED = "n,logprobs,top_logprobs=3,seed,stop"
+
+
+@pytest.fixture(scope="module")
+def declared(stack: Stack, model_dir: Path) -> Iterator[str]:
+    url, api = start_api(
+        stack, INFERQ_AUTH="off", INFERQ_EXTRA_MODELS=json.dumps({DECLARED_MODEL: str(model_dir)})
+    )
+    env = {
+        **stack.api.env,
+        "INFERQ_MODEL__SERVED_NAME": DECLARED_MODEL,
+        "INFERQ_WORKER__UPSTREAM_CAPABILITIES": DECLARED,
+    }
+    worker = Proc(
+        [
+            "worker",
+            "--engine",
+            "openai-http",
+            "--upstream-url",
+            f"{stack.base_url}/v1",
+            "--upstream-model",
+            stack.api.env["INFERQ_MODEL__SERVED_NAME"],
+        ],
+        env,
+        stack.api.log_dir,
+    )
+    try:
+        before = live_workers(stack.servers.redis_url)
+        worker.start()
+        wait_for(lambda: live_workers(stack.servers.redis_url) > before, 120, "the declared worker", [worker])
+        yield url
+    finally:
+        worker.stop()
+        api.stop()
+
+
+async def test_upstream_capabilities_declared_are_forwarded_and_mapped_back(declared: str) -> None:
+    async with httpx.AsyncClient(base_url=declared, timeout=httpx.Timeout(60.0)) as c:
+        body = {"model": DECLARED_MODEL, "messages": FRANCE, "max_tokens": 6, "temperature": 1.0, "seed": 3}
+        created = await submit(c, **body, n=2, logprobs=True, top_logprobs=2)
+        events = [e async for e in iter_sse(c, created["id"])]
+        job = await wait_job(c, created["id"])
+        assert job["status"] == "succeeded", job
+        choices = job["choices"]
+        assert [ch["index"] for ch in choices] == [0, 1]
+        for ch in choices:
+            # Each output's text, streamed under its choice, with a logprob entry (2 alternatives) per token.
+            streamed = [e.data for e in events if e.event == "token" and e.data.get("choice") == ch["index"]]
+            assert "".join(d["text"] for d in streamed) == ch["text"] and ch["text"]
+            entries = ch["logprobs"]
+            assert entries and "".join(e["token"] for e in entries) == ch["text"]
+            assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in entries)
+            assert [e for d in streamed for e in d["logprobs"]] == entries
+        assert job["usage"]["completion_tokens"] >= 2
+        # What is not declared, or over the declared limit, is refused at submit with the field named.
+        for extra, param in (
+            ({"top_k": 5}, "top_k"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"logprobs": True, "top_logprobs": 4}, "top_logprobs"),
+        ):
+            resp = await c.post("/v1/chat/completions", json={**body, **extra})
+            assert resp.status_code == 400, (extra, resp.text)
+            assert resp.json()["error"]["param"] == param, resp.text
+        models = {m["id"]: m for m in (await c.get("/v1/models")).json()["data"]}
+        caps = models[DECLARED_MODEL]["capabilities"]
+        assert caps["engine"] == "openai-http" and caps["n"] and caps["logprobs"]
+        assert caps["max_top_logprobs"] == 3 and not caps["top_k"] and not caps["structured_outputs"]
+
+
+def test_upstream_capabilities_unknown_name_stops_the_worker_at_start(stack: Stack) -> None:
+    env = {**stack.api.env, "INFERQ_WORKER__UPSTREAM_CAPABILITIES": "n,beam_search"}
+    args = ["worker", "--engine", "openai-http", "--upstream-url", f"{stack.base_url}/v1"]
+    worker = Proc(args, env, stack.api.log_dir)
+    worker.start()
+    try:
+        assert worker.popen is not None
+        assert worker.popen.wait(60) != 0
+    finally:
+        worker.stop()
+    assert "unknown capability 'beam_search'" in worker.tail()

@@ -31,8 +31,9 @@ from worker.embedding_jobs import EmbeddingRunner
 from worker.engine import Engine
 from worker.engines.http import HttpEngine, HttpRunner
 from worker.engines.openai_http import OpenAIHttpEngine
+from worker.engines.sidecar import SidecarNotUp, wait_until_up
 from worker.engines.vllm import VllmEngine
-from worker.engines.vllm_server import VllmServer
+from worker.engines.vllm_server import VllmError, VllmServer
 from worker.jobs import JobRunner
 from worker.model import load_model
 from worker.publisher import EventBatcher
@@ -84,8 +85,10 @@ def _http_engine(settings: Settings) -> HttpEngine:
     w = settings.worker
     model = w.upstream_model or settings.served_model_name
     if w.engine == "openai-http":
-        return OpenAIHttpEngine(w.upstream_url or "", w.upstream_api_key, w.job_timeout, model)
-    if w.upstream_url:  # a vLLM someone else runs
+        return OpenAIHttpEngine(
+            w.upstream_url or "", w.upstream_api_key, w.job_timeout, model, w.upstream_capabilities
+        )
+    if w.upstream_url:  # a vLLM someone else runs (or a sidecar: upstream_sidecar)
         return VllmEngine(w.upstream_url, w.upstream_api_key, w.job_timeout, model)
     server = VllmServer(
         model_dir=str(settings.require_model_dir()),
@@ -104,6 +107,10 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
     if upstream:
         engine = _http_engine(settings)
         ctx["engine"] = engine  # from here on, a stop at any moment stops its server too
+        if settings.worker.upstream_sidecar and settings.worker.upstream_url:
+            # Its platform restarts it: a stream it loses hands the job back rather than failing it.
+            engine.supervised = True
+            await wait_until_up(engine, settings.worker.vllm_start_seconds)
         await engine.warmup()  # fails start-up if the server is not there (its own: starts it first)
         log.info("engine %s: forwarding jobs to %s", engine.name, engine.base_url)
         return engine
@@ -404,7 +411,12 @@ def run(settings: Settings) -> None:
     # uvloop: the loop wakes once per engine step and once per poll; the C loop costs the model's
     # threads less CPU than asyncio's pure-Python one.
     asyncio.set_event_loop(uvloop.new_event_loop())
-    build_worker(settings).run()
+    try:
+        build_worker(settings).run()
+    except (VllmError, SidecarNotUp) as exc:
+        # Errors that say what to do: the line itself, not a traceback around it.
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     # The engine's thread was asked to stop and given its time; a thread still alive now would hold
     # the interpreter at exit for ever, and a supervisor would have to SIGKILL the worker.
     stuck = [

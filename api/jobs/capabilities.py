@@ -23,7 +23,9 @@ class FleetCapabilities:
         self, redis: Redis, settings: Settings, by_model: Mapping[str, Capabilities] | None = None
     ) -> None:
         self._redis = redis
-        self._fallback = declared(settings.worker.engine, settings.model.device)
+        self._fallback = declared(
+            settings.worker.engine, settings.model.device, settings.worker.upstream_capabilities
+        )
         # Models whose kind their files tell (embedding models): what their workers will declare.
         self._declared = dict(by_model or {})
         self._snapshot: tuple[float, dict[str, Capabilities]] = (0.0, {})

@@ -72,6 +72,11 @@ class HttpEngine:
         """The server's root (vLLM's /health, /tokenize and /metrics are there, not under /v1)."""
         return self.base_url.removesuffix("/v1")
 
+    @property
+    def health_url(self) -> str:
+        """What answers 200 once the server can take requests (every OpenAI-compatible one has /models)."""
+        return f"{self.base_url}/models"
+
     def start(self) -> None:
         pass
 

@@ -32,6 +32,10 @@ class VllmEngine(HttpEngine):
     def capabilities(self) -> Capabilities:
         return vllm_engine()
 
+    @property
+    def health_url(self) -> str:
+        return f"{self.root}/health"
+
     async def warmup(self) -> None:
         if self.server is not None:
             await self.server.start()
