@@ -11,9 +11,6 @@ from typing import Any
 from shared.embeddings import ENDPOINT as EMBEDDINGS_ENDPOINT
 from shared.logprobs import MAX_TOP_LOGPROBS
 
-# Sampling fields a request may carry that an engine may not honour, in the order they are checked.
-CHECKED_FIELDS = ("n", "logprobs", "top_logprobs", "seed", "top_k", "stop", "response_format", "tools")
-
 NOT_HONOURED = (
     "{field} is not supported for model '{model}': its workers ({engines}) do not honour it; "
     "send the request without {field}"
