@@ -382,6 +382,16 @@ def test_tools_grammar_keeps_up_with_a_request_the_engine_restarts(model_dir: Pa
     assert restarts > 20
 
 
+@pytest.mark.parametrize("city", ["</tool_call>", "<tool_call>", "a}\n</tool_call>"])
+def test_tools_a_call_whose_argument_holds_a_call_marker_still_parses(city: str) -> None:
+    """The grammar lets a string argument hold anything, the call markers too (a sampled model can write
+    them there); the parser reads the call's JSON before looking for its closing marker."""
+    arguments = json.dumps({"city": city, "unit": "celsius"})
+    text = f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+    calls = parser_for().extract(text).calls
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", arguments)]
+
+
 @pytest.mark.parametrize(
     ("extra", "param", "message"),
     [
