@@ -286,14 +286,20 @@ async def test_tools_job_records_its_calls_and_its_events_say_tool_calls(client:
     assert plain["tool_calls"] is None and plain["finish_reason"] != "tool_calls"
 
 
+# The batch test's tool: a short prompt and a short call (a name, then a city of at most 12 letters, one
+# token each at most), so that 200 lines stay cheap on a CPU and max_tokens always fits a whole call.
+CITY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+CITY = {"type": "function", "function": {"name": "weather", "parameters": CITY_SCHEMA}}
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, cause not found yet: in one CI run 1 of 40 `required` lines ended with "
-    "finish_reason 'stop' and no parseable call (every other tools test, and this one on reruns, passed)",
-)
 async def test_tools_batch_every_line_calls_validly(oai: AsyncOpenAI) -> None:
-    lines = 40
+    lines = 200
     body = [
         {
             "custom_id": f"t{i}",
@@ -301,11 +307,14 @@ async def test_tools_batch_every_line_calls_validly(oai: AsyncOpenAI) -> None:
             "url": CHAT,
             "body": {
                 "model": MODEL,
-                "messages": [{"role": "user", "content": f"Weather in {CITIES[i % 5]}, please ({i})."}],
-                "tools": TOOLS,
+                "messages": [{"role": "user", "content": f"Weather in {CITIES[i % 5]}? ({i})"}],
+                "tools": [CITY],
                 "tool_choice": "required",
                 "parallel_tool_calls": False,
-                "max_tokens": 60,
+                "temperature": 1,
+                # A call is 26 tokens of fixed text, a city of 12 at most and the end: 39 as the tokenizer
+                # splits them; the margin is for a sampled model that splits the fixed text finer.
+                "max_tokens": 64,
             },
         }
         for i in range(lines)
@@ -326,8 +335,9 @@ async def test_tools_batch_every_line_calls_validly(oai: AsyncOpenAI) -> None:
     for result in results:
         answer = result["response"]["body"]["choices"][0]
         assert answer["finish_reason"] == "tool_calls", result
-        assert len(answer["message"]["tool_calls"]) == 1
-        _valid(answer["message"]["tool_calls"])
+        (call,) = answer["message"]["tool_calls"]
+        assert call["function"]["name"] == "weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), CITY_SCHEMA)
 
 
 def test_tools_grammar_keeps_up_with_a_request_the_engine_restarts(model_dir: Path) -> None:
