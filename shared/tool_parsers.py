@@ -112,7 +112,7 @@ class HermesToolParser:
         calls = []
         rest = text[start:]
         while rest.startswith(CALL_START):
-            end = rest.find(CALL_END)
+            end = self._body_end(rest)
             if end < 0:
                 if self._cut_short(rest[len(CALL_START) :]):
                     break
@@ -127,6 +127,20 @@ class HermesToolParser:
                 return Parsed(text)
         content = text[:start]
         return Parsed(content if content.strip() else None, calls)
+
+    @staticmethod
+    def _body_end(rest: str) -> int:
+        """Where the body of the call `rest` starts with ends (the index of its closing marker; -1 when
+        there is none). The body's JSON is read first, so that a closing marker inside one of its strings
+        (`{"city": "</tool_call>"}`, which the grammar allows) does not end the call early."""
+        at = len(CALL_START)
+        at += len(rest[at:]) - len(rest[at:].lstrip())
+        finish = _json_end(rest, at)
+        if finish is not None:
+            close = finish + len(rest[finish:]) - len(rest[finish:].lstrip())
+            if rest.startswith(CALL_END, close):
+                return close
+        return rest.find(CALL_END)
 
     def _cut_short(self, body: str) -> bool:
         """Whether an unfinished call's text is the start of a call (so its answer ran out of tokens)."""

@@ -8,16 +8,39 @@ import asyncio
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema
 import pytest
+import torch
 from openai import AsyncOpenAI
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessorList,
+)
+from transformers.generation.continuous_batching.requests import (
+    FutureRequestState,
+    RequestState,
+    RequestStatus,
+)
 
-from shared.tools import TOOL_CHOICE_WITHOUT_TOOLS, TOOLS_TOO_LARGE, UNANSWERED_TOOL_MESSAGE, UNKNOWN_FUNCTION
+from shared.settings import ModelSettings
+from shared.tool_parsers import parser_for
+from shared.tools import (
+    TOOL_CHOICE_WITHOUT_TOOLS,
+    TOOLS_TOO_LARGE,
+    UNANSWERED_TOOL_MESSAGE,
+    UNKNOWN_FUNCTION,
+    request_grammar,
+)
 from tests.conftest import Stack
 from tests.helpers import iter_sse, submit, wait_job
+from worker.engine import SamplingOptions
+from worker.grammar import Grammars
+from worker.model import load_model
+from worker.sampling import BatchSampler
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"
@@ -263,14 +286,20 @@ async def test_tools_job_records_its_calls_and_its_events_say_tool_calls(client:
     assert plain["tool_calls"] is None and plain["finish_reason"] != "tool_calls"
 
 
+# The batch test's tool: a short prompt and a short call (a name, then a city of at most 12 letters, one
+# token each at most), so that 200 lines stay cheap on a CPU and max_tokens always fits a whole call.
+CITY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+CITY = {"type": "function", "function": {"name": "weather", "parameters": CITY_SCHEMA}}
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, cause not found yet: in one CI run 1 of 40 `required` lines ended with "
-    "finish_reason 'stop' and no parseable call (every other tools test, and this one on reruns, passed)",
-)
 async def test_tools_batch_every_line_calls_validly(oai: AsyncOpenAI) -> None:
-    lines = 40
+    lines = 200
     body = [
         {
             "custom_id": f"t{i}",
@@ -278,11 +307,14 @@ async def test_tools_batch_every_line_calls_validly(oai: AsyncOpenAI) -> None:
             "url": CHAT,
             "body": {
                 "model": MODEL,
-                "messages": [{"role": "user", "content": f"Weather in {CITIES[i % 5]}, please ({i})."}],
-                "tools": TOOLS,
+                "messages": [{"role": "user", "content": f"Weather in {CITIES[i % 5]}? ({i})"}],
+                "tools": [CITY],
                 "tool_choice": "required",
                 "parallel_tool_calls": False,
-                "max_tokens": 60,
+                "temperature": 1,
+                # A call is 26 tokens of fixed text, a city of 12 at most and the end: 39 as the tokenizer
+                # splits them; the margin is for a sampled model that splits the fixed text finer.
+                "max_tokens": 64,
             },
         }
         for i in range(lines)
@@ -303,8 +335,71 @@ async def test_tools_batch_every_line_calls_validly(oai: AsyncOpenAI) -> None:
     for result in results:
         answer = result["response"]["body"]["choices"][0]
         assert answer["finish_reason"] == "tool_calls", result
-        assert len(answer["message"]["tool_calls"]) == 1
-        _valid(answer["message"]["tool_calls"])
+        (call,) = answer["message"]["tool_calls"]
+        assert call["function"]["name"] == "weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), CITY_SCHEMA)
+
+
+def test_tools_grammar_keeps_up_with_a_request_the_engine_restarts(model_dir: Path) -> None:
+    """When the KV cache runs out, transformers restarts a request (a soft reset: its generated tokens
+    move into its prompt, and it is prefilled again). The token drawn in the step just before the
+    restart had not been given to the grammar yet; the matcher must still see it, or it guides a call one
+    token behind the text, which then parses as no call at all (finish_reason 'stop' under `required`:
+    the one line in 40 of the batch test). Here the real sampler, grammar and transformers request state
+    run a `required` answer from random logits, restarted every few steps as the offloading manager does."""
+    model, tokenizer = load_model(str(model_dir), ModelSettings())
+    vocab, eos = int(model.config.vocab_size), int(tokenizer.eos_token_id)
+    request = {"messages": ASK, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    grammar = request_grammar(request)
+    assert grammar is not None
+    processors = LogitsProcessorList(
+        [TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.95)]
+    )
+    sampler = ContinuousBatchingLogitsProcessorList(processors, per_request_processors=True)
+    sampler.__class__ = BatchSampler
+    assert isinstance(sampler, BatchSampler)
+    generator = torch.Generator().manual_seed(25)
+    restarts = 0
+    for attempt in range(5):  # five answers, each restarted every third step
+        sampler.constraints = {"r": Grammars(tokenizer, vocab, eos).tool_constraint(grammar)}
+        kwargs = SamplingOptions(200, 1.0, 1.0, None).processor_kwargs(vocab)
+        state = RequestState(
+            request_id="r",
+            initial_tokens=[1, 2, 3],
+            max_new_tokens=200,
+            eos_token_id=eos,
+            logit_processor_kwargs=kwargs,
+        )
+        state.status = RequestStatus.DECODING
+        for step in range(200):
+            if step % 3 == 2:  # what OffloadingManager.offload_requests does without a CPU swap pool
+                state = state.create_equivalent_initial_request()
+                state.status = RequestStatus.DECODING
+                restarts += 1
+            args = sampler.prepare_tensor_args(
+                [FutureRequestState(state, True, {}, 1)], torch.zeros((3, 4), dtype=torch.int32)
+            )
+            logits = torch.randn((1, vocab), generator=generator)
+            token = int(sampler(torch.zeros(1, dtype=torch.long), logits, args).argmax(-1))  # type: ignore[arg-type]
+            if state.update_and_check_completion(token, None):
+                break
+        generated = state.to_generation_output().generated_tokens
+        assert generated[-1] == eos, (attempt, tokenizer.decode(generated))
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        calls = parser_for().extract(text).calls
+        assert len(calls) == 1, (attempt, text)
+        jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS[calls[0].name])
+    assert restarts > 20
+
+
+@pytest.mark.parametrize("city", ["</tool_call>", "<tool_call>", "a}\n</tool_call>"])
+def test_tools_a_call_whose_argument_holds_a_call_marker_still_parses(city: str) -> None:
+    """The grammar lets a string argument hold anything, the call markers too (a sampled model can write
+    them there); the parser reads the call's JSON before looking for its closing marker."""
+    arguments = json.dumps({"city": city, "unit": "celsius"})
+    text = f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+    calls = parser_for().extract(text).calls
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", arguments)]
 
 
 @pytest.mark.parametrize(

@@ -34,12 +34,15 @@ class Constraint:
         if prefix:  # a retried job continues the text an earlier attempt published
             matcher.consume_tokens(list(prefix))
 
-    def catch_up(self, recent: Sequence[int], total: int) -> None:
-        """`total`: how many tokens the request generated; `recent`: the last of them (all of them, unless
-        the engine restarted the request, which moves the earlier ones into its prompt)."""
-        new = total - self.consumed
-        if new > 0:
-            self.matcher.consume_tokens(list(recent[len(recent) - new :]))
+    def catch_up(self, new: Sequence[int], total: int) -> None:
+        """`total`: how many tokens the request generated; `new`: the last `total - consumed` of them, the
+        ones the matcher has not seen (sampling.generated_tail finds them wherever the engine keeps them)."""
+        if total > self.consumed:
+            if len(new) != total - self.consumed:
+                # A token skipped here would put the grammar one token behind the text: the call it then
+                # guides is not the call the text holds (the 'stop' with no parseable call of issue 25).
+                raise ValueError(f"{total - self.consumed} new tokens expected, {len(new)} given")
+            self.matcher.consume_tokens(list(new))
             self.consumed = total
 
 

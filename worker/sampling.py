@@ -103,11 +103,28 @@ class RequestExtras:
             self.logprobs.append(entry)
 
 
+def _earlier(state: Any) -> list[int]:
+    """The tokens a request generated before the engine restarted it (offloaded it without room to keep
+    its cache: a soft reset), which then sit at the end of its prompt; none for a request never restarted."""
+    return state.initial_tokens[state._true_initial_tokens :] if state._true_initial_tokens else []
+
+
 def generated_count(state: Any) -> int:
-    """How many tokens a request has generated, as its outputs count them: a request the engine restarted
-    (offloaded without room to keep its cache) carries its earlier tokens in its prompt."""
-    earlier = len(state.initial_tokens) - state._true_initial_tokens if state._true_initial_tokens else 0
-    return earlier + len(state.generated_tokens)
+    """How many tokens a request has generated, as its outputs count them (earlier ones included)."""
+    return len(_earlier(state)) + len(state.generated_tokens)
+
+
+def generated_tail(state: Any, n: int) -> list[int]:
+    """The last `n` tokens a request generated. After a soft reset these can start in its prompt: the token
+    drawn in the step before the restart was not yet given to its grammar, and is then no longer among
+    `generated_tokens`."""
+    if n <= 0:
+        return []
+    recent = state.generated_tokens
+    if n <= len(recent):
+        return list(recent[len(recent) - n :])
+    earlier = _earlier(state)
+    return list(earlier[max(0, len(earlier) - (n - len(recent))) :]) + list(recent)
 
 
 class BatchSampler(ContinuousBatchingLogitsProcessorList):
@@ -132,7 +149,8 @@ class BatchSampler(ContinuousBatchingLogitsProcessorList):
                 if constraint is not None or extras is not None:
                     generated = generated_count(future.state)
                     if constraint is not None:
-                        constraint.catch_up(future.state.generated_tokens, generated)
+                        new = generated_tail(future.state, generated - constraint.consumed)
+                        constraint.catch_up(new, generated)
                     if extras is not None:
                         extra_rows.append((row, generated, extras))
                 rows.append(constraint)
