@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import systems
+from bench import profiling, systems
 from bench.harness import SERVED_NAME, demo_model, running_stack
 from bench.machine import stack_markers
 from bench.peers import run_level, warm_up
@@ -84,7 +84,10 @@ def _builtin(
             "code": str(code or REPO),
             **{k: v for k, v in env.items() if k.startswith("INFERQ_WORKER__")},
         }
-        markers = stack_markers(stack.redis_url, stack.database_url) | {"vllm": "vllm.entrypoints"}
+        markers = stack_markers(stack.redis_url, stack.database_url) | {
+            "vllm": "vllm.entrypoints",
+            "vllm engine": "VLLM::",
+        }
         yield systems.Running("inferq", stack.base_url, SERVED_NAME, pids, config, markers)
 
 
@@ -152,16 +155,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         main_code = stack.enter_context(_main_tree(args.main_ref)) if needs_main else None
         for rnd in range(args.rounds):
             for name in names:
-                with _start(name, model_dir, args, log_dir / f"{name}-{rnd}", main_code) as running:
+                run_dir = log_dir / f"{name}-{rnd}"
+                with _start(name, model_dir, args, run_dir, main_code) as running:
                     asyncio.run(warm_up(running.base_url, running.model))
-                    level = asyncio.run(
-                        run_level(
-                            running,
-                            concurrency=args.concurrency,
-                            requests=result["requests"],
-                            max_tokens=args.max_tokens,
+                    pids = {k: v for k, v in running.pids.items() if k in ("api", "worker")}
+                    with profiling.recording_all(pids if args.profile else {}, run_dir, name) as recs:
+                        level = asyncio.run(
+                            run_level(
+                                running,
+                                concurrency=args.concurrency,
+                                requests=result["requests"],
+                                max_tokens=args.max_tokens,
+                            )
                         )
-                    )
+                for proc, raw in recs.items():
+                    summary = profiling.summarize(raw)
+                    level.setdefault("profiles", {})[proc] = summary
+                    profiling.print_summary(f"{name} round {rnd + 1}, {proc}", summary)
                 level["config"] = running.config
                 result["systems"][name]["runs"].append(level)
                 result["order"].append(name)
@@ -192,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--main-ref", default="main", help="git ref of builtin-main-float32")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="py-spy inferq's API and worker meanwhile.")
     args = parser.parse_args(argv)
     result = run(args)
     for name, entry in result["systems"].items():

@@ -139,7 +139,14 @@ def vllm_direct(model_dir: Path, *, log_dir: Path, name: str = "vllm") -> Iterat
         what="vLLM's OpenAI server",
     ) as proc:
         config = {"command": " ".join(args[1:]), "VLLM_CPU_KVCACHE_SPACE": env["VLLM_CPU_KVCACHE_SPACE"]}
-        yield Running(name, base, SERVED_NAME, {"vllm": proc.pid}, config, {"vllm": "vllm.entrypoints"})
+        yield Running(
+            name,
+            base,
+            SERVED_NAME,
+            {"vllm": proc.pid},
+            config,
+            {"vllm": "vllm.entrypoints", "vllm engine": "VLLM::"},
+        )
 
 
 @contextlib.contextmanager
