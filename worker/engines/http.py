@@ -36,9 +36,9 @@ LOST = (httpx.TransportError, httpx.StreamClosed)
 
 
 class HttpEngine:
-    """An OpenAI-compatible server the worker forwards to. What the rest of the worker asks of an engine
-    (health, stats, capabilities, start/stop), and what the runner asks of a server (a request's body,
-    whether and how it continues a text)."""
+    """An OpenAI-compatible server the worker forwards to, behind the engine contract (engines.base):
+    its life, what it honours, and each job's generation (HttpGeneration); what a server of one kind
+    needs (a request's body, whether and how it continues a text) is for its subclass to say."""
 
     name = "openai-http"
     # Whether this worker runs the server itself (it comes back when it dies: a lost stream is a job
