@@ -21,6 +21,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 from shared.capabilities import Capabilities, transformers_engine
 from shared.settings import ModelSettings
 from worker import attention, sampling
+from worker.engines.base import EngineStats as EngineStats
 from worker.grammar import Constraint, Grammars
 from worker.sampling import RequestExtras, TokenLogprob
 
@@ -65,15 +66,6 @@ class StepUpdate:
     finished: bool = False
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token, for a request that asked for them
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    tokens: int = 0
-    peak_batch_size: int = 0
-    last_batch_size: int = 0
-    active: int = 0
 
 
 @dataclass

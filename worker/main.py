@@ -28,10 +28,11 @@ from shared.settings import Settings
 from worker import metrics
 from worker.embedder import Embedder, embedding_spec, start_embedder
 from worker.embedding_jobs import EmbeddingRunner
-from worker.engine import Engine
-from worker.engines.http import HttpEngine, HttpRunner
+from worker.engines.base import Engine
+from worker.engines.http import HttpEngine
 from worker.engines.openai_http import OpenAIHttpEngine
 from worker.engines.sidecar import SidecarNotUp, wait_until_up
+from worker.engines.transformers import TransformersEngine
 from worker.engines.vllm import VllmEngine
 from worker.engines.vllm_server import VllmError, VllmServer
 from worker.jobs import JobRunner
@@ -102,18 +103,18 @@ def _http_engine(settings: Settings) -> HttpEngine:
     return VllmEngine(server.url, None, w.job_timeout, model, server)
 
 
-async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool) -> Any:
-    engine: Any
+async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool) -> Engine | Embedder:
     if upstream:
-        engine = _http_engine(settings)
-        ctx["engine"] = engine  # from here on, a stop at any moment stops its server too
+        http = _http_engine(settings)
+        ctx["engine"] = http  # from here on, a stop at any moment stops its server too
+        http.start()
         if settings.worker.upstream_sidecar and settings.worker.upstream_url:
             # Its platform restarts it: a stream it loses hands the job back rather than failing it.
-            engine.supervised = True
-            await wait_until_up(engine, settings.worker.vllm_start_seconds)
-        await engine.warmup()  # fails start-up if the server is not there (its own: starts it first)
-        log.info("engine %s: forwarding jobs to %s", engine.name, engine.base_url)
-        return engine
+            http.supervised = True
+            await wait_until_up(http, settings.worker.vllm_start_seconds)
+        await http.warmup()  # fails start-up if the server is not there (its own: starts it first)
+        log.info("engine %s: forwarding jobs to %s", http.name, http.base_url)
+        return http
     spec = embedding_spec(settings.require_model_dir())
     if spec is not None:  # a sentence-transformers directory: an embedding worker
         return await start_embedder(ctx, settings, settings.require_model_dir(), spec)
@@ -123,7 +124,7 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
     log.info(
         "model %s loaded on %s in %.2fs", settings.model_path, settings.model.device, time.monotonic() - t0
     )
-    engine = Engine(model, tokenizer, settings.model)
+    engine = TransformersEngine(model, tokenizer, settings.model)
     ctx["engine"] = engine  # from here on, a stop at any moment stops the engine's thread too
     engine.start()
     log.info("engine started; warming up")
@@ -176,12 +177,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         "output_webhook_seconds": settings.webhooks.output_seconds,
     }
     runner: JobRunner
-    if upstream:
-        runner = HttpRunner(upstream=engine, **common)
-    elif isinstance(engine, Embedder):
+    if isinstance(engine, Embedder):
         runner = EmbeddingRunner(embedder=engine, **common)
     else:
-        runner = JobRunner(engine=engine, **common)
+        runner = JobRunner(engine=engine, **common)  # any engine of the contract (engines.base)
     metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, settings.metrics_token)
     heartbeat = Heartbeat(redis, worker_id, settings, engine, runner)
     ctx["heartbeat"] = heartbeat
@@ -250,8 +249,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await _bounded("closing the events Redis", ctx["events_redis"].aclose(), 2)
     if "engine" in ctx:
         await _bounded("stopping the engine", asyncio.to_thread(ctx["engine"].stop), 15)
-        if isinstance(ctx["engine"], HttpEngine):
-            await _bounded("closing the upstream client", ctx["engine"].aclose(), 3)
+        if not isinstance(ctx["engine"], Embedder):
+            await _bounded("closing the engine's connections", ctx["engine"].aclose(), 3)
     if "db" in ctx:
         await _bounded("closing the database pool", ctx["db"].dispose(), 3)
 

@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 from shared import __version__, fleet
 from shared.settings import Settings
 from worker import metrics
-from worker.engine import Engine
+from worker.embedder import Embedder
+from worker.engines.base import Engine
 from worker.jobs import JobRunner
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(
-        self, redis: Redis, worker_id: str, settings: Settings, engine: Engine, runner: JobRunner
+        self, redis: Redis, worker_id: str, settings: Settings, engine: Engine | Embedder, runner: JobRunner
     ) -> None:
         self.redis = redis
         self.worker_id = worker_id

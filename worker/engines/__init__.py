@@ -1,7 +1,6 @@
-"""Engines a worker can forward its jobs to, behind one small interface (`http.HttpEngine`): an
+"""The engines a worker runs its jobs on, behind one contract (`base`): the built-in transformers engine
+(`transformers`, on worker/engine.py's continuous batching), and the HTTP engines (`http`): an
 OpenAI-compatible server (`openai_http`) or vLLM's (`vllm`, optionally run beside the worker by
-`vllm_server`). The job runner (`http.HttpRunner`, on `worker.jobs.JobRunner`) is the same for all of
-them: claim, events, deadlines, webhooks, resume and the final write do not depend on the server.
-
-The built-in transformers engine (worker/engine.py) runs in process and is driven by JobRunner itself.
+`vllm_server`). One engine-agnostic runner (worker/jobs.py) drives each of them: claim, events,
+deadlines, webhooks, resume and the final write do not depend on the engine.
 """

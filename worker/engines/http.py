@@ -17,20 +17,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from shared.capabilities import Capabilities
-from shared.events import CHOICE
-from shared.logprobs import LOGPROBS
-from shared.states import FinishReason, JobStatus
-from worker import metrics
-from worker.engine import EngineStats
-from worker.jobs import EngineUnavailable, JobRunner, _Claim, _Run
+from shared.states import FinishReason
+from worker.engines.base import EngineStats, EngineUnavailable, GenerationJob, Outcome, TokenSink
+from worker.outputs import top_logprobs as _top
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +36,9 @@ LOST = (httpx.TransportError, httpx.StreamClosed)
 
 
 class HttpEngine:
-    """An OpenAI-compatible server the worker forwards to. What the rest of the worker asks of an engine
-    (health, stats, capabilities, start/stop), and what the runner asks of a server (a request's body,
-    whether and how it continues a text)."""
+    """An OpenAI-compatible server the worker forwards to, behind the engine contract (engines.base):
+    its life, what it honours, and each job's generation (HttpGeneration); what a server of one kind
+    needs (a request's body, whether and how it continues a text) is for its subclass to say."""
 
     name = "openai-http"
     # Whether this worker runs the server itself (it comes back when it dies: a lost stream is a job
@@ -141,10 +137,8 @@ class HttpEngine:
         """The fields that make a chat request continue its last (assistant) message."""
         raise NotImplementedError
 
-
-def _top(request: Mapping[str, Any]) -> int | None:
-    """How many alternatives per token a job asked for; None: no logprobs."""
-    return int(request.get("top_logprobs") or 0) if request.get("logprobs") else None
+    def generation(self, job: GenerationJob) -> HttpGeneration:
+        return HttpGeneration(self, job)
 
 
 async def _chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
@@ -205,198 +199,122 @@ class _Out:
 
     index: int
     resume: str  # the text earlier attempts published, which this one continues
-    logprobs: list[dict[str, Any]]  # of its published tokens
-    new: str = ""
     resumed_tokens: int = 0
-    pending: list[dict[str, Any]] = field(default_factory=list)  # logprobs not yet in an event
     finish: str | None = None
     tokens: int = 0  # chunks with text or logprobs, for a server that sends no usage
 
-    @property
-    def text(self) -> str:
-        return self.resume + self.new
 
+class HttpGeneration:
+    """One job's generation on the server: one streamed request for all its outputs (one per output when
+    it continues outputs of different texts)."""
 
-class HttpRunner(JobRunner):
-    """JobRunner with an HTTP server as its engine: the claim, events, deadlines, webhooks, resume and
-    final write are JobRunner's; generation is one streamed request per job (one per output when it
-    continues outputs of different texts)."""
+    def __init__(self, engine: HttpEngine, job: GenerationJob) -> None:
+        self.engine = engine
+        self.job = job
+        self.cancelled = False
+        self.outs = [_Out(i, job.resumes[i]) for i in range(job.n)]
+        self.usages: list[dict[str, Any] | None] = []
+        self.top = _top(job.request)
+        self.chat = job.request.get("messages") is not None
+        self._responses: list[httpx.Response] = []
 
-    def __init__(self, *, upstream: HttpEngine, **kwargs: Any) -> None:
-        super().__init__(engine=upstream, **kwargs)  # type: ignore[arg-type]
-        self.upstream = upstream
-        self._responses: dict[str, list[httpx.Response]] = {}
-        self._claims: dict[str, _Claim] = {}
+    async def run(self, sink: TokenSink) -> None:
+        engine, outs = self.engine, self.outs
+        engine.stats.active += 1
+        try:
+            await engine.ready()
+            for out in outs:
+                if out.resume:
+                    out.resumed_tokens = await engine.token_count(out.resume)
+            if any(out.resume for out in outs) and len(outs) > 1:
+                # Each output continues its own text: one request each.
+                self.usages = list(await asyncio.gather(*(self._request(sink, [o]) for o in outs)))
+            else:
+                self.usages = [await self._request(sink, outs)]
+        except LOST as exc:
+            if not engine.supervised:
+                raise
+            raise EngineUnavailable(f"{engine.name} server lost ({type(exc).__name__})") from exc
+        finally:
+            engine.stats.active -= 1
+            self._responses.clear()
+        got = [u for u in self.usages if u]
+        if got:  # the server's count wins
+            engine.stats.tokens += self._generated(got) - sum(o.tokens for o in outs)
+        for out in outs:
+            sink.end(out.index)
 
-    async def _claim(self, job_id: str) -> _Claim | None:
-        claim = await super()._claim(job_id)
-        if claim is not None and claim.attempt > 1:
-            self._claims[job_id] = claim  # for _published, which decides whether it continues
-        return claim
-
-    async def _published(self, job_id: str, n: int) -> tuple[list[str], int, list[list[dict[str, Any]]]]:
-        claim = self._claims.pop(job_id, None)
-        texts, next_index, logprobs = await super()._published(job_id, n)
-        if any(texts) and (claim is None or not self.upstream.continues(claim.request)):
-            # Token indexes still go on from the last one: a client's Last-Event-ID stays valid.
-            log.info("job %s starts over: %s cannot continue its text", job_id, self.upstream.name)
-            return [""] * n, next_index, [[] for _ in range(n)]
-        return texts, next_index, logprobs
-
-    def _stop(self, run: _Run) -> None:
-        for resp in self._responses.pop(run.job_id, []):
+    def cancel(self) -> None:
+        self.cancelled = True
+        responses, self._responses = self._responses, []
+        for resp in responses:
             # Closing the stream is the cancel signal an OpenAI-compatible server understands.
             asyncio.get_running_loop().create_task(resp.aclose())
 
-    async def _generate(self, run: _Run) -> str:
-        request = run.claim.request
-        max_tokens = int(request.get("max_tokens") or self.default_max_tokens)
-        outs = [_Out(i, run.resumes[i], list(run.resume_logprobs[i])) for i in range(run.n)]
-        usages: list[dict[str, Any] | None] = []
-        self.upstream.stats.active += 1
-        try:
-            if run.timed_out:
-                pass  # its deadline passed already
-            elif await self.cancel_flagged(run.job_id):
-                run.cancelled = True
-            else:
-                await self.upstream.ready()
-                for out in outs:
-                    if out.resume:
-                        out.resumed_tokens = await self.upstream.token_count(out.resume)
-                if any(out.resume for out in outs) and run.n > 1:
-                    # Each output continues its own text: one request each.
-                    usages = list(await asyncio.gather(*(self._request(run, [o], max_tokens) for o in outs)))
-                else:
-                    usages = [await self._request(run, outs, max_tokens)]
-        except LOST as exc:
-            if not self.upstream.supervised:
-                raise
-            raise EngineUnavailable(f"{self.upstream.name} server lost ({type(exc).__name__})") from exc
-        finally:
-            self.upstream.stats.active -= 1
-            self._responses.pop(run.job_id, None)
-        for out in outs:
-            if out.pending:
-                self._emit(run, out, "")
-        return await self._finish(run, outs, usages)
-
-    async def _request(self, run: _Run, outs: list[_Out], max_tokens: int) -> dict[str, Any] | None:
+    async def _request(self, sink: TokenSink, outs: list[_Out]) -> dict[str, Any] | None:
         """One streamed request for `outs` (all of a job's outputs, or one that continues its text);
         returns the server's usage."""
-        request = run.claim.request
+        request = self.job.request
         first = outs[0]
-        left = max_tokens - first.resumed_tokens
+        left = self.job.max_tokens - first.resumed_tokens
         if left <= 0:
             first.finish = "length"  # max_tokens used up by the text it continues from
             return None
         seed = request.get("seed")
         if seed is not None and len(outs) == 1 and first.index:
             seed = (int(seed) + first.index) % 2**63  # as the built-in engine seeds output i
-        path, body = self.upstream.body(request, left, n=len(outs), seed=seed, resume=first.resume)
-        top = _top(request)
-        chat = request.get("messages") is not None
+        path, body = self.engine.body(request, left, n=len(outs), seed=seed, resume=first.resume)
         usage: dict[str, Any] | None = None
-        if run.stopped:
+        if self.cancelled:
             return None
         try:
-            async with self.upstream.client.stream("POST", path, json=body) as resp:
+            async with self.engine.client.stream("POST", path, json=body) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise RuntimeError(f"upstream answered {resp.status_code}: {resp.text[:500]}")
-                self._responses.setdefault(run.job_id, []).append(resp)
+                self._responses.append(resp)
                 async for chunk in _chunks(resp):
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        self._on_choice(run, outs[int(choice.get("index") or 0)], choice, chat, top)
-                    if run.stopped:
+                        self._on_choice(sink, outs[int(choice.get("index") or 0)], choice)
+                    if self.cancelled:
                         break
         except LOST:
-            if not run.stopped:
+            if not self.cancelled:
                 raise
         return usage
 
-    def _on_choice(
-        self, run: _Run, out: _Out, choice: Mapping[str, Any], chat: bool, top: int | None
-    ) -> None:
-        """One streamed choice delta: its text and its tokens' logprobs, as a token event."""
-        if chat:
+    def _on_choice(self, sink: TokenSink, out: _Out, choice: Mapping[str, Any]) -> None:
+        """One streamed choice delta: its text and its tokens' logprobs."""
+        if self.chat:
             piece = str((choice.get("delta") or {}).get("content") or "")
         else:
             piece = str(choice.get("text") or "")
-        entries: list[dict[str, Any]] = []
-        if top is not None:
-            entries = (_chat_logprobs if chat else _completion_logprobs)(choice, top)
-            out.pending += entries
-        if piece or entries:
-            out.tokens += 1
-            self.upstream.stats.tokens += 1
-        if piece:
-            self._on_text(run)
-            out.new += piece
-            self._emit(run, out, piece)
-            self._output_webhook(run)
+        entries: list[dict[str, Any]] | None = None
+        if self.top is not None:
+            entries = (_chat_logprobs if self.chat else _completion_logprobs)(choice, self.top)
+        count = 1 if piece or entries else 0
+        out.tokens += count
+        self.engine.stats.tokens += count
+        sink.tokens(out.index, piece, entries, count)
         out.finish = choice.get("finish_reason") or out.finish
 
-    def _emit(self, run: _Run, out: _Out, text: str) -> None:
-        """A token event, as the built-in engine's: its output's `choice` (n > 1) and the logprobs of
-        the tokens its text carries (when asked); its index counts every output's events together."""
-        event: dict[str, Any] = {"index": run.next_index, "text": text}
-        if run.n > 1:
-            event[CHOICE] = out.index
-        if _top(run.claim.request) is not None:
-            event[LOGPROBS] = out.pending
-        self.events.emit(run.job_id, "token", event, attempt=run.claim.attempt)
-        run.next_index += 1
-        out.logprobs += out.pending
-        out.pending = []
+    def _generated(self, got: list[dict[str, Any]]) -> int:
+        if got:
+            return sum(int(u.get("completion_tokens") or 0) for u in got)
+        return sum(o.tokens for o in self.outs)
 
-    async def _finish(self, run: _Run, outs: list[_Out], usages: list[dict[str, Any] | None]) -> str:
-        got = [u for u in usages if u]
-        new = sum(int(u.get("completion_tokens") or 0) for u in got) if got else sum(o.tokens for o in outs)
-        completion = new + sum(o.resumed_tokens for o in outs)
-        prompt = run.claim.prompt_tokens
+    def outcome(self) -> Outcome:
+        outs = self.outs
+        got = [u for u in self.usages if u]
+        new = self._generated(got)
+        prompt = self.job.prompt_tokens
         if not prompt and got:
             # The server counts a continued text as prompt.
             prompt = int(got[0].get("prompt_tokens") or 0) - (outs[0].resumed_tokens if outs[0].resume else 0)
-        self.upstream.stats.tokens += new - sum(o.tokens for o in outs)  # the server's count wins
-        metrics.generation_tokens.labels(self.model_name).inc(new)  # the server tells at the end
-        reasons = [self._reason(run, o) for o in outs]
-        asked = _top(run.claim.request) is not None
-        choices = None
-        if run.n > 1:
-            choices = [
-                {
-                    "index": o.index,
-                    "text": o.text,
-                    "finish_reason": reason.value,
-                    **({"logprobs": o.logprobs} if asked else {}),
-                }
-                for o, reason in zip(outs, reasons, strict=True)
-            ]
-        status = JobStatus.CANCELLED if run.stopped else JobStatus.SUCCEEDED
-        first = outs[0]
-        return await self._complete(
-            run,
-            status,
-            first.text,
-            completion,
-            reasons[0],
-            prompt or 0,
-            first.logprobs if asked else None,
-            choices,
+        return Outcome(
+            reasons=[FinishReason.LENGTH if o.finish == "length" else FinishReason.STOP for o in outs],
+            prompt_tokens=prompt or 0,
+            completion_tokens=new + sum(o.resumed_tokens for o in outs),
+            generated=new,
         )
-
-    @staticmethod
-    def _reason(run: _Run, out: _Out) -> FinishReason:
-        if run.cancelled:
-            return FinishReason.CANCELLED
-        if run.timed_out:
-            return FinishReason.TIMEOUT
-        return FinishReason.LENGTH if out.finish == "length" else FinishReason.STOP
-
-    def _on_text(self, run: _Run) -> None:
-        if run.t_first is None:
-            run.t_first = time.monotonic()
-            queued = (run.claim.started_at - run.claim.created_at).total_seconds()
-            metrics.ttft.labels(self.model_name).observe(queued + run.t_first - run.t_start)
