@@ -28,6 +28,7 @@ from shared.capabilities import Capabilities
 from shared.events import CHOICE
 from shared.logprobs import LOGPROBS
 from shared.states import FinishReason, JobStatus
+from shared.tool_parsers import parsed_answer
 from worker import metrics
 from worker.engine import EngineStats
 from worker.jobs import EngineUnavailable, JobRunner, _Claim, _Run
@@ -140,6 +141,12 @@ class HttpEngine:
     def continuation(self) -> dict[str, Any]:
         """The fields that make a chat request continue its last (assistant) message."""
         raise NotImplementedError
+
+
+def _stopped(request: Mapping[str, Any], text: str) -> FinishReason:
+    """An answer that ended by itself: `tool_calls` when it made calls, as the built-in engine says it."""
+    parsed = parsed_answer(dict(request), text)
+    return FinishReason.TOOL_CALLS if parsed is not None and parsed.calls else FinishReason.STOP
 
 
 def _top(request: Mapping[str, Any]) -> int | None:
@@ -393,7 +400,9 @@ class HttpRunner(JobRunner):
             return FinishReason.CANCELLED
         if run.timed_out:
             return FinishReason.TIMEOUT
-        return FinishReason.LENGTH if out.finish == "length" else FinishReason.STOP
+        if out.finish == "length":
+            return FinishReason.LENGTH
+        return _stopped(run.claim.request, out.text)
 
     def _on_text(self, run: _Run) -> None:
         if run.t_first is None:
