@@ -199,7 +199,8 @@ def openai_http_engine(declared: str | None = None) -> Capabilities:
 def vllm_engine() -> Capabilities:
     """vLLM's OpenAI server behind the worker (`--engine vllm`): the worker forwards each of these and
     maps vLLM's answer (its choices, logprobs, usage) into inferq's events and records. vLLM's own
-    limit on logprobs (`--max-logprobs`, 20 by default) is OpenAI's, inferq's too."""
+    limit on logprobs (`--max-logprobs`, 20 by default) is OpenAI's, inferq's too. Tools need vLLM's
+    structured outputs to reach llguidance (its default backend, `auto`, does for inferq's Lark grammars)."""
     return Capabilities(
         engine="vllm",
         n=True,
@@ -209,6 +210,7 @@ def vllm_engine() -> Capabilities:
         top_k=True,
         stop=True,
         structured_outputs=True,
+        tools=True,  # inferq's own tool grammar, as a structured-outputs grammar (worker/engines/vllm.py)
     )
 
 

@@ -86,15 +86,22 @@ def test_capabilities_declared_per_engine_and_device() -> None:
         "n",
         NOT_HONOURED.format(field="n", model="m", engines="vllm, openai-http"),
     )
-    # Tools are enforced by the same grammar masks, on the device the logits are on.
-    assert CPU.tools and GPU.tools and not HTTP.tools
+    # Tools are enforced by the same grammar masks, on the device the logits are on; on vLLM by the same
+    # grammar given to vLLM; an openai-http worker beside a vllm one makes tools a 400 for the model.
+    assert CPU.tools and GPU.tools and vllm.tools and not HTTP.tools
+    tools = {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}
+    assert vllm.refusal(tools, "m") is None
+    assert common([vllm, HTTP]).refusal(tools, "m") == (  # type: ignore[union-attr]
+        "tools",
+        NOT_HONOURED.format(field="tools", model="m", engines="vllm, openai-http"),
+    )
     assert not transformers_engine("cpu", grammars=False).tools
 
 
 def test_capabilities_an_operator_declares_for_an_openai_http_upstream() -> None:
     assert HTTP == Capabilities(engine="openai-http", seed=True, stop=True)  # nothing declared
     full = openai_http_engine("n, logprobs,top_logprobs=20,top_k,response_format,seed,stop")
-    assert full == replace(vllm_engine(), engine="openai-http")
+    assert full == replace(vllm_engine(), engine="openai-http", tools=False)  # all but tools
     assert full.refusal({"n": 2, "logprobs": True, "top_logprobs": 20, "top_k": 3}, "m") is None
     some = declared("openai-http", "cpu", "logprobs,top_logprobs=5")
     assert some.max_top_logprobs == 5 and not some.seed and not some.n

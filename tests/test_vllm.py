@@ -18,14 +18,17 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import psutil
 import pytest
 from pydantic import BaseModel
 
 from shared.events import CHOICE
+from shared.tool_parsers import parser_for
 from tests.conftest import Proc, Stack, _free_port, registry, start_api, wait_for
 from tests.helpers import FRANCE, STORY, choice_texts, iter_sse, read_sse, submit, wait_job
 
@@ -219,6 +222,156 @@ async def test_the_sdk_parses_structured_output(vllm: Vllm) -> None:
         await client.close()
     parsed = completion.choices[0].message.parsed
     assert isinstance(parsed, City) and parsed.name
+
+
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+# Arguments long enough that a job is still writing them when its worker is killed.
+NOTE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 300, "maxLength": 400}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+SCHEMAS = {"get_weather": WEATHER_SCHEMA, "write_note": NOTE_SCHEMA}
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": name, "description": f"{name}.", "parameters": schema}}
+    for name, schema in SCHEMAS.items()
+]
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def _sdk(vllm: Vllm) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{vllm.api_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _valid(name: str, arguments: str) -> None:
+    assert name in SCHEMAS, name
+    jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+async def test_tools_required_calls_validate_and_the_stream_reassembles_them(vllm: Vllm) -> None:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": WEATHER_QUESTION,
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "temperature": 0,
+        "max_tokens": 300,
+    }
+    client = _sdk(vllm)
+    try:
+        whole = await client.chat.completions.create(**body)
+        one = await client.chat.completions.create(**{**body, "parallel_tool_calls": False, "temperature": 1})
+        stream = await client.chat.completions.create(**body, stream=True)
+        built: dict[int, dict[str, Any]] = {}
+        content, reasons = "", []
+        async for chunk in stream:
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                reasons += [c.finish_reason] if c.finish_reason else []
+                for delta in c.delta.tool_calls or []:
+                    assert delta.function is not None
+                    if delta.id is not None:
+                        built[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+                    built[delta.index]["arguments"] += delta.function.arguments or ""
+    finally:
+        await client.close()
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    calls = choice.message.tool_calls or []
+    assert calls and all(c.id.startswith("call_") for c in calls)
+    for call in calls:
+        _valid(call.function.name, call.function.arguments)
+    # parallel_tool_calls false: exactly one call, whatever the sampling.
+    assert one.choices[0].finish_reason == "tool_calls" and len(one.choices[0].message.tool_calls or []) == 1
+    _valid(
+        one.choices[0].message.tool_calls[0].function.name,
+        one.choices[0].message.tool_calls[0].function.arguments,
+    )  # type: ignore[index]
+    # Greedy both times: the stream's pieces join into the same calls as the whole answer.
+    assert reasons == ["tool_calls"] and content == ""
+    assert [(b["name"], b["arguments"]) for _, b in sorted(built.items())] == [
+        (c.function.name, c.function.arguments) for c in calls
+    ]
+
+
+async def test_tools_round_trip_call_result_answer_through_a_forwarding_worker(
+    vllm: Vllm, vc: httpx.AsyncClient
+) -> None:
+    client = _sdk(vllm)
+    try:
+        first = await client.chat.completions.create(
+            model=MODEL_B,  # worker B: a vLLM it does not run, whose template it probed at start too
+            messages=WEATHER_QUESTION,  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            temperature=0,
+            max_tokens=100,
+        )
+        message = first.choices[0].message
+        assert first.choices[0].finish_reason == "tool_calls", first
+        assert message.tool_calls and len(message.tool_calls) == 1
+        call = message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        _valid(call.function.name, call.function.arguments)
+        follow = [
+            *WEATHER_QUESTION,
+            message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'},
+        ]
+        answer = await client.chat.completions.create(
+            model=MODEL_B,
+            messages=follow,  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice="none",
+            temperature=0,
+            max_tokens=40,
+        )
+    finally:
+        await client.close()
+    final = answer.choices[0]
+    assert final.finish_reason in ("stop", "length") and final.message.content
+    assert not final.message.tool_calls
+    # The job record holds the same calls, by the same ids.
+    job = (await vc.get(f"/v1/jobs/job_{first.id.removeprefix('chatcmpl-')}")).json()
+    assert job["finish_reason"] == "tool_calls" and job["output"].startswith("<tool_call>")  # Hermes text
+    assert [c["id"] for c in job["tool_calls"]] == [call.id]
+
+
+async def test_tools_job_whose_worker_is_killed_starts_over_and_calls_validly(
+    vllm: Vllm, vc: httpx.AsyncClient
+) -> None:
+    created = await submit(
+        vc,
+        model=MODEL_B,
+        messages=[{"role": "user", "content": "Write a note about the sea."}],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "write_note"}},
+        temperature=0,
+        max_tokens=400,
+    )
+    async for event in iter_sse(vc, created["id"]):
+        if event.event == "token" and event.data["index"] >= 10:
+            break
+    vllm.b.send(signal.SIGKILL)
+    assert vllm.b.popen is not None
+    vllm.b.popen.wait(10)
+    vllm.b.start()
+    job = await wait_job(vc, created["id"], timeout=180)
+    assert job["status"] == "succeeded", job
+    events = await read_sse(vc, created["id"])
+    running = [e.data for e in events if e.event == "status" and e.data.get("status") == "running"]
+    # The grammar holds a call from its marker: the retry starts over rather than continue mid-call.
+    assert [r["attempt"] for r in running] == [1, 2] and running[1]["resume_from_chars"] == 0
+    assert choice_texts(events)[0] == job["output"]
+    calls = parser_for().extract(job["output"]).calls
+    assert job["finish_reason"] == "tool_calls" and [c.name for c in calls] == ["write_note"]
+    _valid(calls[0].name, calls[0].arguments)
 
 
 async def test_the_same_seed_gives_the_same_text(vc: httpx.AsyncClient) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import tools
 from tests.conftest import Proc, Servers, _env
 from worker.engines import vllm_server
 from worker.engines.openai_http import OpenAIHttpEngine
@@ -136,3 +137,33 @@ def test_sidecar_worker_stops_at_start_with_the_error(
     # The last line of its log is the error, whole, and nothing after it (no traceback).
     last = worker.tail(1)
     assert NOT_UP.format(engine="vllm", url=url.removesuffix("/v1") + "/health", seconds=1.0) in last, last
+
+
+async def test_vllm_tool_request_carries_inferqs_grammar_and_the_tools_as_shown_built_in() -> None:
+    # What reaches vLLM for a tool job (tests/test_vllm.py runs it on a real vLLM): the grammar the
+    # built-in engine enforces, as vLLM's structured-outputs grammar; the tools shown as that engine shows
+    # them to the template at hand; a retry of a job that may call starts over.
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    function = {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    call = {"id": "call_1", "type": "function", "function": function}
+    history = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    request = {"messages": history, "tools": [weather], "tool_choice": "required"}
+    engine = VllmEngine(f"http://127.0.0.1:{_closed_port()}/v1", None, 10, "m")
+    path, body = engine.body(request, 50, n=1, seed=None, resume="")
+    assert path == "/chat/completions"
+    assert body["structured_outputs"] == {"grammar": tools.request_grammar(request)}
+    assert "tools" not in body and "tool_choice" not in body  # the demo model's template: a system block
+    assert body["messages"] == tools.chat_messages(request, None)[0]
+    assert "<tool_call>" in body["messages"][2]["content"] and body["messages"][3]["role"] == "user"
+    assert not engine.continues(request) and engine.continues({**request, "tool_choice": "none"})
+
+    engine.template_renders_tools = True  # e.g. Qwen 2.5's: the tools and the history as they came
+    _, body = engine.body(request, 50, n=1, seed=None, resume="")
+    assert body["tools"] == [weather] and body["tool_choice"] == "none" and body["messages"] == history
+    _, body = engine.body({**request, "tool_choice": "none"}, 50, n=1, seed=None, resume="")
+    assert "structured_outputs" not in body and "tools" not in body
+    await engine.aclose()

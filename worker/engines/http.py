@@ -18,13 +18,14 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from shared.capabilities import Capabilities
 from shared.states import FinishReason
+from shared.tool_parsers import parsed_answer
 from worker.engines.base import EngineStats, EngineUnavailable, GenerationJob, Outcome, TokenSink
 from worker.outputs import top_logprobs as _top
 
@@ -141,6 +142,12 @@ class HttpEngine:
         return HttpGeneration(self, job)
 
 
+def _stopped(request: Mapping[str, Any], text: str) -> FinishReason:
+    """An answer that ended by itself: `tool_calls` when it made calls, as the built-in engine says it."""
+    parsed = parsed_answer(dict(request), text)
+    return FinishReason.TOOL_CALLS if parsed is not None and parsed.calls else FinishReason.STOP
+
+
 async def _chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
@@ -202,6 +209,11 @@ class _Out:
     resumed_tokens: int = 0
     finish: str | None = None
     tokens: int = 0  # chunks with text or logprobs, for a server that sends no usage
+    pieces: list[str] = field(default_factory=list)  # the text it streamed
+
+    @property
+    def text(self) -> str:
+        return self.resume + "".join(self.pieces)
 
 
 class HttpGeneration:
@@ -296,6 +308,8 @@ class HttpGeneration:
         count = 1 if piece or entries else 0
         out.tokens += count
         self.engine.stats.tokens += count
+        if piece:
+            out.pieces.append(piece)
         sink.tokens(out.index, piece, entries, count)
         out.finish = choice.get("finish_reason") or out.finish
 
@@ -313,7 +327,10 @@ class HttpGeneration:
             # The server counts a continued text as prompt.
             prompt = int(got[0].get("prompt_tokens") or 0) - (outs[0].resumed_tokens if outs[0].resume else 0)
         return Outcome(
-            reasons=[FinishReason.LENGTH if o.finish == "length" else FinishReason.STOP for o in outs],
+            reasons=[
+                FinishReason.LENGTH if o.finish == "length" else _stopped(self.job.request, o.text)
+                for o in outs
+            ],
             prompt_tokens=prompt or 0,
             completion_tokens=new + sum(o.resumed_tokens for o in outs),
             generated=new,
