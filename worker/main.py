@@ -33,6 +33,7 @@ from worker.engines.http import HttpEngine, HttpRunner
 from worker.engines.openai_http import OpenAIHttpEngine
 from worker.engines.sidecar import SidecarNotUp, wait_until_up
 from worker.engines.vllm import VllmEngine
+from worker.engines.vllm_embedder import start_vllm_embedder
 from worker.engines.vllm_server import VllmError, VllmServer
 from worker.jobs import JobRunner
 from worker.model import load_model
@@ -104,6 +105,9 @@ def _http_engine(settings: Settings) -> HttpEngine:
 
 async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool) -> Any:
     engine: Any
+    w = settings.worker
+    if w.engine == "vllm" and not w.upstream_url and (spec := embedding_spec(settings.require_model_dir())):
+        return await start_vllm_embedder(ctx, settings, spec)  # an embedding model on vLLM's pooling
     if upstream:
         engine = _http_engine(settings)
         ctx["engine"] = engine  # from here on, a stop at any moment stops its server too
@@ -176,10 +180,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         "output_webhook_seconds": settings.webhooks.output_seconds,
     }
     runner: JobRunner
-    if upstream:
-        runner = HttpRunner(upstream=engine, **common)
-    elif isinstance(engine, Embedder):
+    if isinstance(engine, Embedder):  # in process or on vLLM (VllmEmbedder)
         runner = EmbeddingRunner(embedder=engine, **common)
+    elif upstream:
+        runner = HttpRunner(upstream=engine, **common)
     else:
         runner = JobRunner(engine=engine, **common)
     metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, settings.metrics_token)
