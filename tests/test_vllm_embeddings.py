@@ -127,8 +127,12 @@ async def test_vllm_embeddings_match_sentence_transformers(
     assert caps["dimensions"] is False  # all-MiniLM-L6-v2 declares no truncate_dim
     error = await _refused(oai.embeddings.create(model=MODEL, input="fine", dimensions=128))
     assert error.param == "dimensions"
-    worker = next(w for w in registry(stack.servers.redis_url) if w["model"] == MODEL)
-    assert worker["tokens"] >= 2 * counted and worker["steps"] >= 3
+
+    def counted_by_heartbeat() -> bool:  # the registry entry is as of the worker's last heartbeat
+        worker = next(w for w in registry(stack.servers.redis_url) if w["model"] == MODEL)
+        return bool(worker["tokens"] >= 2 * counted and worker["steps"] >= 3)
+
+    wait_for(counted_by_heartbeat, 30, "the worker's heartbeat to count the inputs", [served.worker])
 
 
 async def _refused(call: Any) -> openai.BadRequestError:
