@@ -261,8 +261,10 @@ def _children(
     workers: int,
     device: str | None,
     embedding_model: str | None = None,
+    embedding_engine: str = "transformers",
 ) -> tuple[list[Child], list[str]]:
-    """The API and the workers; with `embedding_model` (a directory), one more worker that serves it."""
+    """The API and the workers; with `embedding_model` (a directory), one more worker that serves it
+    on `embedding_engine`."""
     metrics_host = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
     if embedding_model is not None:
         env = _with_embedding_model(env, Path(embedding_model).name, embedding_model)
@@ -272,9 +274,8 @@ def _children(
     commands = [["worker", "--device", dev] for dev in devices]
     if embedding_model is not None:
         # Beside the first chat worker: an embedding model is small, and its passes are short.
-        # In process whatever engine the chat workers use (`--engine vllm` serves generation only).
         commands.append(
-            ["worker", "--model", embedding_model, "--engine", "transformers", "--device", devices[0]]
+            ["worker", "--model", embedding_model, "--engine", embedding_engine, "--device", devices[0]]
         )
     ports = _metrics_ports(len(commands), metrics_host)
     for i, (command, mport) in enumerate(zip(commands, ports, strict=True)):
@@ -411,7 +412,17 @@ def _run(
         try:
             url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
             embedding_model = settings.embedding_model_path if embeddings else None
-            children, metrics = _children(dict(os.environ), host, port, workers, device, embedding_model)
+            # On vLLM's pooling runner when the chat workers run their own vLLM; else in process.
+            own_vllm = settings.worker.engine == "vllm" and not settings.worker.upstream_url
+            children, metrics = _children(
+                dict(os.environ),
+                host,
+                port,
+                workers,
+                device,
+                embedding_model,
+                "vllm" if own_vllm else "transformers",
+            )
 
             def remember() -> None:
                 record["children"] = sup.pids() if sup is not None else {}

@@ -214,9 +214,10 @@ def vllm_engine() -> Capabilities:
     )
 
 
-def embedding_engine(*, shortening: bool) -> Capabilities:
-    """A worker serving a sentence-transformers model (worker/embedder.py): embeddings only."""
-    return Capabilities(engine="embeddings", embeddings=True, generation=False, dimensions=shortening)
+def embedding_engine(*, shortening: bool, engine: str = "embeddings") -> Capabilities:
+    """A worker serving a sentence-transformers model: embeddings only, in process (worker/embedder.py)
+    or through vLLM's pooling (`engine="vllm"`, worker/engines/vllm_embedder.py)."""
+    return Capabilities(engine=engine, embeddings=True, generation=False, dimensions=shortening)
 
 
 def declared(engine: str, device: str, upstream: str | None = None) -> Capabilities:

@@ -34,6 +34,7 @@ from worker.engines.openai_http import OpenAIHttpEngine
 from worker.engines.sidecar import SidecarNotUp, wait_until_up
 from worker.engines.transformers import TransformersEngine
 from worker.engines.vllm import VllmEngine
+from worker.engines.vllm_embedder import start_vllm_embedder
 from worker.engines.vllm_server import VllmError, VllmServer
 from worker.jobs import JobRunner
 from worker.model import load_model
@@ -104,6 +105,9 @@ def _http_engine(settings: Settings) -> HttpEngine:
 
 
 async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool) -> Engine | Embedder:
+    w = settings.worker
+    if w.engine == "vllm" and not w.upstream_url and (spec := embedding_spec(settings.require_model_dir())):
+        return await start_vllm_embedder(ctx, settings, spec)  # an embedding model on vLLM's pooling
     if upstream:
         http = _http_engine(settings)
         ctx["engine"] = http  # from here on, a stop at any moment stops its server too
@@ -177,7 +181,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         "output_webhook_seconds": settings.webhooks.output_seconds,
     }
     runner: JobRunner
-    if isinstance(engine, Embedder):
+    if isinstance(engine, Embedder):  # in process or on vLLM (VllmEmbedder)
         runner = EmbeddingRunner(embedder=engine, **common)
     else:
         runner = JobRunner(engine=engine, **common)  # any engine of the contract (engines.base)
