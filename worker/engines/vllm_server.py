@@ -269,8 +269,17 @@ class VllmServer:
             "127.0.0.1",
             "--port",
             str(self.port),
+            *self._structured_outputs(),
             *self.args,
         ]
+
+    def _structured_outputs(self) -> list[str]:
+        """llguidance for every structured output, as on the built-in engine: the tool grammars inferq
+        sends are llguidance's Lark (xgrammar, which vLLM's `auto` may pick, cannot compile them), and
+        JSON schemas then follow the same rules on both engines. A user's own setting wins."""
+        if any(a.startswith("--structured-outputs-config") for a in self.args):
+            return []
+        return ["--structured-outputs-config", '{"backend": "guidance"}']
 
     def _environment(self) -> dict[str, str]:
         env = {
