@@ -6,7 +6,8 @@ waits for a core as much as the work, so by default torch runs one thread here a
 engine thread's own CPU time (`time.thread_time`): what the step costs, not how long it waited.
 `--threads N --clock wall` measures wall-clock time with N threads instead (for a quiet machine).
 
-    python -m bench decode-step [--concurrency 16] [--max-tokens 64] [--dtype auto] [--json A.json]
+    python -m bench decode-step [--concurrency 16] [--max-tokens 64] [--dtype auto] [--page-size N]
+                                [--json A.json]
     python -m bench decode-step --compare A.json B.json   # greedy outputs of two runs, token for token
 
 Parts: linear layers (every nn.Linear, the LM head included), attention (the attention function the
@@ -44,6 +45,8 @@ class StepTimer:
         self.decode_only = False
         self.batch = 0
         self.steps: list[dict[str, float]] = []
+        self.all_steps = 0.0  # every step's time, prefill steps included
+        self.q_tokens = 0  # tokens every step computed (prompt tokens a shared prefix skipped are not)
         self._depth: dict[str, int] = defaultdict(int)
         self.thread: int | None = None
 
@@ -59,6 +62,17 @@ class StepTimer:
             self._depth[name] -= 1
             if self._depth[name] == 0:
                 self.current[name] += self.clock() - t0
+
+    def end_step(self, total: float, requests: int, q: int) -> None:
+        if "forward" not in self.current:
+            return  # no model step
+        self.all_steps += total
+        self.q_tokens += q
+        if requests and q == requests:  # every request decodes one token
+            step = dict(self.current)
+            step["total"] = total
+            step["batch"] = requests
+            self.steps.append(step)
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -118,12 +132,7 @@ def instrument(engine: Any, timer: StepTimer) -> None:
         total = timer.clock() - t0
         io = batch_processor.inputs_and_outputs
         requests = int(getattr(io, "num_request_in_batch", 0) or 0)
-        q = int(getattr(io, "num_q_tokens", 0) or 0)
-        if "forward" in timer.current and requests and q == requests:
-            step = dict(timer.current)
-            step["total"] = total
-            step["batch"] = requests
-            timer.steps.append(step)
+        timer.end_step(total, requests, int(getattr(io, "num_q_tokens", 0) or 0))
         return result
 
     continuous_api.ContinuousBatchingManager._generation_loop_body = loop_body  # type: ignore[method-assign]
@@ -150,7 +159,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from worker.engine import Engine, SamplingOptions
     from worker.model import load_model
 
-    settings = ModelSettings(dtype=args.dtype, max_batch=max(args.concurrency, 16), threads=args.threads)
+    settings = ModelSettings(
+        dtype=args.dtype, max_batch=max(args.concurrency, 16), threads=args.threads, page_size=args.page_size
+    )
     model, tok = load_model(str(demo_model()), settings)
     engine = Engine(model, tok, settings)
     engine.start()
@@ -162,6 +173,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
     timer = StepTimer(time.thread_time if args.clock == "cpu" else time.perf_counter)
     outputs: list[list[int]] = []  # each request's greedy tokens, to compare runs token for token
+    prompt_tokens = 0
     try:
         await engine.warmup()
         instrument(engine, timer)
@@ -172,6 +184,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 ids = list(
                     tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
                 )
+                prompt_tokens += len(ids)
                 options = SamplingOptions(args.max_tokens, 0.0, 1.0, None)
                 handles.append(engine.submit(f"r{rnd}-{i}", ids, options))
             for h in handles:
@@ -191,6 +204,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "clock": args.clock,
         "concurrency": args.concurrency,
+        "page_size": settings.page_size,
+        "prompt_tokens": prompt_tokens,
+        "tokens_computed": timer.q_tokens,  # prompt tokens computed + generated tokens (less the last ones)
+        "all_steps_ms": round(timer.all_steps * 1000, 1),
         "decode_steps": len(full),
         "ms_per_step": breakdown(full) if full else {},
         "outputs": outputs,
@@ -216,6 +233,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
+    from shared.settings import ModelSettings
+
     if argv[:1] == ["--compare"] and len(argv) == 3:
         with open(argv[1]) as fa, open(argv[2]) as fb:
             print(json.dumps(compare(json.load(fa), json.load(fb))))
@@ -227,6 +246,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--attention", default="decode", choices=["decode", "sdpa"], help="sdpa: transformers' packed path"
+    )
+    parser.add_argument(
+        "--page-size", type=int, default=ModelSettings().page_size, help="KV-cache page (prefix sharing unit)"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])

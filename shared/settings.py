@@ -33,7 +33,11 @@ class ModelSettings(BaseModel):
     max_batch: int = Field(default=32, ge=1, description="Requests per engine step; also arq's max_jobs.")
     max_batch_tokens: int = Field(default=512, ge=16, description="Tokens per engine step (prefill chunk).")
     num_blocks: int | None = Field(default=None, description="KV-cache pages; None sizes them from memory.")
-    page_size: int = Field(default=256, ge=16)
+    page_size: int = Field(
+        default=16,
+        ge=16,
+        description="KV-cache page in tokens: prompts share a common prefix in whole pages (docs/engine.md).",
+    )
     embed_batch_tokens: int = Field(
         default=8192,
         ge=16,

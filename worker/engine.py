@@ -192,8 +192,9 @@ class Engine:
 
     def _default_blocks(self) -> int | None:
         # On a GPU transformers sizes the KV cache from free device memory. On a CPU that rule claims
-        # gigabytes of RAM; a shared pool of 4 blocks (1,024 tokens) per request slot is plenty there.
-        return None if str(self.model.device).startswith("cuda") else self.settings.max_batch * 4
+        # gigabytes of RAM; a shared pool of 1,024 tokens per request slot, in pages, is plenty there.
+        pages = -(-1024 // self.settings.page_size)
+        return None if str(self.model.device).startswith("cuda") else self.settings.max_batch * pages
 
     async def warmup(self) -> None:
         """Run one tiny request so that the first real job does not pay for lazy initialisation."""
