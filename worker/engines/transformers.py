@@ -105,7 +105,7 @@ class TransformersGeneration:
         # they then share (prefix sharing) instead of computing the prompt n times; a prompt shorter
         # than a page has none to share, so they start with it.
         prefilled = asyncio.Event()
-        share = len(self.input_ids) >= self.engine.settings.page_size
+        share = len(self.input_ids) > self.engine.settings.page_size  # its last token is always computed
         tasks = [
             asyncio.create_task(self._decode(out, sink, prefilled, wait=share and out.index > 0))
             for out in self.outputs
