@@ -11,6 +11,7 @@ events      token events/s of one Valkey core with the event script vs three sha
 decode-step one decode step of the built-in engine in parts: linear, attention, KV cache, sampling, Python
 engines     engines through inferq side by side, alternating: streaming chat tokens/s at concurrency 16
 structured  engine tokens/s at concurrency 16 with 0 %, 50 % and 100 % of requests JSON-schema constrained
+embeddings  inputs embedded/s at concurrency 64 through inferq vs sentence-transformers in-process
 scrape      /metrics scrapes and polls of queued jobs with 50,000 event streams in Redis, before and after
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
@@ -36,6 +37,7 @@ COMMANDS = {
     "decode-step": "bench.decode_step",
     "events": "bench.events",
     "scrape": "bench.scrape",
+    "embeddings": "bench.embeddings",
     "all": "bench.run_all",
     "chart": "bench.chart",
 }
