@@ -178,8 +178,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def wait_for_job(services: Services, job: Job, request: Request) -> Job | None:
-    """The finished job, or None when the client went away first (the job is then cancelled, if so set)."""
+async def wait_for_job(
+    services: Services,
+    job: Job,
+    request: Request,
+    load: Callable[[Services, str], Awaitable[Job | None]] = load_job,
+) -> Job | None:
+    """The finished job (read by `load`), or None when the client went away first (the job is then
+    cancelled, if so set)."""
     end = asyncio.create_task(until_end(services, job.id))
     gone = asyncio.create_task(_disconnected(request))
     try:
@@ -193,7 +199,7 @@ async def wait_for_job(services: Services, job: Job, request: Request) -> Job | 
         for task in (end, gone):
             task.cancel()
         await asyncio.gather(end, gone, return_exceptions=True)
-    finished = await load_job(services, job.id)
+    finished = await load(services, job.id)
     assert finished is not None
     return finished
 
