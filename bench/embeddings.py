@@ -5,6 +5,7 @@ say where a request's time went: waiting in the queue (created -> claimed), on t
 result written), and the rest (API admission, the wait for the job's end, the response).
 
     python -m bench embeddings [--requests 4000] [--concurrency 64] [--tokens 32] [--out FILE] [--profile DIR]
+        [--baseline CHECKOUT] [--skip-in-process]
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ async def _measure(
 
 
 def through_inferq(
-    model_dir: Path, texts: list[str], concurrency: int, profile_dir: Path | None = None
+    model_dir: Path,
+    texts: list[str],
+    concurrency: int,
+    profile_dir: Path | None = None,
+    code: Path | None = None,
 ) -> dict[str, Any]:
     extra = {
         "INFERQ_MODEL__SERVED_NAME": EMBED,
@@ -156,7 +161,7 @@ def through_inferq(
         "INFERQ_MAX_QUEUE_SECONDS": "100000",  # the benchmark measures the queue, not admission
         "INFERQ_AUTH": "off",  # as bench overhead: an open API in `auto` reads the keys table per request
     }
-    with running_stack(model_dir, max_batch=concurrency, extra_env=extra) as stack:
+    with running_stack(model_dir, max_batch=concurrency, extra_env=extra, code=code) as stack:
         return aio.run(_measure(stack, texts, concurrency, profile_dir))
 
 
@@ -168,12 +173,22 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the API and the worker into DIR")
     parser.add_argument("--skip-in-process", action="store_true", help="measure inferq only")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of inferq (e.g. a `git worktree` of main) to measure first, the same way",
+    )
     args = parser.parse_args(argv)
     model_dir = embedding_model()
     texts = make_texts(model_dir, args.requests, args.tokens)
     reference = {} if args.skip_in_process else in_process(model_dir, texts)
     if reference:
         print(f"in-process encode: {reference['inputs_per_s']} inputs/s", flush=True)
+    baseline = None
+    if args.baseline is not None:
+        baseline = through_inferq(model_dir, texts, args.concurrency, code=args.baseline.resolve())
+        print(f"baseline {args.baseline}: {baseline['inputs_per_s']} inputs/s", flush=True)
     inferq = through_inferq(model_dir, texts, args.concurrency, args.profile)
     ratio = round(inferq["inputs_per_s"] / reference["inputs_per_s"], 3) if reference else None
     result = {
@@ -184,6 +199,7 @@ def main(argv: list[str]) -> None:
         "in_process": reference,
         "inferq": inferq,
         "ratio": ratio,
+        **({"baseline": {"code": str(args.baseline), **baseline}} if baseline else {}),
     }
     print(json.dumps(result, indent=2))
     write_json(args.out, result)
