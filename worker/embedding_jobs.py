@@ -4,7 +4,8 @@ the `done` event carries the usage, and the input tokens count against the key's
 
 An embedding job is over in a few milliseconds of model time, so its two Postgres writes (the claim and
 the result) would cost more than its forward pass: concurrent jobs share them (worker/group_commit.py),
-one UPDATE claiming every job that arrived meanwhile, one writing every result ready meanwhile."""
+one UPDATE claiming every job that arrived meanwhile, one writing every result ready meanwhile (and one
+Redis pipeline reading their cancel flags)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from redis.exceptions import RedisError
 from sqlalchemy import Interval, func, literal_column, or_
 
+from shared import keys
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
 from shared.transitions import move, move_each
@@ -46,6 +49,21 @@ class EmbeddingRunner(JobRunner):
         self.embedder = embedder
         self._claims: GroupCommit[str, _Claim | None] = GroupCommit(self._claim_many)
         self._writes: GroupCommit[_Write, bool] = GroupCommit(self._write_many)
+        self._flags: GroupCommit[str, bool] = GroupCommit(self._flagged_many)
+
+    async def cancel_flagged(self, job_id: str) -> bool:
+        return await self._flags(job_id)
+
+    async def _flagged_many(self, job_ids: list[str]) -> list[bool]:
+        """JobRunner.cancel_flagged for many jobs in one pipeline (one round trip per shard)."""
+        try:
+            async with self.events_redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.exists(keys.cancel_flag(job_id))
+                return [bool(n) for n in await pipe.execute()]
+        except RedisError as exc:
+            log.warning("cannot read %d jobs' cancel flags (%s); starting them", len(job_ids), exc)
+            return [False] * len(job_ids)
 
     async def _claim(self, job_id: str) -> _Claim | None:
         return await self._claims(job_id)
