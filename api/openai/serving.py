@@ -183,10 +183,12 @@ async def wait_for_job(
     job: Job,
     request: Request,
     load: Callable[[Services, str], Awaitable[Job | None]] = load_job,
+    *,
+    fresh: bool = False,
 ) -> Job | None:
     """The finished job (read by `load`), or None when the client went away first (the job is then
-    cancelled, if so set)."""
-    end = asyncio.create_task(until_end(services, job.id))
+    cancelled, if so set). `fresh`: the job was created by this request (see job_events)."""
+    end = asyncio.create_task(until_end(services, job.id, fresh=fresh))
     gone = asyncio.create_task(_disconnected(request))
     try:
         await asyncio.wait({end, gone}, return_when=asyncio.FIRST_COMPLETED)

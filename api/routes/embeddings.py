@@ -40,7 +40,7 @@ async def create_embeddings(
 ) -> Response:
     async def create() -> Outcome:
         job = await submit_embeddings(services, body, principal, cancel_after)
-        finished = await wait_for_job(services, job, request, load_with_vectors)
+        finished = await wait_for_job(services, job, request, load_with_vectors, fresh=True)
         if finished is None:
             raise ClientGone
         rendered = render_embeddings(finished, finished.embedding)
