@@ -12,6 +12,7 @@ decode-step one decode step of the built-in engine in parts: linear, attention, 
 engines     engines through inferq side by side, alternating: streaming chat tokens/s at concurrency 16
 structured  engine tokens/s at concurrency 16 with 0 %, 50 % and 100 % of requests JSON-schema constrained
 tools       streaming chat tokens/s at concurrency 16 with 0 % and 100 % of requests carrying tools
+embeddings  inputs embedded/s at concurrency 64 through inferq vs sentence-transformers in-process
 scrape      /metrics scrapes and polls of queued jobs with 50,000 event streams in Redis, before and after
 all         all of the above, then `chart`; results in bench/results.json
 chart       bench/throughput.png from the throughput results
@@ -38,6 +39,7 @@ COMMANDS = {
     "decode-step": "bench.decode_step",
     "events": "bench.events",
     "scrape": "bench.scrape",
+    "embeddings": "bench.embeddings",
     "all": "bench.run_all",
     "chart": "bench.chart",
 }

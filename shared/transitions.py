@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, update
+from sqlalchemy import ColumnElement, Update, cast, column, update
+from sqlalchemy import values as values_clause
 
 from shared.models import Job
 from shared.states import ALLOWED, JobStatus
@@ -40,3 +42,29 @@ def move(to: JobStatus, *where: ColumnElement[bool], src: JobStatus | None = Non
     else:
         guard = Job.status.in_(sorted(s.value for s in allowed))
     return update(Job).where(guard, *where).values(status=to.value, **values)
+
+
+def move_each(
+    to: JobStatus,
+    rows: Sequence[Mapping[str, Any]],
+    *where: ColumnElement[bool],
+    match: tuple[str, ...] = ("id",),
+    src: JobStatus | None = None,
+    **values: Any,
+) -> Update:
+    """`move` for many jobs in one statement, each with values of its own: `rows` (one mapping per job,
+    all with the same keys) become a VALUES list the UPDATE joins on the `match` columns (the job, and
+    its attempt for a final write's guard); every other key of a row is set from the row, `values` are
+    set on every job. Add `.returning(Job.id)` to learn which jobs moved."""
+    if not rows:
+        raise ValueError("no jobs to move")
+    names = list(rows[0])
+    table = Job.__table__
+    each = values_clause(*(column(name, table.c[name].type) for name in names), name="each").data(
+        [tuple(row[name] for name in names) for row in rows]
+    )
+    # Cast: a VALUES column that is NULL in every row would be text to Postgres.
+    typed = {name: cast(each.c[name], table.c[name].type) for name in names}
+    joined = [table.c[name] == typed[name] for name in match]
+    own = {name: typed[name] for name in names if name not in match}
+    return move(to, *joined, *where, src=src, **own, **values)

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from shared.models import Job
 from shared.states import ALLOWED, TERMINAL, JobStatus, can_move
-from shared.transitions import ForbiddenMove, move
+from shared.transitions import ForbiddenMove, move, move_each
 from tests.conftest import REPO, Servers, _env
 
 
@@ -86,6 +86,42 @@ async def test_states_guards_in_postgres_let_through_exactly_the_tables_moves(db
                             )
                             narrowed = await conn.execute(move(dst, Job.id == job_id, src=other))
                             assert narrowed.rowcount == 0, (src, dst, other)
+
+
+async def test_states_move_each_moves_each_job_with_its_own_values_and_guard(db: AsyncEngine) -> None:
+    """One UPDATE for many jobs: each matched by its id and attempt and set from its own row; a row of
+    another attempt, or of a job not in the source state, moves nothing. A column NULL in every row is
+    written too (Postgres would read it as text without the cast)."""
+    ids = [f"job_states_each_{i}" for i in range(4)]
+    async with db.begin() as conn:
+        for i, job_id in enumerate(ids):
+            status = JobStatus.QUEUED if i == 3 else JobStatus.RUNNING
+            await conn.execute(
+                Job.__table__.insert().values(
+                    id=job_id, model="test-states", request={}, status=status.value, attempts=1
+                )
+            )
+        rows = [
+            {"id": ids[0], "attempts": 1, "embedding": b"\x01", "peak_batch_size": None},
+            {"id": ids[1], "attempts": 1, "embedding": b"\x02", "peak_batch_size": None},
+            {"id": ids[2], "attempts": 2, "embedding": b"\x03", "peak_batch_size": None},  # not its attempt
+            {"id": ids[3], "attempts": 1, "embedding": b"\x04", "peak_batch_size": None},  # queued
+        ]
+        stmt = move_each(
+            JobStatus.SUCCEEDED, rows, match=("id", "attempts"), src=JobStatus.RUNNING, finish_reason="stop"
+        )
+        moved = await conn.execute(stmt.returning(Job.id))
+        assert sorted(moved.scalars()) == ids[:2]
+        query = select(Job.id, Job.status, Job.embedding, Job.finish_reason).where(Job.id.in_(ids))
+        got = {row.id: row for row in await conn.execute(query)}
+    assert [(got[i].status, got[i].embedding, got[i].finish_reason) for i in ids] == [
+        ("succeeded", b"\x01", "stop"),
+        ("succeeded", b"\x02", "stop"),
+        ("running", None, None),
+        ("queued", None, None),
+    ]
+    with pytest.raises(ForbiddenMove):
+        move_each(JobStatus.SUCCEEDED, rows, src=JobStatus.QUEUED)
 
 
 # What writes a job's status outside shared/transitions.py: an UPDATE of the Job model, an assignment

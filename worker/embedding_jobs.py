@@ -1,29 +1,164 @@
 """Running an embeddings job: the JobRunner's claim, deadlines, cancel and one guarded final write, with
 the embedding engine in place of generation. The vectors go to `jobs.embedding` (shared/embeddings.py);
-the `done` event carries the usage, and the input tokens count against the key's daily quota."""
+the `done` event carries the usage, and the input tokens count against the key's daily quota.
+
+An embedding job is over in a few milliseconds of model time, so its two Postgres writes (the claim and
+the result) would cost more than its forward pass: concurrent jobs share them (worker/group_commit.py),
+one UPDATE claiming every job that arrived meanwhile, one writing every result ready meanwhile (and one
+Redis pipeline reading their cancel flags)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from redis.exceptions import RedisError
+from sqlalchemy import Interval, func, literal_column, or_
 
+from shared import keys
+from shared.models import Job
 from shared.states import FinishReason, JobStatus
+from shared.transitions import move, move_each
 from worker import metrics
 from worker.embedder import Embedder
+from worker.group_commit import GroupCommit
+from worker.job_store import DB_DOWN, WRITE_BACKOFF_MAX_SECONDS, Claim, JobStore
 from worker.jobs import JobRunner, _Run
+
+log = logging.getLogger(__name__)
 
 # Tokenizing is CPU work on the worker's event loop: a large request goes to a thread.
 _TOKENIZE_IN_THREAD_CHARS = 20_000
+
+
+# The session holds no Job objects to keep in step with an UPDATE: skip the ORM's evaluation of it.
+_NO_SYNC = {"synchronize_session": False}
+
+
+@dataclass
+class _Write:
+    job_id: str
+    attempt: int
+    status: JobStatus
+    values: dict[str, Any]
+
+
+class GroupedJobStore(JobStore):
+    """JobStore whose claims, cancel-flag reads and result writes of concurrent jobs go together."""
+
+    def __init__(self, store: JobStore) -> None:
+        super().__init__(store.sessions, store.redis, store.events_redis, store.worker_id)
+        self._claims: GroupCommit[str, Claim | None] = GroupCommit(self._claim_many)
+        self._writes: GroupCommit[_Write, bool] = GroupCommit(self._write_many)
+        self._flags: GroupCommit[str, bool] = GroupCommit(self._flagged_many)
+
+    async def claim(self, job_id: str) -> Claim | None:
+        return await self._claims(job_id)
+
+    async def cancel_flagged(self, job_id: str) -> bool:
+        return await self._flags(job_id)
+
+    async def write_final(self, job_id: str, attempt: int, status: JobStatus, values: dict[str, Any]) -> bool:
+        return await self._writes(_Write(job_id, attempt, status, values))
+
+    async def _flagged_many(self, job_ids: list[str]) -> list[bool]:
+        """JobStore.cancel_flagged for many jobs in one pipeline (one round trip per shard)."""
+        try:
+            async with self.events_redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.exists(keys.cancel_flag(job_id))
+                return [bool(n) for n in await pipe.execute()]
+        except RedisError as exc:
+            log.warning("cannot read %d jobs' cancel flags (%s); starting them", len(job_ids), exc)
+            return [False] * len(job_ids)
+
+    async def _claim_many(self, job_ids: list[str]) -> list[Claim | None]:
+        """JobStore.claim for many jobs in one UPDATE: queued -> running unless its deadline passed
+        before it started; the running-time bound joins the deadline (LEAST keeps the earlier)."""
+        second = literal_column("interval '1 second'", Interval)
+        stmt = move(
+            JobStatus.RUNNING,
+            Job.id.in_(job_ids),
+            or_(Job.deadline_at.is_(None), Job.attempts > 0, Job.deadline_at > func.clock_timestamp()),
+            src=JobStatus.QUEUED,
+            attempts=Job.attempts + 1,
+            worker_id=self.worker_id,
+            started_at=func.clock_timestamp(),
+            deadline_at=func.least(Job.deadline_at, func.clock_timestamp() + Job.timeout_seconds * second),
+        ).returning(
+            Job.id,
+            Job.request,
+            Job.attempts,
+            Job.created_at,
+            Job.started_at,
+            Job.request_id,
+            Job.prompt_tokens,
+            Job.deadline_at,
+            Job.tenant,
+        )
+        async with self.sessions() as session, session.begin():
+            rows = {row.id: row for row in await session.execute(stmt, execution_options=_NO_SYNC)}
+        claims: list[Claim | None] = []
+        for job_id in job_ids:
+            row = rows.get(job_id)
+            claims.append(
+                None
+                if row is None
+                else Claim(
+                    dict(row.request),
+                    int(row.attempts),
+                    row.created_at,
+                    row.started_at,
+                    row.request_id,
+                    row.prompt_tokens,
+                    row.deadline_at,
+                    row.tenant,
+                )
+            )
+        return claims
+
+    async def _write_many(self, writes: list[_Write]) -> list[bool]:
+        """JobStore.write_final for many jobs: one UPDATE per kind of write (status and columns), all in
+        one transaction, each guarded by its job's attempt; retried while Postgres is away."""
+        kinds: dict[tuple[JobStatus, tuple[str, ...]], list[_Write]] = {}
+        for w in writes:
+            kinds.setdefault((w.status, tuple(w.values)), []).append(w)
+        statements = [
+            move_each(
+                status,
+                [{"id": w.job_id, "attempts": w.attempt, **w.values} for w in group],
+                match=("id", "attempts"),
+                src=JobStatus.RUNNING,
+            ).returning(Job.id)
+            for (status, _), group in kinds.items()
+        ]
+        delay = 0.25
+        while True:
+            try:
+                written: set[str] = set()
+                async with self.sessions() as session, session.begin():
+                    for stmt in statements:
+                        result = await session.execute(stmt, execution_options=_NO_SYNC)
+                        written.update(job_id for (job_id,) in result)
+                return [w.job_id in written for w in writes]
+            except DB_DOWN as exc:
+                log.warning(
+                    "results of %d jobs not written, Postgres unreachable (%s); retrying", len(writes), exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WRITE_BACKOFF_MAX_SECONDS)
 
 
 class EmbeddingRunner(JobRunner):
     def __init__(self, *, embedder: Embedder, **kwargs: Any) -> None:
         super().__init__(engine=embedder, **kwargs)  # type: ignore[arg-type]
         self.embedder = embedder
+        self.store = GroupedJobStore(self.store)
 
     def _rows(self, inputs: list[Any]) -> list[list[int]]:
         return [self.embedder.token_ids(item, index) for index, item in enumerate(inputs)]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
+from sqlalchemy.orm import undefer
 
 from api.http.errors import InvalidRequest
 from api.http.services import ModelInfo, Services
@@ -183,10 +184,11 @@ async def submit_embeddings(
     return await admit_and_enqueue(services, job, job.prompt_tokens or 0)
 
 
-async def load_vectors(services: Services, job_id: str) -> bytes | None:
+async def load_with_vectors(services: Services, job_id: str) -> Job | None:
+    """The job with its vectors (left out of other reads), in one query."""
     async with services.sessions() as session:
-        blob: bytes | None = await session.scalar(select(Job.embedding).where(Job.id == job_id))
-    return blob
+        query = select(Job).where(Job.id == job_id).options(undefer(Job.embedding))
+        return (await session.execute(query)).scalar_one_or_none()
 
 
 def render_embeddings(job: Job, blob: bytes | None) -> dict[str, Any]:

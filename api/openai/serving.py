@@ -178,9 +178,17 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def wait_for_job(services: Services, job: Job, request: Request) -> Job | None:
-    """The finished job, or None when the client went away first (the job is then cancelled, if so set)."""
-    end = asyncio.create_task(until_end(services, job.id))
+async def wait_for_job(
+    services: Services,
+    job: Job,
+    request: Request,
+    load: Callable[[Services, str], Awaitable[Job | None]] = load_job,
+    *,
+    fresh: bool = False,
+) -> Job | None:
+    """The finished job (read by `load`), or None when the client went away first (the job is then
+    cancelled, if so set). `fresh`: the job was created by this request (see job_events)."""
+    end = asyncio.create_task(until_end(services, job.id, fresh=fresh))
     gone = asyncio.create_task(_disconnected(request))
     try:
         await asyncio.wait({end, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -193,7 +201,7 @@ async def wait_for_job(services: Services, job: Job, request: Request) -> Job | 
         for task in (end, gone):
             task.cancel()
         await asyncio.gather(end, gone, return_exceptions=True)
-    finished = await load_job(services, job.id)
+    finished = await load(services, job.id)
     assert finished is not None
     return finished
 

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.http.deps import ServicesDep
 from api.jobs.deadlines import CancelAfterDep
-from api.openai.embeddings import EmbeddingRequest, load_vectors, render_embeddings, submit_embeddings
+from api.openai.embeddings import EmbeddingRequest, load_with_vectors, render_embeddings, submit_embeddings
 from api.openai.serving import ClientGone, create_once, wait_for_job
 from api.tenancy.auth import PrincipalDep, QuotaDep
 from api.tenancy.idempotency import Outcome
@@ -40,10 +40,10 @@ async def create_embeddings(
 ) -> Response:
     async def create() -> Outcome:
         job = await submit_embeddings(services, body, principal, cancel_after)
-        finished = await wait_for_job(services, job, request)
+        finished = await wait_for_job(services, job, request, load_with_vectors, fresh=True)
         if finished is None:
             raise ClientGone
-        rendered = render_embeddings(finished, await load_vectors(services, job.id))
+        rendered = render_embeddings(finished, finished.embedding)
         return Outcome(200, rendered, job.id)
 
     created = await create_once(services, principal, request, create)

@@ -86,10 +86,10 @@ async def _resync(services: Services, job_id: str, last: int) -> list[Event] | N
     return []
 
 
-async def _first(services: Services, job_id: str, after: int) -> list[Event] | None:
+async def _first(services: Services, job_id: str, after: int, fresh: bool) -> list[Event] | None:
     """What a stream starting after `after` sends first; None when the client has every event."""
     pending = await read_events(services.events_redis, job_id, after=after)
-    if pending:
+    if pending or fresh:
         return pending
     if after == 0:
         job = await load_job(services, job_id)
@@ -102,9 +102,13 @@ async def _first(services: Services, job_id: str, after: int) -> list[Event] | N
     return None if newest is not None and newest.is_end and newest.seq <= after else []
 
 
-async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIterator[Event]:
+async def job_events(
+    services: Services, job_id: str, after: int = 0, *, fresh: bool = False
+) -> AsyncIterator[Event]:
     """Every event of a job after seq `after`, in order, ending with its `done` or `error` (or with
-    nothing more, once the job's row has been deleted)."""
+    nothing more, once the job's row has been deleted). `fresh`: a job this request has just created,
+    whose events cannot have expired yet, so no Postgres read for an ended job without events (a Redis
+    that lost them is still found out by the quiet-spell recheck)."""
     sub = await services.relay.subscribe(job_id)
     last = after
     try:
@@ -112,7 +116,7 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
         async def backlog() -> list[Event]:
             return await read_events(services.events_redis, job_id, after=last)
 
-        pending = await _first(services, job_id, last)
+        pending = await _first(services, job_id, last, fresh)
         if pending is None:
             return
         while True:
@@ -145,9 +149,9 @@ async def job_events(services: Services, job_id: str, after: int = 0) -> AsyncIt
         await services.relay.unsubscribe(sub)
 
 
-async def until_end(services: Services, job_id: str) -> None:
+async def until_end(services: Services, job_id: str, *, fresh: bool = False) -> None:
     """Return once the job has ended (its `done` or `error` event), following its live events."""
-    async for event in job_events(services, job_id):
+    async for event in job_events(services, job_id, fresh=fresh):
         if event.is_end:
             return
 
