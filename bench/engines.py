@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for rnd in range(args.rounds):
             for name in names:
                 run_dir = log_dir / f"{name}-{rnd}"
+                run_dir.mkdir(parents=True, exist_ok=True)
                 with _start(name, model_dir, args, run_dir, main_code) as running:
                     asyncio.run(warm_up(running.base_url, running.model))
                     pids = {k: v for k, v in running.pids.items() if k in ("api", "worker")}
