@@ -226,7 +226,9 @@ async def test_fleet_chaos_sigkill_workers_while_100_jobs_run(
     endpoint = (await fc.post("/v1/webhook_endpoints", json=hook)).json()
     ids = []
     for i in range(100):
-        body = {"messages": [{"role": "user", "content": f"Count from 1 to {i % 9 + 3}."}], "max_tokens": 24}
+        # Long enough that jobs still run at the third kill (each kill waits for the restarted worker).
+        prompt = f"Count from 1 to {i % 9 + 60}."
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 160}
         ids.append((await submit(fc, **body, temperature=0))["id"])
     reclaims: list[float] = []
     detections: list[float] = []  # SIGKILL -> the reaper has put the worker's jobs back in the queue
