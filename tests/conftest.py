@@ -101,6 +101,10 @@ def _env(servers: Servers, model_dir: Path, **extra: str) -> dict[str, str]:
         INFERQ_DATABASE_URL=servers.database_url,
         INFERQ_MODEL__NAME=str(model_dir),
         INFERQ_MODEL__SERVED_NAME="SmolLM2-135M-Instruct",
+        # Greedy answers the tests read ("Paris") must not depend on which requests shared a step or a
+        # cached prefix: in float32 they do not (docs/engine.md); `auto` picks bfloat16 on CPUs that run
+        # it natively, where they can. tests/test_dtype.py and the bench cover the default itself.
+        INFERQ_MODEL__DTYPE="float32",
         PYTHONUNBUFFERED="1",
         # Webhook receivers in the tests listen on loopback, and retries come seconds apart. Every API
         # process of a session gets these: whichever holds the dispatcher's lease sends the deliveries.
