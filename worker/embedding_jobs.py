@@ -18,16 +18,15 @@ from typing import Any
 
 import numpy as np
 from redis.exceptions import RedisError
-from sqlalchemy import Interval, func, literal_column, or_
 
 from shared import keys
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
-from shared.transitions import move, move_each
+from shared.transitions import move_each
 from worker import metrics
 from worker.embedder import Embedder
 from worker.group_commit import GroupCommit
-from worker.job_store import DB_DOWN, WRITE_BACKOFF_MAX_SECONDS, Claim, JobStore
+from worker.job_store import DB_DOWN, WRITE_BACKOFF_MAX_SECONDS, Claim, JobStore, claim_statement
 from worker.jobs import JobRunner, _Run
 
 log = logging.getLogger(__name__)
@@ -80,47 +79,10 @@ class GroupedJobStore(JobStore):
     async def _claim_many(self, job_ids: list[str]) -> list[Claim | None]:
         """JobStore.claim for many jobs in one UPDATE: queued -> running unless its deadline passed
         before it started; the running-time bound joins the deadline (LEAST keeps the earlier)."""
-        second = literal_column("interval '1 second'", Interval)
-        stmt = move(
-            JobStatus.RUNNING,
-            Job.id.in_(job_ids),
-            or_(Job.deadline_at.is_(None), Job.attempts > 0, Job.deadline_at > func.clock_timestamp()),
-            src=JobStatus.QUEUED,
-            attempts=Job.attempts + 1,
-            worker_id=self.worker_id,
-            started_at=func.clock_timestamp(),
-            deadline_at=func.least(Job.deadline_at, func.clock_timestamp() + Job.timeout_seconds * second),
-        ).returning(
-            Job.id,
-            Job.request,
-            Job.attempts,
-            Job.created_at,
-            Job.started_at,
-            Job.request_id,
-            Job.prompt_tokens,
-            Job.deadline_at,
-            Job.tenant,
-        )
+        stmt = claim_statement(Job.id.in_(job_ids), self.worker_id)
         async with self.sessions() as session, session.begin():
             rows = {row.id: row for row in await session.execute(stmt, execution_options=_NO_SYNC)}
-        claims: list[Claim | None] = []
-        for job_id in job_ids:
-            row = rows.get(job_id)
-            claims.append(
-                None
-                if row is None
-                else Claim(
-                    dict(row.request),
-                    int(row.attempts),
-                    row.created_at,
-                    row.started_at,
-                    row.request_id,
-                    row.prompt_tokens,
-                    row.deadline_at,
-                    row.tenant,
-                )
-            )
-        return claims
+        return [Claim.of(rows[job_id]) if job_id in rows else None for job_id in job_ids]
 
     async def _write_many(self, writes: list[_Write]) -> list[bool]:
         """JobStore.write_final for many jobs: one UPDATE per kind of write (status and columns), all in

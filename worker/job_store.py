@@ -43,6 +43,20 @@ class Claim:
     deadline_at: datetime | None = None
     tenant: str | None = None
 
+    @classmethod
+    def of(cls, row: Any) -> Claim:
+        """A claimed job's row, as claim_statement returns it."""
+        return cls(
+            dict(row.request),
+            int(row.attempts),
+            row.created_at,
+            row.started_at,
+            row.request_id,
+            row.prompt_tokens,
+            row.deadline_at,
+            row.tenant,
+        )
+
 
 @dataclass
 class Published:
@@ -56,6 +70,33 @@ class Published:
     @classmethod
     def nothing(cls, n: int, next_index: int = 0) -> Published:
         return cls([""] * n, next_index, [[] for _ in range(n)])
+
+
+def claim_statement(which: Any, worker_id: str) -> Any:
+    """Queued -> running for the jobs `which` selects, unless a job's deadline passed before it ever
+    started. The running-time bound joins the deadline: LEAST keeps the earlier, so a retried job keeps
+    its first one. Returns each claimed job's id and what Claim.of reads."""
+    second = literal_column("interval '1 second'", Interval)
+    return move(
+        JobStatus.RUNNING,
+        which,
+        or_(Job.deadline_at.is_(None), Job.attempts > 0, Job.deadline_at > func.clock_timestamp()),
+        src=JobStatus.QUEUED,
+        attempts=Job.attempts + 1,
+        worker_id=worker_id,
+        started_at=func.clock_timestamp(),
+        deadline_at=func.least(Job.deadline_at, func.clock_timestamp() + Job.timeout_seconds * second),
+    ).returning(
+        Job.id,
+        Job.request,
+        Job.attempts,
+        Job.created_at,
+        Job.started_at,
+        Job.request_id,
+        Job.prompt_tokens,
+        Job.deadline_at,
+        Job.tenant,
+    )
 
 
 class JobStore:
@@ -74,40 +115,9 @@ class JobStore:
     async def claim(self, job_id: str) -> Claim | None:
         """Queued -> running, unless its deadline passed before it ever started. The running-time bound
         joins the deadline here: LEAST keeps the earlier, so a retried job keeps its first one."""
-        second = literal_column("interval '1 second'", Interval)
-        stmt = move(
-            JobStatus.RUNNING,
-            Job.id == job_id,
-            or_(Job.deadline_at.is_(None), Job.attempts > 0, Job.deadline_at > func.clock_timestamp()),
-            src=JobStatus.QUEUED,
-            attempts=Job.attempts + 1,
-            worker_id=self.worker_id,
-            started_at=func.clock_timestamp(),
-            deadline_at=func.least(Job.deadline_at, func.clock_timestamp() + Job.timeout_seconds * second),
-        ).returning(
-            Job.request,
-            Job.attempts,
-            Job.created_at,
-            Job.started_at,
-            Job.request_id,
-            Job.prompt_tokens,
-            Job.deadline_at,
-            Job.tenant,
-        )
         async with self.sessions() as session, session.begin():
-            row = (await session.execute(stmt)).one_or_none()
-        if row is None:
-            return None
-        return Claim(
-            dict(row.request),
-            int(row.attempts),
-            row.created_at,
-            row.started_at,
-            row.request_id,
-            row.prompt_tokens,
-            row.deadline_at,
-            row.tenant,
-        )
+            row = (await session.execute(claim_statement(Job.id == job_id, self.worker_id))).one_or_none()
+        return None if row is None else Claim.of(row)
 
     async def expire(self, job_id: str) -> Any | None:
         """A job not claimed because its deadline passed before it started ends `expired` here; its row
