@@ -8,6 +8,7 @@ startup     time to "inferq is up": cached starts, and (--fresh) a fresh clone
 responses   background responses: create rate vs POST /v1/jobs, resume request to first event
 waiting     200 clients waiting for their jobs: Prefer: wait vs polling every 50 ms vs SSE
 events      token events/s of one Valkey core with the event script vs three shards; per-job costs
+threads     the built-in engine's tokens/s by torch's thread count and waiting, cores free and one busy
 decode-step one decode step of the built-in engine in parts: linear, attention, KV cache, sampling, Python
 engines     engines through inferq side by side, alternating: streaming chat tokens/s at concurrency 16
 structured  engine tokens/s at concurrency 16 with 0 %, 50 % and 100 % of requests JSON-schema constrained
@@ -37,6 +38,7 @@ COMMANDS = {
     "tools": "bench.tools",
     "engines": "bench.engines",
     "decode-step": "bench.decode_step",
+    "threads": "bench.threads",
     "events": "bench.events",
     "scrape": "bench.scrape",
     "embeddings": "bench.embeddings",

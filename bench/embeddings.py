@@ -75,10 +75,11 @@ def in_process(model_dir: Path, texts: list[str]) -> dict[str, Any]:
 
 def _in_process_like_a_worker(model_dir: Path, texts: list[str]) -> dict[str, Any]:
     """`in_process` in a fresh process with the OpenMP setting `inferq worker` gives itself (libgomp
-    spins 1,000 times, then sleeps; read when torch loads): torch's default spinning collapses on a
-    machine whose cores other processes take too, which would flatter the stack."""
+    spins `SPINCOUNT` times, then sleeps; read when torch loads)."""
+    from worker.cpu_threads import SPINCOUNT
+
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = "1000"
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
     return in_process(model_dir, texts)
 
 

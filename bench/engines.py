@@ -4,6 +4,11 @@ in turns (round 1: A, B, ...; round 2: A, B, ...), so that a machine whose load 
 weighs on every system alike.
 
     python -m bench engines [--systems builtin-main-float32,builtin] [--rounds 2] [--json out.json]
+                            [--busy-core]   # a busy process beside each system while it is measured
+
+`--busy-core` runs `while True: pass` in another process during each measurement (warm-up excluded),
+as another tenant, a neighbour's build or a second engine on the same cores would: what an engine
+keeps when one core is taken.
 
 Systems:
   builtin               inferq's built-in engine from this checkout, its defaults (dtype auto)
@@ -25,6 +30,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +60,20 @@ def _main_tree(ref: str) -> Iterator[Path]:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _busy_core(on: bool) -> Iterator[None]:
+    """A process that keeps one core busy while the block runs (when `on`)."""
+    if not on:
+        yield
+        return
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 @contextlib.contextmanager
@@ -149,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests": args.requests or 2 * args.concurrency,
         "systems": {n: {"runs": []} for n in names},
         "order": [],
+        "busy_core": args.busy_core,
     }
     with contextlib.ExitStack() as stack:
         needs_main = "builtin-main-float32" in names
@@ -160,7 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with _start(name, model_dir, args, run_dir, main_code) as running:
                     asyncio.run(warm_up(running.base_url, running.model))
                     pids = {k: v for k, v in running.pids.items() if k in ("api", "worker")}
-                    with profiling.recording_all(pids if args.profile else {}, run_dir, name) as recs:
+                    with (
+                        _busy_core(args.busy_core),
+                        profiling.recording_all(pids if args.profile else {}, run_dir, name) as recs,
+                    ):
                         level = asyncio.run(
                             run_level(
                                 running,
@@ -204,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--main-ref", default="main", help="git ref of builtin-main-float32")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="py-spy inferq's API and worker meanwhile.")
+    parser.add_argument(
+        "--busy-core", action="store_true", help="a busy process beside each system while it is measured"
+    )
     args = parser.parse_args(argv)
     result = run(args)
     for name, entry in result["systems"].items():

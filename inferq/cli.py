@@ -196,13 +196,14 @@ def worker(
     settings_from_stdin: FromStdinOpt = False,
 ) -> None:
     """Run one GPU worker: one model on one device, continuous batching."""
-    # Before torch (and its OpenMP runtime, libgomp) loads: OpenMP threads that spin ~300,000 times
-    # while they wait turned a CPU engine sharing its cores with the API, the databases or clients
-    # from ~30 into ~2 tokens/s. Spinning 1,000 times, then sleeping, kept 46 tokens/s with a core
-    # taken (sleeping at once: 58) and ~80 on free cores (spinning: ~85; sleeping at once: ~65), in
-    # bench/RESULTS.md (waiting). A GPU worker's CPU threads barely use OpenMP. A user's setting wins.
+    # Before torch (and its OpenMP runtime, libgomp) loads: its threads spin 200,000 times while they
+    # wait for each other, the fastest on free cores, and the worker runs only as many as the cores other
+    # processes leave free (worker/cpu_threads.py), which keeps spinning safe where they share them.
+    # A user's setting wins.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = "1000"
+        from worker.cpu_threads import SPINCOUNT
+
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
     if settings_from_stdin:
         _settings_from_stdin("worker.main", "transformers.models.auto.modeling_auto")
     from worker.main import run

@@ -44,7 +44,10 @@ class ModelSettings(BaseModel):
         description="An embedding model's forward pass: at most this many tokens, padding included.",
     )
     threads: int | None = Field(
-        default=None, ge=1, description="CPU threads for torch; None keeps its default."
+        default=None,
+        ge=1,
+        description="Most CPU threads torch runs (None: one per core); a CPU worker runs one per core that "
+        "other processes leave free (worker/cpu_threads.py).",
     )
 
 

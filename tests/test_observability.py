@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -68,6 +69,8 @@ async def test_metrics_worker_reports_latencies_and_tokens(client: httpx.AsyncCl
     reasons = _samples(text, "inferq:request_success_total")
     assert any('finished_reason="length"' in k or 'finished_reason="stop"' in k for k in reasons)
     assert 'le="0.025"' in text  # buckets sized for token latencies
+    # A CPU worker runs one torch thread per core that other processes leave free (worker/cpu_threads.py).
+    assert 1 <= _samples(text, "inferq:engine_cpu_threads")[label] <= len(os.sched_getaffinity(0))
 
 
 async def test_request_id_travels_to_the_job_the_worker_log_and_errors(

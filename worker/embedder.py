@@ -270,9 +270,11 @@ async def start_embedder(ctx: dict[str, Any], settings: Any, path: str, spec: Em
     """Load the model (in a daemon thread, as the chat model is: a stop during the load exits at once)
     and start the engine."""
     from worker import metrics
-    from worker.main import _in_daemon_thread
+    from worker.cpu_threads import govern
+    from worker.model import in_daemon_thread
 
-    model, tokenizer = await _in_daemon_thread(load_embedding_model, path, spec, settings.model)
+    model, tokenizer = await in_daemon_thread(load_embedding_model, path, spec, settings.model)
+    govern(model, settings.model.threads, metrics.cpu_threads.labels(settings.served_model_name).set)
     engine = Embedder(model, tokenizer, spec, settings.model)
     ctx["engine"] = engine
     engine.start()

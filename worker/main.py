@@ -9,9 +9,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from signal import Signals
-from typing import Any, TypeVar
+from typing import Any
 
 import uvloop
 from arq.connections import RedisSettings
@@ -26,6 +26,7 @@ from shared.events import EventWriter
 from shared.runtime import freeze_startup_objects
 from shared.settings import Settings
 from worker import metrics
+from worker.cpu_threads import govern
 from worker.embedder import Embedder, embedding_spec, start_embedder
 from worker.embedding_jobs import EmbeddingRunner
 from worker.engines.base import Engine
@@ -37,12 +38,11 @@ from worker.engines.vllm import VllmEngine
 from worker.engines.vllm_embedder import start_vllm_embedder
 from worker.engines.vllm_server import VllmError, VllmServer
 from worker.jobs import JobRunner
-from worker.model import load_model
+from worker.model import in_daemon_thread, load_model
 from worker.publisher import EventBatcher
 from worker.registry import Heartbeat
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 # Idle threads of the event loop's default executor: they end at interpreter exit on their own.
 _POOL_THREADS = ("uvloop_", "asyncio_", "ThreadPoolExecutor")
 
@@ -124,10 +124,11 @@ async def _start_engine(ctx: dict[str, Any], settings: Settings, upstream: bool)
         return await start_embedder(ctx, settings, settings.require_model_dir(), spec)
     t0 = time.monotonic()
     log.info("loading model %s on %s", settings.model_path, settings.model.device)
-    model, tokenizer = await _in_daemon_thread(load_model, settings.require_model_dir(), settings.model)
+    model, tokenizer = await in_daemon_thread(load_model, settings.require_model_dir(), settings.model)
     log.info(
         "model %s loaded on %s in %.2fs", settings.model_path, settings.model.device, time.monotonic() - t0
     )
+    govern(model, settings.model.threads, metrics.cpu_threads.labels(settings.served_model_name).set)
     engine = TransformersEngine(model, tokenizer, settings.model)
     ctx["engine"] = engine  # from here on, a stop at any moment stops the engine's thread too
     engine.start()
@@ -201,34 +202,6 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings.served_model_name,
         settings.model.max_batch,
     )
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` in a daemon thread: unlike `asyncio.to_thread`, a worker stopped while it runs (a model
-    load of many seconds) exits at once instead of waiting at interpreter exit for the load to end."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, exc: BaseException | None) -> None:
-        if future.done():  # cancelled: the worker is stopping and nobody wants the result
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker has stopped
-                loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=target, name=f"inferq-{fn.__name__}", daemon=True).start()
-    return await future
 
 
 async def _bounded(what: str, step: Awaitable[Any], seconds: float) -> None:

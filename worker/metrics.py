@@ -128,6 +128,11 @@ success = Counter(
 )
 failures = Counter("inferq:request_failure", "Jobs that failed, by error type.", (*LABELS, "error_type"))
 running = Gauge("inferq:engine_requests_running", "Jobs this worker holds.", LABELS)
+cpu_threads = Gauge(
+    "inferq:engine_cpu_threads",
+    "torch threads a CPU worker runs now: one per core other processes leave free (worker/cpu_threads.py).",
+    LABELS,
+)
 batch_size = Histogram(
     "inferq:engine_batch_size",
     "Requests that shared an engine step (one sample per step).",

