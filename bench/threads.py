@@ -1,7 +1,7 @@
 """The built-in engine's tokens/s by how torch's threads wait and how many run, with the cores free and
 with one core busy with another process: the measurements behind worker/cpu_threads.py.
 
-    python -m bench threads [--concurrency 16] [--max-tokens 64] [--rounds 3] [--json out.json]
+    python -m bench threads [--settings spin-2,governed] [--busy 0,1] [--rounds 3] [--json out.json]
 
 Each setting runs in a fresh process (libgomp reads GOMP_SPINCOUNT when torch loads): the worker's
 Engine in-process (its defaults otherwise: dtype auto, decode attention), warmed up, then `rounds` rounds
@@ -12,8 +12,9 @@ of `concurrency` greedy requests of the bench prompts, tokens/s per round. Setti
   one-thread    one thread
   governed      what `inferq worker` runs: spinning, one thread per core others leave free
 
-Each setting runs twice: on free cores, and beside a process that keeps one core busy (`while True:
-pass`, started before the engine loads).
+Each setting runs once per `--busy` fraction: beside another process that keeps one core busy that
+fraction of the time (busy for that share of every 10 ms, asleep for the rest; 1: `while True`; 0: no
+such process), started before the engine loads.
 """
 
 from __future__ import annotations
@@ -88,11 +89,23 @@ def _child(name: str, concurrency: int, max_tokens: int, rounds: int) -> dict[st
     return asyncio.run(_rounds(threads, governed, concurrency, max_tokens, rounds))
 
 
+_BUSY = """
+import sys, time
+share = float(sys.argv[1])
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < share * 0.01:
+        pass
+    if share < 1:
+        time.sleep((1 - share) * 0.01)
+"""
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"concurrency": args.concurrency, "max_tokens": args.max_tokens, "settings": {}}
-    for busy in (False, True):
+    for busy in (float(b) for b in args.busy.split(",")):
         for name in args.settings.split(","):
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            hog = subprocess.Popen([sys.executable, "-c", _BUSY, str(busy)]) if busy > 0 else None
             try:
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                     out = pool.submit(_child, name, args.concurrency, args.max_tokens, args.rounds).result()
@@ -100,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if hog is not None:
                     hog.kill()
                     hog.wait()
-            where = "one core busy" if busy else "free cores"
+            where = f"another process busy {busy:g} of a core" if busy else "free cores"
             result["settings"].setdefault(name, {})[where] = out
             print(
                 f"{name}, {where}: {out['tokens_per_s']} tokens/s, threads {out['thread_changes']}",
@@ -112,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench threads", description=__doc__)
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--busy", default="0,1", help="shares of a core another process keeps busy")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)

@@ -20,9 +20,9 @@ from worker.cpu_threads import ThreadGovernor, busy_seconds, threads_for
     ("others", "cores", "most", "fewer", "more"),
     [
         (0.0, 2, 2, 2, 2),
-        (0.2, 2, 2, 2, 2),  # the API and databases between steps: the cores count as free
-        (0.4, 2, 2, 2, 1),  # in the band: two threads stay, one does not come back
-        (0.6, 2, 2, 1, 1),  # from half a core on, one spinning thread would wait for the other
+        (0.15, 2, 2, 2, 2),  # the API and databases between steps: the cores count as free
+        (0.3, 2, 2, 2, 1),  # in the band: two threads stay, one does not come back
+        (0.5, 2, 2, 1, 1),  # from a third of a core on, one spinning thread would wait for the other
         (1.0, 2, 2, 1, 1),  # a busy process beside the worker
         (1.9, 2, 2, 1, 1),  # never fewer than one
         (0.0, 16, 8, 8, 8),  # never more than the worker may run

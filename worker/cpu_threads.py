@@ -4,16 +4,17 @@ leave free, re-read every second.
 torch's OpenMP threads meet at a barrier after every parallel op (a decode step of the demo model has
 about 450). A thread that spins while it waits for the others (libgomp spins ~300,000 times, and `inferq
 worker` sets 200,000 unless told otherwise) starts the next op at once: on free cores the engine ran
-about 265 tokens/s with two spinning threads, 156 with threads that sleep after 1,000 spins, 200 with one
-thread (`python -m bench threads`, bench/RESULTS.md). But when another process takes one of the cores, a
-spinning thread waits for a partner that is not running, and the engine collapsed to 13-19 tokens/s.
+about 260 tokens/s with two spinning threads, 165-177 with threads that sleep after 1,000 spins and
+161-175 with one thread (`python -m bench threads`, bench/RESULTS.md). But when another process takes
+one of the cores, a spinning thread waits for a partner that is not running, and the engine collapsed
+to 12-33 tokens/s.
 
 So the worker watches its cores: every `interval` seconds it reads how much CPU the other processes used
 on the cores it may run on (`/proc/stat`'s busy time of those cores, less this process's own), and runs
-one thread for each core they leave free. A thread goes as soon as the others use half of a core (with
-others at half a core one thread was 1.4x faster than two spinning ones) and comes back after `RAMP_UP`
-windows in a row in which they used less than a quarter of it (at a quarter the two were even). The
-band between keeps the count still under the stack's own load: the API, Valkey and PostgreSQL of
+one thread for each core they leave free. With others at a quarter of a core two spinning threads and
+one thread were even; at half a core one thread was 1.5x faster. So a thread goes once the others use
+`TAKEN` of a core and comes back after `RAMP_UP` windows in a row in which they used less than `FREE`.
+The band between keeps the count still under the stack's own load: the API, Valkey and PostgreSQL of
 `inferq up` use 0.05-0.2 of a core while tokens stream, in bursts. The count is set in the thread that
 runs the model (a forward pre-hook), where OpenMP reads it.
 """
@@ -30,8 +31,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SPINCOUNT = "200000"  # GOMP_SPINCOUNT `inferq worker` sets before torch loads, unless the user set it
-TAKEN = 0.5  # a thread goes once other processes use this much of a core
-FREE = 0.25  # and comes back once they use less than this of it, RAMP_UP windows in a row
+TAKEN = 0.35  # a thread goes once other processes use this much of a core
+FREE = 0.2  # and comes back once they use less than this of it, RAMP_UP windows in a row
 RAMP_UP = 3
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (guest time is inside user)
 
