@@ -304,6 +304,16 @@ def stack(servers: Servers, model_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture
+async def redis(servers: Servers) -> AsyncIterator[AsyncRedis]:
+    """A client of the session's Redis, for tests that read or write keys themselves."""
+    r = AsyncRedis.from_url(servers.redis_url)
+    try:
+        yield r
+    finally:
+        await r.aclose()
+
+
+@pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=httpx.Timeout(30.0)) as c:
         yield c

@@ -7,25 +7,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 from redis.asyncio import Redis
 
 from shared import keys
 from shared.events import CHOICE, EventWriter, read_events, text_of
 from shared.logprobs import LOGPROBS
-from tests.conftest import Servers
 from worker.publisher import EventBatcher
-
-
-@pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[Redis]:
-    r = Redis.from_url(servers.redis_url)
-    try:
-        yield r
-    finally:
-        await r.aclose()
 
 
 def _batcher(redis: Redis, coalesce: float) -> EventBatcher:

@@ -6,23 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
 
-import pytest
 from redis.asyncio import Redis
 
 from shared.events import FENCED, RESUME_FROM, EventWriter, read_events, text_of
-from tests.conftest import Servers
 from worker.publisher import EventBatcher
-
-
-@pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[Redis]:
-    r = Redis.from_url(servers.redis_url)
-    try:
-        yield r
-    finally:
-        await r.aclose()
 
 
 def _writer(redis: Redis) -> EventWriter:

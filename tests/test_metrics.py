@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,6 @@ from worker import metrics as worker_metrics
 TOKEN = "scrape-secret-1"
 # A model the extra API knows but no real worker serves: its jobs stay queued for as long as a test needs.
 OTHER = "metrics-test-model"
-
-
-@pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[Redis]:
-    r = Redis.from_url(servers.redis_url)
-    try:
-        yield r
-    finally:
-        await r.aclose()
 
 
 def _worker(worker_id: str, model: str = OTHER, **extra: Any) -> dict[str, Any]:
