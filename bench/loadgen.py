@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -22,6 +22,7 @@ from bench.rawhttp import Connection
 from bench.stats import summarize
 
 CLIENTS = ("raw", "httpx", "httpx-shared")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,30 @@ async def run_for(
 
         await asyncio.gather(*(user(s) for s in senders))
     return result
+
+
+async def closed_loop(
+    base_url: str, concurrency: int, requests: int, one: Callable[[Connection, int], Awaitable[T]]
+) -> tuple[list[T], float]:
+    """`requests` calls `one(connection, i)` (i = 0 .. requests - 1), `concurrency` keep-alive
+    connections each making one call at a time (a closed loop); the results in order of i, and the
+    seconds from the first call to the last result."""
+    results: list[T | None] = [None] * requests
+    next_index = 0
+    conns = [Connection(base_url) for _ in range(concurrency)]
+
+    async def user(conn: Connection) -> None:
+        nonlocal next_index
+        while next_index < requests:
+            i = next_index
+            next_index += 1
+            results[i] = await one(conn, i)
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(user(c) for c in conns))
+    finally:
+        elapsed = time.perf_counter() - t0
+        for c in conns:
+            await c.close()
+    return [r for r in results if r is not None], elapsed

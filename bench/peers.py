@@ -16,6 +16,7 @@ from typing import Any
 from bench import aio, profiling, systems
 from bench.chat_stream import StreamResult, chat_body, stream_chat
 from bench.harness import demo_model
+from bench.loadgen import closed_loop
 from bench.machine import (
     CpuByProcess,
     CpuMeter,
@@ -35,28 +36,13 @@ async def run_level(
     running: systems.Running, *, concurrency: int, requests: int, max_tokens: int
 ) -> dict[str, Any]:
     """`requests` streamed chat completions, `concurrency` in flight at a time (closed loop)."""
-    results: list[StreamResult | None] = [None] * requests
-    next_index = 0
     base_url, model = running.base_url, running.model
-    conns = [Connection(base_url) for _ in range(concurrency)]
 
-    async def user(conn: Connection) -> None:
-        nonlocal next_index
-        while next_index < requests:
-            i = next_index
-            next_index += 1
-            body = chat_body(model, PROMPTS[i % len(PROMPTS)], max_tokens)
-            results[i] = await stream_chat(conn, body)
+    async def one(conn: Connection, i: int) -> StreamResult:
+        return await stream_chat(conn, chat_body(model, PROMPTS[i % len(PROMPTS)], max_tokens))
 
     meter, by_process = CpuMeter().start(), CpuByProcess(running.pids, running.markers).start()
-    t0 = time.perf_counter()
-    try:
-        await asyncio.gather(*(user(c) for c in conns))
-    finally:
-        elapsed = time.perf_counter() - t0
-        for c in conns:
-            await c.close()
-    done = [r for r in results if r is not None]
+    done, elapsed = await closed_loop(base_url, concurrency, requests, one)
     tokens = sum(r.tokens for r in done)
     ttft = summarize([r.ttft_s * 1000 for r in done], digits=1)
     return {

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import SERVED_NAME, demo_model, running_stack
+from bench.loadgen import closed_loop
 from bench.machine import describe
 from bench.rawhttp import Connection
 from bench.stats import summarize
@@ -90,26 +91,12 @@ async def _mix(
     """`requests` streamed chat completions, `concurrency` in flight (closed loop); the first `share` of
     every `concurrency` consecutive requests carry tools, so that the share holds at every moment."""
     with_tools = round(share * concurrency)
-    results: list[tuple[float, float, int, int] | None] = [None] * requests
-    next_index = 0
-    conns = [Connection(base_url) for _ in range(concurrency)]
 
-    async def user(conn: Connection) -> None:
-        nonlocal next_index
-        while next_index < requests:
-            i = next_index
-            next_index += 1
-            choice = tool_choice if i % concurrency < with_tools else None
-            results[i] = await _stream(conn, _body(i, max_tokens, choice))
+    async def one(conn: Connection, i: int) -> tuple[float, float, int, int]:
+        choice = tool_choice if i % concurrency < with_tools else None
+        return await _stream(conn, _body(i, max_tokens, choice))
 
-    t0 = time.perf_counter()
-    try:
-        await asyncio.gather(*(user(c) for c in conns))
-    finally:
-        elapsed = time.perf_counter() - t0
-        for c in conns:
-            await c.close()
-    done = [r for r in results if r is not None]
+    done, elapsed = await closed_loop(base_url, concurrency, requests, one)
     tokens = sum(r[2] for r in done)
     return {
         "requests": len(done),
