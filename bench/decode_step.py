@@ -154,9 +154,35 @@ def breakdown(steps: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(v) * 1000, 2) for k, v in parts.items()}
 
 
+async def greedy_round(
+    engine: Any, tok: Any, tag: str, concurrency: int, max_tokens: int
+) -> tuple[list[list[int]], int]:
+    """`concurrency` greedy requests of the bench prompts (chat template applied) submitted at once to the
+    worker's Engine; each request's generated tokens, and the prompt tokens of all of them."""
+    from worker.engine import SamplingOptions
+
+    handles = []
+    prompt_tokens = 0
+    for i in range(concurrency):
+        chat = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        ids = list(tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
+        prompt_tokens += len(ids)
+        handles.append(engine.submit(f"{tag}-{i}", ids, SamplingOptions(max_tokens, 0.0, 1.0, None)))
+    outputs: list[list[int]] = []
+    for h in handles:
+        tokens: list[int] = []
+        while True:
+            update = await h.next()
+            tokens += update.new_tokens
+            if update.finished:
+                break
+        outputs.append(tokens)
+    return outputs, prompt_tokens
+
+
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from shared.settings import ModelSettings
-    from worker.engine import Engine, SamplingOptions
+    from worker.engine import Engine
     from worker.model import load_model
 
     settings = ModelSettings(
@@ -178,23 +204,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         await engine.warmup()
         instrument(engine, timer)
         for rnd in range(args.rounds):
-            handles = []
-            for i in range(args.concurrency):
-                chat = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-                ids = list(
-                    tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
-                )
-                prompt_tokens += len(ids)
-                options = SamplingOptions(args.max_tokens, 0.0, 1.0, None)
-                handles.append(engine.submit(f"r{rnd}-{i}", ids, options))
-            for h in handles:
-                tokens: list[int] = []
-                while True:
-                    update = await h.next()
-                    tokens += update.new_tokens
-                    if update.finished:
-                        break
-                outputs.append(tokens)
+            tokens, prompt = await greedy_round(engine, tok, f"r{rnd}", args.concurrency, args.max_tokens)
+            outputs += tokens
+            prompt_tokens += prompt
     finally:
         engine.stop()
     full = [s for s in timer.steps if s["batch"] == args.concurrency]

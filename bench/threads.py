@@ -31,8 +31,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from bench.decode_step import greedy_round
 from bench.harness import demo_model
-from bench.throughput import PROMPTS
 
 SETTINGS: dict[str, tuple[str, int | None, bool]] = {  # GOMP_SPINCOUNT, threads, governed
     "spin-2": ("200000", 2, False),
@@ -47,7 +47,7 @@ async def _rounds(
 ) -> dict[str, Any]:
     from shared.settings import ModelSettings
     from worker.cpu_threads import govern
-    from worker.engine import Engine, SamplingOptions
+    from worker.engine import Engine
     from worker.model import load_model
 
     settings = ModelSettings(max_batch=concurrency, threads=threads)
@@ -62,20 +62,8 @@ async def _rounds(
         await engine.warmup()
         for rnd in range(rounds):
             t0 = time.perf_counter()
-            handles = []
-            for i in range(concurrency):
-                chat = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-                ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
-                handles.append(
-                    engine.submit(f"r{rnd}-{i}", list(ids), SamplingOptions(max_tokens, 0.0, 1.0, None))
-                )
-            tokens = 0
-            for h in handles:
-                while True:
-                    update = await h.next()
-                    tokens += len(update.new_tokens)
-                    if update.finished:
-                        break
+            outputs, _ = await greedy_round(engine, tok, f"r{rnd}", concurrency, max_tokens)
+            tokens = sum(len(o) for o in outputs)
             per_round.append(round(tokens / (time.perf_counter() - t0), 1))
     finally:
         engine.stop()

@@ -67,6 +67,9 @@ class ThreadGovernor:
         interval: float = 1.0,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
+        import torch  # here, not at the top: `inferq worker` reads SPINCOUNT before torch may load
+
+        self._get_threads, self._set_threads = torch.get_num_threads, torch.set_num_threads
         self.cpus = cpus if cpus is not None else os.sched_getaffinity(0)
         self.most = max(1, most)
         self.interval = interval
@@ -82,12 +85,10 @@ class ThreadGovernor:
         return time.monotonic(), busy_seconds(self.cpus), time.process_time()
 
     def tick(self, *_: Any) -> None:
-        import torch
-
         if time.monotonic() - self._mark[0] >= self.interval:
             self._update()
-        if torch.get_num_threads() != self.threads:  # per thread in OpenMP: set where the model runs
-            torch.set_num_threads(self.threads)
+        if self._get_threads() != self.threads:  # per thread in OpenMP: set where the model runs
+            self._set_threads(self.threads)
 
     def _update(self) -> None:
         mark = self._read()
@@ -127,9 +128,8 @@ def govern(
     """Run `model`'s forward passes under a ThreadGovernor (CPU models on Linux); None elsewhere."""
     import torch
 
-    if str(getattr(model, "device", "cpu")) != "cpu" or not os.path.exists("/proc/stat"):
-        return None
-    if not hasattr(os, "sched_getaffinity"):
+    on_linux = hasattr(os, "sched_getaffinity") and os.path.exists("/proc/stat")
+    if str(getattr(model, "device", "cpu")) != "cpu" or not on_linux:
         return None
     governor = ThreadGovernor(most or torch.get_num_threads(), on_change=on_change)
     if governor.most > 1:
