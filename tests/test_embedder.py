@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,11 +50,16 @@ def _variant(src: Path, dest: Path, pooling: dict[str, Any], normalize: bool, tr
     return dest
 
 
-async def _engine(path: Path) -> AsyncIterator[Embedder]:
+# The pooling tests compare with sentence-transformers to float32's precision, so they run in float32;
+# `dtype: auto` (bfloat16 linear layers where the CPU runs them natively) has its own tests below.
+FLOAT32 = ModelSettings(dtype="float32")
+
+
+async def _engine(path: Path, settings: ModelSettings = FLOAT32) -> AsyncIterator[Embedder]:
     spec = read_spec(path)
     assert spec is not None
-    model, tokenizer = load_embedding_model(str(path), spec, ModelSettings())
-    engine = Embedder(model, tokenizer, spec, ModelSettings())
+    model, tokenizer, precision = load_embedding_model(str(path), spec, settings)
+    engine = Embedder(model, tokenizer, spec, settings, precision)
     engine.start()
     try:
         yield engine
@@ -62,8 +68,10 @@ async def _engine(path: Path) -> AsyncIterator[Embedder]:
         await asyncio.sleep(0)  # the batching task's cancel runs
 
 
-async def _ours(path: Path, texts: list[str], dimensions: int | None = None) -> Any:
-    async with contextlib.asynccontextmanager(_engine)(path) as engine:
+async def _ours(
+    path: Path, texts: list[str], dimensions: int | None = None, settings: ModelSettings = FLOAT32
+) -> Any:
+    async with contextlib.asynccontextmanager(_engine)(path, settings) as engine:
         rows = [engine.token_ids(t, i) for i, t in enumerate(texts)]
         return engine.shorten(await engine.embed(rows), dimensions)
 
@@ -117,6 +125,56 @@ async def test_embedder_shortens_a_model_trained_for_it(model_dir: Path, tmp_pat
     short = await _ours(path, TEXTS, dimensions=64)
     assert short.shape == (len(TEXTS), 64)
     np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, rtol=1e-5)
+
+
+def test_embedding_precision_auto_follows_the_device() -> None:
+    import torch
+
+    from worker.embedder import Precision, embedding_precision
+    from worker.model import native_cpu_bf16
+
+    assert embedding_precision("float32", "cpu") == Precision(
+        torch.float32, False, "dtype float32 as configured"
+    )
+    assert embedding_precision("bfloat16", "cpu") == Precision(
+        torch.bfloat16, False, "dtype bfloat16 as configured"
+    )
+    assert embedding_precision("auto", "cuda:0").dtype is torch.float16
+    native, why = native_cpu_bf16()
+    assert embedding_precision("auto", "cpu") == Precision(torch.float32, native, f"auto: {why}")
+
+
+async def test_embedder_auto_dtype_keeps_cosine_similarity_to_sentence_transformers(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`dtype: auto`, what a worker runs by default: on a CPU with native bfloat16, the linear layers run
+    in it (and their weights are held in it) while the rest stays float32; the vectors stay within the
+    issue's cosine similarity of sentence-transformers' float32 ones, for short and long inputs."""
+    import torch
+
+    from worker.embedder import embedding_precision
+
+    texts = [
+        *TEXTS,
+        *(
+            f"document {i}: " + "queues and workers embed a corpus for search, " * (3 * i)
+            for i in range(1, 8)
+        ),
+    ]
+    precision = embedding_precision("auto", "cpu")
+    with caplog.at_level(logging.INFO, logger="worker.embedder"):
+        async with contextlib.asynccontextmanager(_engine)(model_dir, ModelSettings()) as engine:
+            linear = [m.weight.dtype for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+            norms = [m.weight.dtype for m in engine.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+            assert set(norms) == {torch.float32}
+            assert set(linear) == {torch.bfloat16 if precision.bf16_linear else torch.float32}
+            rows = [engine.token_ids(t, i) for i, t in enumerate(texts)]
+            assert max(len(r) for r in rows) > 200
+            ours = engine.shorten(await engine.embed(rows), None)
+    assert f"embedding model dtype {precision.describe()}" in caplog.text
+    want = _reference(model_dir, texts)
+    cos = (ours * want).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.9999, cos
 
 
 async def test_embedder_refuses_inputs_it_would_have_to_cut(model_dir: Path) -> None:

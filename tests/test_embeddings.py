@@ -74,6 +74,9 @@ def _restart_api(stack: Stack, **env: str | None) -> None:
 def embedder(stack: Stack, embedding_model_dir: Path) -> Iterator[Proc]:
     before = stack.api.env.get("INFERQ_EXTRA_MODELS")
     _restart_api(stack, INFERQ_EXTRA_MODELS=json.dumps({EMBED: str(embedding_model_dir)}))
+    # The stack pins its chat workers to float32 (tests/conftest.py); this one runs the default
+    # (`auto`), whose vectors the tests below hold to sentence-transformers' float32 ones.
+    env = {k: v for k, v in stack.api.env.items() if k != "INFERQ_MODEL__DTYPE"}
     worker = Proc(
         [
             "worker",
@@ -84,7 +87,7 @@ def embedder(stack: Stack, embedding_model_dir: Path) -> Iterator[Proc]:
             "--metrics-port",
             str(_free_port()),
         ],
-        dict(stack.api.env),
+        env,
         stack.api.log_dir,
     )
     live = live_workers(stack.servers.redis_url)

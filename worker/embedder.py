@@ -38,31 +38,70 @@ def embedding_spec(path: str) -> EmbeddingSpec | None:
     return read_spec(path) if Path(path).is_dir() else None
 
 
-def _dtype(name: str, device: str) -> Any:
+@dataclass(frozen=True)
+class Precision:
+    """How the embedding model computes: the dtype its weights load in, and whether its linear layers
+    run in bfloat16 under autocast with everything else (embeddings, layer norms, residuals, pooling) in
+    float32."""
+
+    dtype: Any
+    bf16_linear: bool
+    why: str
+
+    def describe(self) -> str:
+        kind = (
+            "float32, linear layers in bfloat16"
+            if self.bf16_linear
+            else str(self.dtype).removeprefix("torch.")
+        )
+        return f"{kind} ({self.why})"
+
+
+def embedding_precision(name: str, device: str) -> Precision:
+    """The `dtype` setting for an embedding model. A vector's quality is all an embedding model gives, so
+    `auto` never runs the whole model in a 16-bit type on a CPU (bfloat16's 8-bit mantissa, carried
+    through the residuals and layer norms, costs visible cosine similarity): where the CPU runs
+    bfloat16 natively only the linear layers' products do (about twice as fast, cosine similarity to
+    float32 above 0.99995, bench/RESULTS.md); float32 elsewhere; float16 on a GPU."""
     import torch
 
-    if name == "auto":
-        # A vector's quality is all an embedding model gives: float32 on a CPU (where half precision is
-        # no faster), float16 on a GPU (bfloat16's 8-bit mantissa costs visible cosine similarity).
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    from worker.model import native_cpu_bf16
+
+    if name != "auto":
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return Precision(dtype, False, f"dtype {name} as configured")
+    if device.startswith("cuda"):
+        return Precision(torch.float16, False, f"auto: float16 on {device}")
+    if device == "cpu":
+        native, why = native_cpu_bf16()
+        return Precision(torch.float32, native, f"auto: {why}")
+    return Precision(torch.float32, False, f"auto: float32 on {device}")
 
 
-def load_embedding_model(path: str, spec: EmbeddingSpec, settings: ModelSettings) -> tuple[Any, Any]:
-    """(model, tokenizer) of the directory's Transformer module, on `settings.device`."""
+def load_embedding_model(
+    path: str, spec: EmbeddingSpec, settings: ModelSettings
+) -> tuple[Any, Any, Precision]:
+    """(model, tokenizer, precision) of the directory's Transformer module, on `settings.device`."""
+    import torch
     from transformers import AutoModel, AutoTokenizer
 
     from worker.model import _quiet_transformers
 
     _quiet_transformers()
     if settings.threads:
-        import torch
-
         torch.set_num_threads(settings.threads)
     where = str(Path(path) / spec.transformer_path)
     tokenizer = AutoTokenizer.from_pretrained(where)
-    model = AutoModel.from_pretrained(where, dtype=_dtype(settings.dtype, settings.device))
-    return model.to(settings.device).eval(), tokenizer
+    precision = embedding_precision(settings.dtype, settings.device)
+    log.info("embedding model dtype %s", precision.describe())
+    model = AutoModel.from_pretrained(where, dtype=precision.dtype)
+    if precision.bf16_linear:
+        # Cast once here, so autocast finds the weights already in bfloat16 instead of casting them in
+        # every forward pass.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(torch.bfloat16)
+    return model.to(settings.device).eval(), tokenizer, precision
 
 
 def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -116,8 +155,16 @@ class Embedder:
     """What the rest of the worker asks of an engine (stats, health, capabilities, start and stop),
     for an embedding model, and `embed`, which the embedding job runner awaits."""
 
-    def __init__(self, model: Any, tokenizer: Any, spec: EmbeddingSpec, settings: ModelSettings) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        spec: EmbeddingSpec,
+        settings: ModelSettings,
+        precision: Precision | None = None,
+    ) -> None:
         self.model = model
+        self.bf16_linear = precision is not None and precision.bf16_linear
         self.tokenizer = tokenizer
         self.spec = spec
         self.settings = settings
@@ -249,8 +296,12 @@ class Embedder:
             mask[i, : len(row)] = 1
         device = self.settings.device
         ids, mask = ids.to(device), mask.to(device)
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16_linear else contextlib.nullcontext()
+        )
         with torch.inference_mode():
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            with autocast:
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = pool(hidden, mask, self.spec.pooling)
             if self.spec.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -273,9 +324,9 @@ async def start_embedder(ctx: dict[str, Any], settings: Any, path: str, spec: Em
     from worker.cpu_threads import govern
     from worker.model import in_daemon_thread
 
-    model, tokenizer = await in_daemon_thread(load_embedding_model, path, spec, settings.model)
+    model, tokenizer, precision = await in_daemon_thread(load_embedding_model, path, spec, settings.model)
     govern(model, settings.model.threads, metrics.cpu_threads.labels(settings.served_model_name).set)
-    engine = Embedder(model, tokenizer, spec, settings.model)
+    engine = Embedder(model, tokenizer, spec, settings.model, precision)
     ctx["engine"] = engine
     engine.start()
     await engine.warmup()

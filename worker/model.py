@@ -47,6 +47,22 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def native_cpu_bf16() -> tuple[bool, str]:
+    """(whether this CPU runs bfloat16 matrix products in hardware through torch's oneDNN, why)."""
+    import torch
+
+    flags = sorted(_cpu_flags().intersection(_BF16_CPU_FLAGS))
+    if not flags:
+        return False, "the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag)"
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        onednn = False
+    if onednn:
+        return True, f"the CPU runs bfloat16 natively ({', '.join(flags)})"
+    return False, f"the CPU has {', '.join(flags)} but this torch has no oneDNN bfloat16"
+
+
 def resolve_dtype(name: str, device: str) -> tuple[Any, str]:
     """(torch dtype, why) for the `dtype` setting on `device`: `auto` is bfloat16 where the device runs it
     natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX that oneDNN will use) and
@@ -61,16 +77,8 @@ def resolve_dtype(name: str, device: str) -> tuple[Any, str]:
             return torch.bfloat16, f"auto: {device} supports bfloat16"
         return torch.float32, f"auto: {device} does not support bfloat16"
     if device == "cpu":
-        flags = sorted(_cpu_flags().intersection(_BF16_CPU_FLAGS))
-        if not flags:
-            return torch.float32, "auto: the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag)"
-        try:
-            onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch built without oneDNN
-            onednn = False
-        if onednn:
-            return torch.bfloat16, f"auto: the CPU runs bfloat16 natively ({', '.join(flags)})"
-        return torch.float32, f"auto: the CPU has {', '.join(flags)} but this torch has no oneDNN bfloat16"
+        native, why = native_cpu_bf16()
+        return (torch.bfloat16 if native else torch.float32), f"auto: {why}"
     return torch.float32, f"auto: float32 on {device}"
 
 

@@ -54,9 +54,9 @@ def vllm_pooling(spec: EmbeddingSpec, model: str) -> str:
 
 
 def vllm_dtype(settings: ModelSettings) -> str:
-    """The built-in embedder's choice (worker/embedder.py `_dtype`): float32 on a CPU (vLLM's CPU build
-    would otherwise run a float32 model in bfloat16, which costs visible cosine similarity), float16 on
-    a GPU."""
+    """float32 on a CPU (vLLM's CPU build would otherwise run a float32 model wholly in bfloat16, which
+    costs visible cosine similarity; it has no mode like the built-in embedder's, bfloat16 linear layers
+    only), float16 on a GPU as the built-in embedder (worker/embedder.py `embedding_precision`)."""
     if settings.dtype != "auto":
         return settings.dtype
     return "float16" if settings.device.startswith("cuda") else "float32"
