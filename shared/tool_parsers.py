@@ -129,18 +129,24 @@ class HermesToolParser:
         return Parsed(content if content.strip() else None, calls)
 
     @staticmethod
-    def _body_end(rest: str) -> int:
-        """Where the body of the call `rest` starts with ends (the index of its closing marker; -1 when
-        there is none). The body's JSON is read first, so that a closing marker inside one of its strings
-        (`{"city": "</tool_call>"}`, which the grammar allows) does not end the call early."""
+    def _closed_at(rest: str) -> int:
+        """The index of the closing marker of the call `rest` starts with, once the call's JSON body is
+        finished and the marker follows it; -1 before. The JSON is read first, so that a marker inside
+        one of its strings (`{"city": "</tool_call>"}`, which the grammar allows) is not taken for it."""
         at = len(CALL_START)
         at += len(rest[at:]) - len(rest[at:].lstrip())
         finish = _json_end(rest, at)
-        if finish is not None:
-            close = finish + len(rest[finish:]) - len(rest[finish:].lstrip())
-            if rest.startswith(CALL_END, close):
-                return close
-        return rest.find(CALL_END)
+        if finish is None:
+            return -1
+        close = finish + len(rest[finish:]) - len(rest[finish:].lstrip())
+        return close if rest.startswith(CALL_END, close) else -1
+
+    @classmethod
+    def _body_end(cls, rest: str) -> int:
+        """Where the body of the finished call `rest` starts with ends (the index of its closing marker;
+        -1 when there is none): after its JSON, else (text that is not JSON) at the first marker."""
+        close = cls._closed_at(rest)
+        return close if close >= 0 else rest.find(CALL_END)
 
     def _cut_short(self, body: str) -> bool:
         """Whether an unfinished call's text is the start of a call (so its answer ran out of tokens)."""
@@ -155,26 +161,31 @@ class HermesToolParser:
         out = Partial(content if content.strip() else "")  # blank so far: maybe no content at all
         if start < 0:
             return out
-        pieces = text[start:].split(CALL_START)[1:]
-        for piece in pieces:
-            end = piece.find(CALL_END)
-            body = piece if end < 0 else piece[:end]
+        # Call by call, each call's end found by reading its JSON first (`_closed_at`): a marker inside
+        # a string argument neither ends a call nor begins one, so its arguments stream on through it.
+        rest = text[start:]
+        while rest.startswith(CALL_START):
+            close = self._closed_at(rest)
+            body = rest[len(CALL_START) :] if close < 0 else rest[len(CALL_START) : close]
             named = _NAME.match(body)
             if named is None:
-                call = self._call(body) if end >= 0 else None
+                call = self._call(body) if close >= 0 else None
                 if call is None:
                     break
                 out.calls.append(PartialCall(call.name, call.arguments, True))
-                continue
-            found = _ARGUMENTS_KEY.search(body, named.end())
-            if found is None:
-                out.calls.append(PartialCall(named.group(1), "", False))
+            else:
+                found = _ARGUMENTS_KEY.search(body, named.end())
+                if found is None:
+                    out.calls.append(PartialCall(named.group(1), "", False))
+                    break
+                finish = _json_end(body, found.end())
+                arguments = body[found.end() : finish] if finish is not None else body[found.end() :]
+                out.calls.append(PartialCall(named.group(1), arguments, finish is not None))
+                if finish is None:
+                    break
+            if close < 0:
                 break
-            finish = _json_end(body, found.end())
-            arguments = body[found.end() : finish] if finish is not None else body[found.end() :]
-            out.calls.append(PartialCall(named.group(1), arguments, finish is not None))
-            if finish is None:
-                break
+            rest = rest[close + len(CALL_END) :].lstrip()
         return out
 
 

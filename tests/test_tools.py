@@ -27,7 +27,7 @@ from transformers.generation.continuous_batching.requests import (
 )
 
 from shared.settings import ModelSettings
-from shared.tool_parsers import parser_for
+from shared.tool_parsers import CallStream, parser_for
 from shared.tools import (
     TOOL_CHOICE_WITHOUT_TOOLS,
     TOOLS_TOO_LARGE,
@@ -400,6 +400,28 @@ def test_tools_a_call_whose_argument_holds_a_call_marker_still_parses(city: str)
     text = f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
     calls = parser_for().extract(text).calls
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", arguments)]
+
+
+@pytest.mark.parametrize("city", ["</tool_call>", "<tool_call>", "a}\n</tool_call>"])
+def test_tools_a_streamed_call_whose_argument_holds_a_call_marker_streams_through_it(city: str) -> None:
+    """Fed the answer a character at a time, as a stream is, the call's arguments go out as written,
+    past the marker inside the string, and the call is done as soon as its arguments' JSON is, not
+    only when the answer ends."""
+    arguments = json.dumps({"city": city, "unit": "celsius"})
+    text = f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+    stream = CallStream()
+    sent, done = "", []
+    for n in range(1, len(text) + 1):
+        for delta in stream.feed(text[:n]):
+            assert not delta.content and delta.index == 0, delta
+            if delta.done:
+                done.append((n, delta.arguments))
+            elif delta.name is None:
+                sent += delta.arguments
+                assert arguments.startswith(sent), (n, sent)
+    assert sent == arguments
+    assert done == [(text.index(arguments) + len(arguments), arguments)]  # as soon as its JSON closes
+    assert stream.finish(text) == []  # nothing was held back for the end
 
 
 @pytest.mark.parametrize(
