@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Annotated, Any
 
 import httpx
 import typer
+from pydantic import BaseModel, ValidationError
+from pydantic_settings import SettingsError
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -421,9 +424,33 @@ def workers(
 app.command("batch")(batch_cli.batch)
 
 
+def _bad_settings(exc: ValidationError) -> None:
+    """A setting that does not validate, as one line per variable (not pydantic's traceback); exit 2."""
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        # INFERQ_<FIELD>, or INFERQ_<GROUP>__<FIELD> for a field of a group (model, worker, ...)
+        field = Settings.model_fields.get(loc[0]) if loc else None
+        kind = field.annotation if field is not None else None
+        group = isinstance(kind, type) and issubclass(kind, BaseModel) and len(loc) > 1
+        name = "INFERQ_" + "__".join(loc[:2] if group else loc[:1]).upper()
+        message = error["msg"].removeprefix("Value error, ")
+        err.print(f"[red]error:[/] {name}: {escape(message)}", soft_wrap=True)
+    raise SystemExit(2)
+
+
 def main() -> None:
     try:
         app()
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        _bad_settings(exc)
+    except SettingsError as exc:  # a value pydantic-settings could not parse (a group's JSON)
+        field = re.search(r'field "(\w+)"', str(exc))
+        what = f"INFERQ_{field.group(1).upper()}: not valid JSON" if field else str(exc)
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        err.print(f"[red]error:[/] {escape(what + cause)}", soft_wrap=True)
+        raise SystemExit(2) from None
     except httpx.ConnectError as exc:
         url = exc.request.url if exc._request is not None else "the API"
         console.print(f"[red]cannot reach inferq at {url}:[/] {exc}. Is it running (`inferq up`)? Use --url.")

@@ -29,7 +29,9 @@ class ModelSettings(BaseModel):
     gguf_file: str | None = Field(default=None, description="GGUF file inside `name` to load and dequantize.")
     served_name: str = Field(default="", description="Name jobs and /v1/models use; defaults to the model's.")
     device: str = "cpu"
-    dtype: str = Field(default="auto", description="auto, float32, bfloat16 or float16.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto, float32, bfloat16 or float16 (docs/engine.md)."
+    )
     max_batch: int = Field(default=32, ge=1, description="Requests per engine step; also arq's max_jobs.")
     max_batch_tokens: int = Field(default=512, ge=16, description="Tokens per engine step (prefill chunk).")
     num_blocks: int | None = Field(default=None, description="KV-cache pages; None sizes them from memory.")

@@ -1,5 +1,5 @@
 """The `inferq` console script as a user meets it: `inferq jobs` at common terminal widths, and `inferq api`
-/ `inferq worker` started without what they need, each saying so in one line."""
+/ `inferq worker` started without what they need or with a bad setting, each saying so in one line."""
 
 from __future__ import annotations
 
@@ -74,3 +74,20 @@ def test_cli_api_with_an_empty_data_dir_names_the_model_dir_and_model_fetch(
     # A directory named in INFERQ_MODEL__NAME: its path, and what to set.
     named = _cli(_bare_env(tmp_path, INFERQ_MODEL__NAME=str(tmp_path / "mine"), **urls), "api", timeout=60)
     assert named.returncode == 2 and f"model directory {tmp_path / 'mine'} does not exist" in named.stderr
+
+
+def test_cli_a_bad_setting_is_one_line_naming_its_variable(tmp_path: Path) -> None:
+    """A setting that does not validate stops `inferq api` / `inferq worker` before anything starts, with
+    one line that names the variable and what is wrong, not pydantic's traceback."""
+    cases = {
+        "INFERQ_MODEL__DTYPE": ("wat", "Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        "INFERQ_WORKER__UPSTREAM_CAPABILITIES": ("nope,seed", "unknown capability 'nope'"),
+        "INFERQ_MODEL__MAX_BATCH": ("0", "greater than or equal to 1"),
+        "INFERQ_LIMITS": ("not json", "not valid JSON"),
+    }
+    for command in ("api", "worker"):
+        for name, (value, said) in cases.items():
+            done = _cli(_bare_env(tmp_path, **{name: value}), command, timeout=60)
+            assert done.returncode == 2, (name, done.stdout, done.stderr)
+            (line,) = done.stderr.strip().splitlines()  # one line, no traceback
+            assert line.startswith(f"error: {name}: ") and said in line, line
