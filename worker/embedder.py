@@ -305,16 +305,19 @@ class Embedder:
             pooled = pool(hidden, mask, self.spec.pooling)
             if self.spec.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        tokens = sum(len(r) for r in rows)
+        self._count(rows)
+        out: np.ndarray[Any, Any] = pooled.float().cpu().numpy().astype(np.float32, copy=False)
+        return out
+
+    def _count(self, rows: list[list[int]]) -> None:
+        """One forward pass of `rows` in the engine's stats and the batch-size metric."""
         self.stats.steps += 1
-        self.stats.tokens += tokens
+        self.stats.tokens += sum(len(r) for r in rows)
         self.stats.last_batch_size = len(rows)
         self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(rows))
         if self.step_observer is not None:
             with contextlib.suppress(Exception):
                 self.step_observer(len(rows))
-        out: np.ndarray[Any, Any] = pooled.float().cpu().numpy().astype(np.float32, copy=False)
-        return out
 
 
 async def start_embedder(ctx: dict[str, Any], settings: Any, path: str, spec: EmbeddingSpec) -> Embedder:

@@ -149,15 +149,6 @@ class VllmEmbedder(Embedder):
         self._count(rows)
         return vectors.astype(np.float32, copy=False)
 
-    def _count(self, rows: list[list[int]]) -> None:
-        self.stats.steps += 1
-        self.stats.tokens += sum(len(r) for r in rows)
-        self.stats.last_batch_size = len(rows)
-        self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(rows))
-        if self.step_observer is not None:
-            with contextlib.suppress(Exception):
-                self.step_observer(len(rows))
-
 
 def _message(resp: httpx.Response) -> str:
     with contextlib.suppress(Exception):
