@@ -183,7 +183,11 @@ async def test_logprobs_with_top_logprobs_in_events_and_record(vc: httpx.AsyncCl
     events = await read_sse(vc, created["id"])
     job = await wait_job(vc, created["id"])
     entries = job["logprobs"]
-    assert len(entries) == job["usage"]["completion_tokens"] == 10
+    # Ten tokens, or fewer where the greedy answer ends first (vLLM's bfloat16 answer differs by CPU);
+    # as on the built-in engine (tests/test_logprobs.py), the end-of-sequence token is counted, not listed.
+    tokens, stopped = job["usage"]["completion_tokens"], job["finish_reason"] == "stop"
+    assert tokens == 10 or (stopped and tokens < 10), job
+    assert len(entries) == tokens - (1 if stopped else 0) > 0
     assert "".join(e["token"] for e in entries) == job["output"]
     streamed = [lp for e in events if e.event == "token" for lp in e.data["logprobs"]]
     assert streamed == entries

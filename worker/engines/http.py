@@ -306,6 +306,10 @@ class HttpGeneration:
         if self.top is not None:
             entries = (_chat_logprobs if self.chat else _completion_logprobs)(choice, self.top)
         count = 1 if piece or entries else 0
+        if entries and not piece and choice.get("finish_reason") == "stop":
+            # The end-of-sequence token (vLLM lists it, as "<|im_end|>"): counted, but not listed, as
+            # the built-in engine does, so that the tokens listed join into the output.
+            entries = []
         out.tokens += count
         self.engine.stats.tokens += count
         if piece:
