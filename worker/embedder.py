@@ -65,11 +65,11 @@ def embedding_precision(name: str, device: str) -> Precision:
     float32 above 0.99995, bench/RESULTS.md); float32 elsewhere; float16 on a GPU."""
     import torch
 
-    from worker.model import native_cpu_bf16
+    from worker.model import native_cpu_bf16, resolve_dtype
 
     if name != "auto":
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-        return Precision(dtype, False, f"dtype {name} as configured")
+        dtype, why = resolve_dtype(name, device)  # a name given is taken as given, as for chat models
+        return Precision(dtype, False, why)
     if device.startswith("cuda"):
         return Precision(torch.float16, False, f"auto: float16 on {device}")
     if device == "cpu":
