@@ -31,6 +31,7 @@ from shared.events import CHOICE
 from shared.tool_parsers import parser_for
 from tests.conftest import Proc, Stack, _free_port, registry, start_api, wait_for
 from tests.helpers import FRANCE, STORY, choice_texts, iter_sse, read_sse, submit, wait_job
+from worker.model import resolve_dtype
 
 # The fixture's first use may install vLLM (minutes) and then load it: counted in the first test.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
@@ -159,6 +160,16 @@ async def test_streams_with_usage_from_vllm_and_a_cancel_stops_its_generation(
     while await _running_in_vllm(vllm) > 0:  # vLLM aborted it when its stream closed
         assert time.monotonic() < deadline, "vLLM still generates the cancelled job"
         await asyncio.sleep(0.1)
+
+
+def test_the_worker_runs_vllm_in_the_dtype_auto_resolves_to(vllm: Vllm) -> None:
+    # INFERQ_MODEL__DTYPE=auto: bfloat16 only on a CPU that runs it natively, float32 on others (where vLLM's
+    # own choice, bfloat16, would be emulated); the operator's VLLM_ARGS come after it.
+    expected, _ = resolve_dtype("auto", "cpu")
+    cmdline = psutil.Process(vllm.server_pid()).cmdline()
+    at = cmdline.index("--dtype")
+    assert cmdline[at + 1] == str(expected).removeprefix("torch.")
+    assert cmdline[at + 2 :] == json.loads(VLLM_ARGS)
 
 
 async def test_n_outputs_each_with_its_choice(vc: httpx.AsyncClient) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from shared import tools
+from shared.settings import ModelSettings
 from tests.conftest import Proc, Servers, _env
 from worker.engines import vllm_server
 from worker.engines.openai_http import OpenAIHttpEngine
@@ -167,3 +168,23 @@ async def test_vllm_tool_request_carries_inferqs_grammar_and_the_tools_as_shown_
     _, body = engine.body({**request, "tool_choice": "none"}, 50, n=1, seed=None, resume="")
     assert "structured_outputs" not in body and "tools" not in body
     await engine.aclose()
+
+
+def test_the_workers_own_vllm_runs_the_dtype_the_setting_resolves_to(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # auto on a CPU: the built-in engine's rule (bfloat16 only where the CPU runs it natively), not vLLM's
+    # own bfloat16, which a CPU without it emulates.
+    for native, expected in ((False, "float32"), (True, "bfloat16")):
+        said = (native, "as the test says")
+        monkeypatch.setattr("worker.model.native_cpu_bf16", lambda said=said: said)
+        assert vllm_server.chat_dtype(ModelSettings()) == (expected, "auto: as the test says")
+        assert vllm_server.dtype_args(ModelSettings(), ["--enforce-eager"]) == ["--dtype", expected]
+    # A dtype set is passed as given, on any device; auto on a GPU is vLLM's own.
+    assert vllm_server.dtype_args(ModelSettings(dtype="float16", device="cuda"), []) == ["--dtype", "float16"]
+    assert vllm_server.dtype_args(ModelSettings(device="cuda"), []) == []
+    # The operator's own --dtype (INFERQ_WORKER__VLLM_ARGS) wins: the worker adds none.
+    with caplog.at_level(logging.INFO, logger="worker.engines.vllm_server"):
+        assert vllm_server.dtype_args(ModelSettings(dtype="float32"), ["--dtype", "bfloat16"]) == []
+        assert vllm_server.dtype_args(ModelSettings(), ["--dtype=half"]) == []
+    assert "vLLM dtype as in INFERQ_WORKER__VLLM_ARGS" in caplog.text

@@ -36,7 +36,7 @@ from worker.engines.sidecar import SidecarNotUp, wait_until_up
 from worker.engines.transformers import TransformersEngine
 from worker.engines.vllm import VllmEngine
 from worker.engines.vllm_embedder import start_vllm_embedder
-from worker.engines.vllm_server import VllmError, VllmServer
+from worker.engines.vllm_server import VllmError, VllmServer, dtype_args
 from worker.jobs import JobRunner
 from worker.model import in_daemon_thread, load_model
 from worker.publisher import EventBatcher
@@ -98,7 +98,7 @@ def _http_engine(settings: Settings) -> HttpEngine:
         data_dir=settings.data_dir,
         device=settings.model.device,
         port=w.vllm_port,
-        args=list(w.vllm_args),
+        args=[*dtype_args(settings.model, w.vllm_args), *w.vllm_args],
         start_seconds=w.vllm_start_seconds,
     )
     return VllmEngine(server.url, None, w.job_timeout, model, server)

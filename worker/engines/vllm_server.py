@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 
 from shared import aio
+from shared.settings import ModelSettings
+from worker.model import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,33 @@ async def ensure_env(
         return python
     finally:
         lock.close()
+
+
+def chat_dtype(model: ModelSettings) -> tuple[str | None, str]:
+    """(the `--dtype` of the worker's own vLLM for a chat model, why); None leaves vLLM's own choice.
+
+    A dtype set in `model.dtype` is passed as given. `auto` on a CPU follows the built-in engine's rule
+    (worker.model.resolve_dtype): bfloat16 where the CPU runs it natively, float32 elsewhere. vLLM's CPU
+    build would take bfloat16 there too and emulate it: on a 2-core AVX2 CPU it served the demo model at
+    about a fifth of the built-in engine's float32 speed (bench/RESULTS.md). On a GPU `auto` is vLLM's
+    own (the model's dtype, float16 where bfloat16 is missing)."""
+    if model.dtype != "auto":
+        return model.dtype, "dtype as configured"
+    if model.device != "cpu":
+        return None, f"auto: vLLM's own choice on {model.device}"
+    dtype, why = resolve_dtype("auto", "cpu")
+    return str(dtype).removeprefix("torch."), why
+
+
+def dtype_args(model: ModelSettings, vllm_args: list[str]) -> list[str]:
+    """`--dtype` for the worker's own vLLM serving a chat model, logged: none where the operator's
+    `vllm_args` have one (theirs wins), or on a GPU with `auto`."""
+    if any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
+        log.info("vLLM dtype as in INFERQ_WORKER__VLLM_ARGS")
+        return []
+    dtype, why = chat_dtype(model)
+    log.info("vLLM dtype %s (%s)", dtype or "auto", why)
+    return ["--dtype", dtype] if dtype else []
 
 
 class VllmServer:
