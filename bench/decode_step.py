@@ -7,7 +7,7 @@ engine thread's own CPU time (`time.thread_time`): what the step costs, not how 
 `--threads N --clock wall` measures wall-clock time with N threads instead (for a quiet machine).
 
     python -m bench decode-step [--concurrency 16] [--max-tokens 64] [--dtype auto] [--page-size N]
-                                [--json A.json]
+                                [--pack-weights] [--json A.json]
     python -m bench decode-step --compare A.json B.json   # greedy outputs of two runs, token for token
 
 Parts: linear layers (every nn.Linear, the LM head included), attention (the attention function the
@@ -189,6 +189,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype, max_batch=max(args.concurrency, 16), threads=args.threads, page_size=args.page_size
     )
     model, tok = load_model(str(demo_model()), settings)
+    if args.pack_weights:
+        from bench.packed_linear import pack_linear_layers
+
+        pack_linear_layers(model)
     engine = Engine(model, tok, settings)
     engine.start()
     if args.attention == "sdpa":
@@ -212,6 +216,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     full = [s for s in timer.steps if s["batch"] == args.concurrency]
     return {
         "dtype": str(model.dtype).removeprefix("torch."),
+        "pack_weights": args.pack_weights,
         "attention": args.attention,
         "threads": args.threads,
         "clock": args.clock,
@@ -263,6 +268,9 @@ def main(argv: list[str]) -> None:
         "--page-size", type=int, default=ModelSettings().page_size, help="KV-cache page (prefix sharing unit)"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--pack-weights", action="store_true", help="oneDNN-packed linear weights (bench/packed_linear.py)"
+    )
     parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
