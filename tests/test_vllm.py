@@ -28,10 +28,11 @@ import pytest
 from pydantic import BaseModel
 
 from shared.events import CHOICE
+from shared.settings import ModelSettings
 from shared.tool_parsers import parser_for
 from tests.conftest import Proc, Stack, _free_port, registry, start_api, wait_for
 from tests.helpers import FRANCE, STORY, choice_texts, iter_sse, read_sse, submit, wait_job
-from worker.model import resolve_dtype
+from worker.engines.vllm_server import chat_dtype
 
 # The fixture's first use may install vLLM (minutes) and then load it: counted in the first test.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
@@ -162,13 +163,14 @@ async def test_streams_with_usage_from_vllm_and_a_cancel_stops_its_generation(
         await asyncio.sleep(0.1)
 
 
-def test_the_worker_runs_vllm_in_the_dtype_auto_resolves_to(vllm: Vllm) -> None:
-    # INFERQ_MODEL__DTYPE=auto: bfloat16 only on a CPU that runs it natively, float32 on others (where vLLM's
-    # own choice, bfloat16, would be emulated); the operator's VLLM_ARGS come after it.
-    expected, _ = resolve_dtype("auto", "cpu")
+def test_the_worker_runs_vllm_in_the_dtype_its_setting_resolves_to(vllm: Vllm) -> None:
+    # The tests' workers set INFERQ_MODEL__DTYPE (float32, tests/conftest.py); vLLM once ignored it and ran
+    # bfloat16, its own choice, which a CPU without bfloat16 emulates (tests/test_vllm_setup.py: `auto`).
+    # The operator's VLLM_ARGS come after it.
+    expected, _ = chat_dtype(ModelSettings(dtype=vllm.a.env.get("INFERQ_MODEL__DTYPE", "auto")))
     cmdline = psutil.Process(vllm.server_pid()).cmdline()
     at = cmdline.index("--dtype")
-    assert cmdline[at + 1] == str(expected).removeprefix("torch.")
+    assert cmdline[at + 1] == expected
     assert cmdline[at + 2 :] == json.loads(VLLM_ARGS)
 
 
@@ -522,3 +524,45 @@ def _group_alive(group: int) -> bool:
             if os.getpgid(p.pid) == group and p.status() != psutil.STATUS_ZOMBIE:
                 return True
     return False
+
+
+def test_a_model_vllm_cannot_load_stops_the_worker_with_vllms_reason(
+    stack: Stack, vllm: Vllm, model_dir: Path, tmp_path: Path
+) -> None:
+    # The demo model with weights that are not a safetensors file: the worker reads its config and
+    # tokenizer as usual, and only vLLM, loading the weights, refuses it.
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for item in model_dir.iterdir():
+        if item.name != "model.safetensors":
+            (broken / item.name).symlink_to(item)
+    (broken / "model.safetensors").write_bytes(b"these are not weights")
+    port = _free_port()
+    worker = _worker(
+        stack,
+        "vllm-broken",
+        "--engine",
+        "vllm",
+        INFERQ_MODEL__NAME=str(broken),
+        INFERQ_WORKER__VLLM_PORT=str(port),
+        INFERQ_WORKER__VLLM_ARGS=VLLM_ARGS,
+    )
+    worker.start()
+    try:
+        assert worker.popen is not None
+        assert worker.popen.wait(600) != 0
+    finally:
+        worker.stop(signal.SIGKILL)
+        for p in _vllm_processes(port):
+            p.kill()
+    # Its last line is the whole error: vLLM's exit, which model, where vLLM's log is and its last line.
+    last = worker.tail(1)
+    assert re.search(r"vllm: the server exited with code -?\d+ while loading the model", last), last
+    assert f"(is {broken} a model vLLM can load?)" in last, last
+    said = re.search(r"its log: (\S+); its error: (.*)$", last)
+    assert said is not None, last
+    assert Path(said.group(1)).is_file()
+    # vLLM's own exception about the file, not the warnings its dying processes print after it.
+    assert re.fullmatch(r"(\(\w+ pid=\d+\) )?\w+(Error|Exception)\b.*", said.group(2)), last
+    assert "Traceback" not in worker.tail(3)
+    assert not _vllm_processes(port)

@@ -2,8 +2,8 @@
 the real one): each start-up failure is one line that says what to do, and a vLLM that its platform runs
 beside the worker (a sidecar) is waited for. Loopback only: the "unreachable index" is a closed port here.
 
-Not here: "a model vLLM can't load" (vllm_server.EXITED, the server's exit code and its log's last line)
-needs a real vLLM to refuse a model; tests/test_vllm.py's environment would be the place.
+Not here: "a model vLLM can't load" (vllm_server.EXITED, the server's exit code and its error) needs a
+real vLLM to refuse a model: tests/test_vllm.py runs it.
 """
 
 from __future__ import annotations

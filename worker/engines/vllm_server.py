@@ -16,6 +16,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,7 +60,7 @@ INSTALL_FAILED = (
 )
 EXITED = (
     "vllm: the server exited with code {code} while {what} (is {model} a model vLLM can load?); "
-    "its log: {log}; last line: {last}"
+    "its log: {log}; its error: {last}"
 )
 NOT_READY = "vllm: the server did not answer /health within {seconds:.0f}s; its log: {log}"
 
@@ -99,6 +100,26 @@ def _cpu_index_reachable(url: str) -> bool:
 def _last_line(path: Path) -> str:
     with contextlib.suppress(OSError):
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            return lines[-1][-300:]
+    return "(none)"
+
+
+# A Python exception's own line (`ValueError: ...`, `MemoryError`), as vLLM's processes print it, maybe
+# after their "(APIServer pid=N)" prefix.
+_EXCEPTION_LINE = re.compile(r"^\s*(?:\([\w ]+pid=\d+\)\s*)?[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b")
+
+
+def _error_line(path: Path, since: int = 0) -> str:
+    """Why a server exited, from its log past byte `since` (this start's part): the last exception line,
+    else the last line. Warnings a dying process prints last (vLLM's resource tracker's) are not it."""
+    with contextlib.suppress(OSError):
+        with path.open("rb") as f:
+            f.seek(since)
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        for line in reversed(lines):
+            if _EXCEPTION_LINE.match(line):
+                return line.strip()[-300:]
         if lines:
             return lines[-1][-300:]
     return "(none)"
@@ -329,6 +350,7 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("vllm: starting %s on %s (log: %s)", self.model_dir, self.url, self.log_path)
         with self.log_path.open("ab") as out:
+            since = out.tell()  # this start's part of the log
             # From the event loop's thread: the parent-death signal follows the thread that forked.
             self.proc = subprocess.Popen(
                 self._command(python),
@@ -351,7 +373,7 @@ class VllmServer:
                             what=what,
                             model=self.model_dir,
                             log=self.log_path,
-                            last=_last_line(self.log_path),
+                            last=_error_line(self.log_path, since),
                         )
                     )
                 with contextlib.suppress(httpx.HTTPError):
