@@ -97,12 +97,17 @@ def _cpu_index_reachable(url: str) -> bool:
     return True
 
 
+def _log_lines(path: Path, since: int = 0) -> list[str]:
+    """The non-blank lines of a log past byte `since` (none if it cannot be read)."""
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(since)
+        return [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    return []
+
+
 def _last_line(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        if lines:
-            return lines[-1][-300:]
-    return "(none)"
+    lines = _log_lines(path)
+    return lines[-1][-300:] if lines else "(none)"
 
 
 # A Python exception's own line (`ValueError: ...`, `MemoryError`), as vLLM's processes print it, maybe
@@ -113,16 +118,11 @@ _EXCEPTION_LINE = re.compile(r"^\s*(?:\([\w ]+pid=\d+\)\s*)?[A-Za-z_][\w.]*(?:Er
 def _error_line(path: Path, since: int = 0) -> str:
     """Why a server exited, from its log past byte `since` (this start's part): the last exception line,
     else the last line. Warnings a dying process prints last (vLLM's resource tracker's) are not it."""
-    with contextlib.suppress(OSError):
-        with path.open("rb") as f:
-            f.seek(since)
-            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-        for line in reversed(lines):
-            if _EXCEPTION_LINE.match(line):
-                return line.strip()[-300:]
-        if lines:
-            return lines[-1][-300:]
-    return "(none)"
+    lines = _log_lines(path, since)
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line.strip()[-300:]
+    return lines[-1][-300:] if lines else "(none)"
 
 
 def free_port() -> int:
