@@ -375,9 +375,8 @@ async def test_tools_job_whose_worker_is_killed_starts_over_and_calls_validly(
     async for event in iter_sse(vc, created["id"]):
         if event.event == "token" and event.data["index"] >= 10:
             break
-    vllm.b.send(signal.SIGKILL)
-    assert vllm.b.popen is not None
-    vllm.b.popen.wait(10)
+    # The kernel ends a killed process in its own time: on a loaded 2-core machine that took over 10 s once.
+    vllm.b.stop(signal.SIGKILL, timeout=60)
     vllm.b.start()
     job = await wait_job(vc, created["id"], timeout=180)
     assert job["status"] == "succeeded", job
@@ -411,9 +410,8 @@ async def test_a_job_whose_worker_is_killed_continues_its_text(vllm: Vllm, vc: h
             before += event.data["text"]
             if event.data["index"] >= 10:
                 break
-    vllm.b.send(signal.SIGKILL)
-    assert vllm.b.popen is not None
-    vllm.b.popen.wait(10)
+    # The kernel ends a killed process in its own time: on a loaded 2-core machine that took over 10 s once.
+    vllm.b.stop(signal.SIGKILL, timeout=60)
     vllm.b.start()
     job = await wait_job(vc, created["id"], timeout=120)
     assert job["status"] == "succeeded", job
