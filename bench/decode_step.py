@@ -7,7 +7,7 @@ engine thread's own CPU time (`time.thread_time`): what the step costs, not how 
 `--threads N --clock wall` measures wall-clock time with N threads instead (for a quiet machine).
 
     python -m bench decode-step [--concurrency 16] [--max-tokens 64] [--dtype auto] [--page-size N]
-                                [--pack-weights] [--json A.json]
+                                [--plain-weights] [--json A.json]
     python -m bench decode-step --compare A.json B.json   # greedy outputs of two runs, token for token
 
 Parts: linear layers (every nn.Linear, the LM head included), attention (the attention function the
@@ -183,16 +183,18 @@ async def greedy_round(
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from shared.settings import ModelSettings
     from worker.engine import Engine
-    from worker.model import load_model
+    from worker.model import in_daemon_thread, load_model
 
     settings = ModelSettings(
-        dtype=args.dtype, max_batch=max(args.concurrency, 16), threads=args.threads, page_size=args.page_size
+        dtype=args.dtype,
+        max_batch=max(args.concurrency, 16),
+        threads=args.threads,
+        page_size=args.page_size,
+        pack_weights=not args.plain_weights,
     )
-    model, tok = load_model(str(demo_model()), settings)
-    if args.pack_weights:
-        from bench.packed_linear import pack_linear_layers
-
-        pack_linear_layers(model)
+    # In a thread of its own, as the worker loads it (torch work in this, the event loop's, thread would
+    # slow the engine thread's: worker/packed_linear.py).
+    model, tok = await in_daemon_thread(load_model, str(demo_model()), settings)
     engine = Engine(model, tok, settings)
     engine.start()
     if args.attention == "sdpa":
@@ -216,7 +218,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     full = [s for s in timer.steps if s["batch"] == args.concurrency]
     return {
         "dtype": str(model.dtype).removeprefix("torch."),
-        "pack_weights": args.pack_weights,
+        "pack_weights": not args.plain_weights,
         "attention": args.attention,
         "threads": args.threads,
         "clock": args.clock,
@@ -269,7 +271,7 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--pack-weights", action="store_true", help="oneDNN-packed linear weights (bench/packed_linear.py)"
+        "--plain-weights", action="store_true", help="plain linear weights (no worker/packed_linear.py)"
     )
     parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     parser.add_argument("--json", default=None)

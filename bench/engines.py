@@ -13,6 +13,7 @@ keeps when one core is taken.
 Systems:
   builtin               inferq's built-in engine from this checkout, its defaults (dtype auto)
   builtin-float32       the same with INFERQ_MODEL__DTYPE=float32
+  builtin-plain-weights the same with INFERQ_MODEL__PACK_WEIGHTS=false (linear layers on plain weights)
   builtin-main-float32  the built-in engine as on the `main` branch (exported from git into a temporary
                         directory and run from there), float32: the "before" of a change to the engine
   transformers-serve    `transformers serve --continuous-batching`, float32 (bench.systems)
@@ -45,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = (
     "builtin",
     "builtin-float32",
+    "builtin-plain-weights",
     "builtin-main-float32",
     "transformers-serve",
     "vllm",
@@ -139,6 +141,11 @@ def _start(
         return _builtin(model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype=None, code=None)
     if name == "builtin-float32":
         return _builtin(model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype="float32", code=None)
+    if name == "builtin-plain-weights":
+        engine_env = {"INFERQ_MODEL__PACK_WEIGHTS": "false"}
+        return _builtin(
+            model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype=None, code=None, engine_env=engine_env
+        )
     if name == "builtin-main-float32":
         return _builtin(model_dir, max_batch=args.max_batch, log_dir=log_dir, dtype="float32", code=main_code)
     if name == "transformers-serve":

@@ -66,10 +66,10 @@ async def _mix(
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from worker.engine import Engine
-    from worker.model import load_model
+    from worker.model import in_daemon_thread, load_model
 
     settings = ModelSettings(max_batch=max(args.concurrency, 16))
-    model, tok = load_model(str(demo_model()), settings)
+    model, tok = await in_daemon_thread(load_model, str(demo_model()), settings)
     engine = Engine(model, tok, settings)
     engine.start()
     await engine.warmup()

@@ -48,10 +48,10 @@ async def _rounds(
     from shared.settings import ModelSettings
     from worker.cpu_threads import govern
     from worker.engine import Engine
-    from worker.model import load_model
+    from worker.model import in_daemon_thread, load_model
 
     settings = ModelSettings(max_batch=concurrency, threads=threads)
-    model, tok = load_model(str(demo_model()), settings)
+    model, tok = await in_daemon_thread(load_model, str(demo_model()), settings)
     changes: list[int] = []
     if governed:
         govern(model, threads, changes.append)

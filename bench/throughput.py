@@ -86,10 +86,10 @@ async def engine_ttft_samples(
     """`n` TTFTs (ms) of the worker's engine called in-process, one request at a time (`gap_s` idle
     seconds before each), after warm-up."""
     from worker.engine import Engine, SamplingOptions
-    from worker.model import load_model
+    from worker.model import in_daemon_thread, load_model
 
     settings = settings or ModelSettings()
-    model, tok = load_model(str(model_dir), settings)
+    model, tok = await in_daemon_thread(load_model, str(model_dir), settings)
     engine = Engine(model, tok, settings)
     engine.start()
     await engine.warmup()

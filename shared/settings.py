@@ -40,6 +40,11 @@ class ModelSettings(BaseModel):
         ge=16,
         description="KV-cache page in tokens: prompts share a common prefix in whole pages (docs/engine.md).",
     )
+    pack_weights: bool = Field(
+        default=True,
+        description="A CPU chat model's linear layers multiply on weights laid out once for oneDNN "
+        "(worker/packed_linear.py); false: plain weights.",
+    )
     embed_batch_tokens: int = Field(
         default=8192,
         ge=16,

@@ -93,7 +93,8 @@ def _quiet_transformers() -> None:
 
 
 def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:
-    """Load (model, tokenizer) onto `model.device`; `path` is an HF id or a directory."""
+    """Load (model, tokenizer) onto `model.device`; `path` is an HF id or a directory. A worker calls it
+    in a thread of its own (torch work in the event loop's thread slows the engine's: packed_linear)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -107,6 +108,10 @@ def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:
     log.info("model dtype %s (%s)", str(dtype).removeprefix("torch."), why)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
     lm = lm.to(model.device).eval()  # type: ignore[arg-type]
+    if model.pack_weights and model.device == "cpu":
+        from worker.packed_linear import pack_for_cpu
+
+        pack_for_cpu(lm)  # in the caller's thread: the worker's loading thread, not the event loop's
     return lm, tokenizer
 
 
