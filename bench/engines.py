@@ -92,11 +92,11 @@ def _builtin(
     env = {"INFERQ_AUTH": "off", "INFERQ_MAX_QUEUE_SECONDS": "100000", **(engine_env or {})}
     if dtype:
         env["INFERQ_MODEL__DTYPE"] = dtype
-    if code is not None:
-        env["PYTHONPATH"] = str(code)
     ready = 900 if env.get("INFERQ_WORKER__ENGINE") == "vllm" else 180
+    # `code`'s servers run from its directory: `python -m` puts the working directory first on sys.path,
+    # ahead of PYTHONPATH, so from this checkout they would run this checkout's code.
     with running_stack(
-        model_dir, max_batch=max_batch, log_dir=log_dir, extra_env=env, ready_timeout=ready
+        model_dir, max_batch=max_batch, log_dir=log_dir, extra_env=env, ready_timeout=ready, code=code
     ) as stack:
         systems.answers_chat(stack.base_url, SERVED_NAME)()
         pids = {"api": stack.api_pid, "worker": stack.worker_pid or 0, **(extra_pids or {})}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -43,11 +44,14 @@ class RunningStack:
     log_dir: Path | None = None
 
 
-def _ready(base: str, redis_url: str, want_worker: bool) -> bool:
+def _ready(base: str, redis_url: str, want_worker: bool, other_code: bool = False) -> bool:
     if httpx.get(f"{base}/readyz", timeout=1).status_code != 200:
         return False
     if not want_worker:
         return True
+    if other_code:  # another version's workers may register elsewhere: ready once one answers a chat
+        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=5).status_code == 200
     with redis.Redis.from_url(redis_url) as r:
         return bool(r.zcard(keys.WORKER_INDEX))  # a worker registered (shared.fleet)
 
@@ -70,7 +74,17 @@ def running_stack(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-")))
         redis_url = stack.enter_context(embedded.valkey(None))
         database_url = stack.enter_context(embedded.postgres(tmp / "pg", delete=True))
-        upgrade(database_url)
+        env_base = {**os.environ, "INFERQ_REDIS_URL": redis_url, "INFERQ_DATABASE_URL": database_url}
+        if code is None:
+            upgrade(database_url)
+        else:  # that checkout's own migrations: its servers refuse a schema newer than they know
+            subprocess.run(
+                [sys.executable, "-m", "inferq.cli", "migrate"],
+                env={**env_base, "PYTHONPATH": str(code)},
+                cwd=code,
+                check=True,
+                capture_output=True,
+            )
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")},
             "INFERQ_REDIS_URL": redis_url,
@@ -101,7 +115,7 @@ def running_stack(
                 )
             base = f"http://127.0.0.1:{port}"
             wait_until(
-                lambda: _ready(base, redis_url, worker),
+                lambda: _ready(base, redis_url, worker, code is not None),
                 procs,
                 timeout=ready_timeout,
                 what=f"inferq stack (logs in {logs})",
