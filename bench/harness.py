@@ -74,17 +74,6 @@ def running_stack(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-")))
         redis_url = stack.enter_context(embedded.valkey(None))
         database_url = stack.enter_context(embedded.postgres(tmp / "pg", delete=True))
-        env_base = {**os.environ, "INFERQ_REDIS_URL": redis_url, "INFERQ_DATABASE_URL": database_url}
-        if code is None:
-            upgrade(database_url)
-        else:  # that checkout's own migrations: its servers refuse a schema newer than they know
-            subprocess.run(
-                [sys.executable, "-m", "inferq.cli", "migrate"],
-                env={**env_base, "PYTHONPATH": str(code)},
-                cwd=code,
-                check=True,
-                capture_output=True,
-            )
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")},
             "INFERQ_REDIS_URL": redis_url,
@@ -94,8 +83,18 @@ def running_stack(
             "INFERQ_LOG_LEVEL": "WARNING",
             **(extra_env or {}),
         }
-        if code is not None:  # `python -m` puts the working directory first on sys.path
+        if code is None:
+            upgrade(database_url)
+        else:  # `python -m` puts the working directory first on sys.path
             env["PYTHONPATH"] = str(code)
+            # That checkout's own migrations: its servers refuse a schema newer than they know.
+            subprocess.run(
+                [sys.executable, "-m", "inferq.cli", "migrate"],
+                env=env,
+                cwd=code,
+                check=True,
+                capture_output=True,
+            )
         logs = log_dir or tmp
         logs.mkdir(parents=True, exist_ok=True)
         port = free_port()

@@ -108,7 +108,7 @@ def load_model(path: str, model: ModelSettings) -> tuple[Any, Any]:
     log.info("model dtype %s (%s)", str(dtype).removeprefix("torch."), why)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
     lm = lm.to(model.device).eval()  # type: ignore[arg-type]
-    if model.pack_weights and model.device == "cpu":
+    if model.pack_weights:  # CPU models only: pack_for_cpu says why another is not packed
         from worker.packed_linear import pack_for_cpu
 
         pack_for_cpu(lm)  # in the caller's thread: the worker's loading thread, not the event loop's

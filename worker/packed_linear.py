@@ -4,7 +4,7 @@
 kernels each time. `torch.ops.mkldnn._reorder_linear_weight` does that once, at load, and
 `torch.ops.mkldnn._linear_pointwise` multiplies on the packed copy (what torch.compile's CPU backend
 does with frozen weights). Measured in the engine on the demo model, bfloat16, 16 requests: the LM head
-3.8 against 7.1 ms a step, and the whole engine 1.4x faster through the stack (bench/RESULTS.md).
+3.8 against 7.1 ms a call; through the stack 1.01x to 1.45x faster, median 1.21x (bench/RESULTS.md).
 
 The packing must run in a thread that is not the event loop's: OpenMP keeps a team of threads for each
 thread that runs parallel torch work, and once the loop's thread has a team of its own, the engine
@@ -52,12 +52,12 @@ class PackedLinear(torch.nn.Linear):
 
 def can_pack(model: torch.nn.Module) -> tuple[bool, str]:
     """(whether `model`'s linear layers can be packed, why not)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    if device.type != "cpu":
-        return False, f"the model is on {device}"
-    if dtype not in PACKED_DTYPES:
-        return False, f"oneDNN packing is for float32 and bfloat16, not {str(dtype).removeprefix('torch.')}"
+    first = next(model.parameters())
+    if first.device.type != "cpu":
+        return False, f"the model is on {first.device}"
+    if first.dtype not in PACKED_DTYPES:
+        dtype = str(first.dtype).removeprefix("torch.")
+        return False, f"oneDNN packing is for float32 and bfloat16, not {dtype}"
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False, "this torch has no oneDNN"
     if model.training:
