@@ -40,6 +40,7 @@ from worker.engines.vllm_server import VllmError, VllmServer, dtype_args
 from worker.jobs import JobRunner
 from worker.model import in_daemon_thread, load_model
 from worker.publisher import EventBatcher
+from worker.queue_claims import ClaimingWorker
 from worker.registry import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await _bounded("closing the database pool", ctx["db"].dispose(), 3)
 
 
-class InferqWorker(Worker):
+class InferqWorker(ClaimingWorker):
     """arq's worker with two lanes and faster polling.
 
     The interactive queue is this worker's own; batch jobs come from a second arq Worker (the batch
@@ -257,7 +258,7 @@ class InferqWorker(Worker):
     def _lane(self) -> Worker:
         if self.batch_lane is None:
             assert self.batch_queue is not None
-            self.batch_lane = Worker(
+            self.batch_lane = ClaimingWorker(
                 functions=[f for f in self.functions.values() if isinstance(f, Function)],
                 queue_name=self.batch_queue,
                 redis_pool=self.pool,
