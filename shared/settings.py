@@ -45,6 +45,11 @@ class ModelSettings(BaseModel):
         description="A CPU chat model's linear layers multiply on weights laid out once for oneDNN "
         "(worker/packed_linear.py); false: plain weights.",
     )
+    trace_embedder: bool = Field(
+        default=True,
+        description="An embedding model on a CPU runs as a TorchScript graph traced at load, which holds "
+        "Python's GIL only to start and end a forward pass (worker/embedder.py); false: eager PyTorch.",
+    )
     embed_batch_tokens: int = Field(
         default=8192,
         ge=16,

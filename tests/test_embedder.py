@@ -18,7 +18,7 @@ import pytest
 
 from shared.embeddings import EmbeddingModelError, read_spec
 from shared.settings import ModelSettings
-from worker.embedder import Embedder, load_embedding_model
+from worker.embedder import Embedder, load_and_trace, trace_embedding_model
 
 TEXTS = ["short", "a somewhat longer sentence about queues", "x " * 40, "embeddings for search"]
 
@@ -58,8 +58,9 @@ FLOAT32 = ModelSettings(dtype="float32")
 async def _engine(path: Path, settings: ModelSettings = FLOAT32) -> AsyncIterator[Embedder]:
     spec = read_spec(path)
     assert spec is not None
-    model, tokenizer, precision = load_embedding_model(str(path), spec, settings)
-    engine = Embedder(model, tokenizer, spec, settings, precision)
+    model, tokenizer, precision, graph = load_and_trace(str(path), spec, settings)
+    assert (graph is not None) == settings.trace_embedder  # as a worker loads it: traced on a CPU
+    engine = Embedder(model, tokenizer, spec, settings, precision, graph)
     engine.start()
     try:
         yield engine
@@ -175,6 +176,67 @@ async def test_embedder_auto_dtype_keeps_cosine_similarity_to_sentence_transform
     want = _reference(model_dir, texts)
     cos = (ours * want).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.9999, cos
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+async def test_the_traced_graph_gives_the_eager_models_vectors(model_dir: Path, dtype: str) -> None:
+    """The worker's default, a graph traced from one batch shape, against the model run eagerly, on
+    batches of other sizes and lengths (3 to 254 tokens, padded and not)."""
+    texts = [*TEXTS, *("queue " * n for n in (1, 3, 7, 20, 40, 80, 120, 160, 200, 230, 250, 252))]
+    traced = ModelSettings.model_validate({"dtype": dtype})
+    eager = ModelSettings.model_validate({"dtype": dtype, "trace_embedder": False})
+    async with contextlib.asynccontextmanager(_engine)(model_dir, traced) as engine:
+        assert engine.graph is not None
+        rows = [engine.token_ids(t, i) for i, t in enumerate(texts)]
+        assert min(len(r) for r in rows) <= 3 and max(len(r) for r in rows) == 254
+        ours = [engine.shorten(await engine.embed(rows[i:j]), None) for i, j in ((0, 1), (0, 9), (3, 16))]
+    async with contextlib.asynccontextmanager(_engine)(model_dir, eager) as engine:
+        assert engine.graph is None
+        want = [engine.shorten(await engine.embed(rows[i:j]), None) for i, j in ((0, 1), (0, 9), (3, 16))]
+    for got, expected in zip(ours, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class _Out:
+    def __init__(self, hidden: Any) -> None:
+        self.last_hidden_state = hidden
+
+
+def _shape_dependent() -> Any:
+    """A model whose Python code branches on the batch's length: a trace keeps one branch only."""
+    import torch
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 8)
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            scale = 2.0 if input_ids.shape[1] > 20 else 1.0
+            return _Out(self.embed(input_ids) * scale)
+
+    return Model().eval()
+
+
+def _untraceable() -> Any:
+    import torch
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return _Out(input_ids.tolist())  # not a tensor: nothing to trace
+
+    return Model().eval()
+
+
+def test_a_model_the_trace_would_get_wrong_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    from worker.embedder import Precision
+
+    float32 = Precision("float32", False, "test")
+    with caplog.at_level(logging.WARNING, logger="worker.embedder"):
+        assert trace_embedding_model(_shape_dependent(), float32, pad=0, vocab=100) is None
+        assert "differs from the eager one; running it eagerly" in caplog.text
+        assert trace_embedding_model(_untraceable(), float32, pad=0, vocab=100) is None
+        assert "cannot trace the embedding model" in caplog.text
 
 
 async def test_embedder_refuses_inputs_it_would_have_to_cut(model_dir: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,97 @@ def load_embedding_model(
     return model.to(settings.device).eval(), tokenizer, precision
 
 
+class _LastHidden:
+    """The model as a function of (input_ids, attention_mask) to the last hidden state, what a trace
+    records (an nn.Module built on first use: torch is imported only where a model loads)."""
+
+    def __new__(cls, model: Any) -> Any:
+        import torch
+
+        class LastHidden(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        return LastHidden().eval()
+
+
+def _probe(rows: int, width: int, pad: int, vocab: int, seed: int) -> tuple[Any, Any]:
+    """A right-padded batch of random tokens whose rows have different lengths."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, width), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(rows):
+        length = width - (row * 3) % (width // 2)
+        ids[row, length:] = pad
+        mask[row, length:] = 0
+    return ids, mask
+
+
+def _unspecialised() -> Any:
+    """TorchScript's executor without its profiling passes: a graph run as traced, not re-specialised
+    (and its compilations kept) for every new batch shape."""
+    from torch.jit._fuser import optimized_execution
+
+    return optimized_execution(False)
+
+
+def trace_embedding_model(model: Any, precision: Precision, pad: int, vocab: int) -> Any | None:
+    """The model traced into a TorchScript graph, or None where it cannot be (then the worker runs it
+    eagerly). A traced forward pass runs as one call that holds Python's GIL only to start and end,
+    where eager PyTorch takes the GIL back between every two of its hundreds of ops: in a worker whose
+    event loop is busy with the queue, each of those waits could last Python's switch interval (5 ms),
+    and the eager passes ran 2-3x slower than alone (bench/RESULTS.md). Alone it is faster too: no
+    Python between the ops. The trace records the ops of one padded batch, autocast's casts included,
+    and must give the eager model's output on a batch of another shape before it is used."""
+    import torch
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if precision.bf16_linear else contextlib.nullcontext()
+    )
+    jit_autocast = torch._C._jit_set_autocast_mode(False)  # the previous mode; now record autocast's casts
+    try:
+        ids, mask = _probe(4, 16, pad, vocab, seed=0)
+        with torch.inference_mode(), autocast, _unspecialised(), warnings.catch_warnings():
+            # It warns of every Python value it records as a constant (the check below is what counts),
+            # and reading every attribute of the modules sets off their deprecation warnings.
+            warnings.simplefilter("ignore")
+            graph = torch.jit.trace(_LastHidden(model), (ids, mask), check_trace=False)  # type: ignore[no-untyped-call]
+        ids, mask = _probe(3, 29, pad, vocab, seed=1)
+        with torch.inference_mode(), _unspecialised():
+            with autocast:
+                expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            got = graph(ids, mask)
+        if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), atol=1e-5):
+            log.warning("the traced embedding model differs from the eager one; running it eagerly")
+            return None
+    except Exception as exc:
+        log.warning("cannot trace the embedding model (%s); running it eagerly", exc)
+        return None
+    finally:
+        torch._C._jit_set_autocast_mode(jit_autocast)
+    return graph
+
+
+def load_and_trace(
+    path: str, spec: EmbeddingSpec, settings: ModelSettings
+) -> tuple[Any, Any, Precision, Any | None]:
+    """load_embedding_model, then, on a CPU with `trace_embedder` set, its traced graph (or None)."""
+    model, tokenizer, precision = load_embedding_model(path, spec, settings)
+    graph = None
+    if settings.device == "cpu" and settings.trace_embedder:
+        graph = trace_embedding_model(model, precision, int(tokenizer.pad_token_id or 0), len(tokenizer))
+    log.info("embedding model runs %s", "as a traced graph" if graph is not None else "eagerly")
+    return model, tokenizer, precision, graph
+
+
 def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text's own (BERT: [CLS] and [SEP]),
     found by tokenizing a probe with and without them (tokenizers expose no common call for it)."""
@@ -162,8 +254,11 @@ class Embedder:
         spec: EmbeddingSpec,
         settings: ModelSettings,
         precision: Precision | None = None,
+        graph: Any | None = None,
     ) -> None:
         self.model = model
+        self.graph = graph  # the model traced (trace_embedding_model), run in its place when set
+        self.governor: Any = None  # a ThreadGovernor: ticked here when the graph runs (no module hooks)
         self.bf16_linear = precision is not None and precision.bf16_linear
         self.tokenizer = tokenizer
         self.spec = spec
@@ -300,8 +395,14 @@ class Embedder:
             torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16_linear else contextlib.nullcontext()
         )
         with torch.inference_mode():
-            with autocast:
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if self.graph is not None:
+                if self.governor is not None:
+                    self.governor.tick()
+                with _unspecialised():  # no re-specialising for each new shape
+                    hidden = self.graph(ids, mask)
+            else:
+                with autocast:
+                    hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = pool(hidden, mask, self.spec.pooling)
             if self.spec.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -327,9 +428,14 @@ async def start_embedder(ctx: dict[str, Any], settings: Any, path: str, spec: Em
     from worker.cpu_threads import govern
     from worker.model import in_daemon_thread
 
-    model, tokenizer, precision = await in_daemon_thread(load_embedding_model, path, spec, settings.model)
-    govern(model, settings.model.threads, metrics.cpu_threads.labels(settings.served_model_name).set)
-    engine = Embedder(model, tokenizer, spec, settings.model, precision)
+    # Loaded and traced in the loading thread: torch's parallel work in the event loop's thread would
+    # give it an OpenMP team of its own, and the engine thread's team would then sleep between ops.
+    model, tokenizer, precision, graph = await in_daemon_thread(load_and_trace, path, spec, settings.model)
+    governor = govern(
+        model, settings.model.threads, metrics.cpu_threads.labels(settings.served_model_name).set
+    )
+    engine = Embedder(model, tokenizer, spec, settings.model, precision, graph)
+    engine.governor = governor
     ctx["engine"] = engine
     engine.start()
     await engine.warmup()
