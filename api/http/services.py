@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.jobs.capabilities import FleetCapabilities
 from api.jobs.enqueue import Enqueue, enqueue_many
+from api.jobs.finished import read_finished
 from api.jobs.grouped import Grouped
 from api.jobs.inserts import insert_jobs
 from api.streams.relay import RelayHub
@@ -28,6 +29,7 @@ from shared.db import check_schema, create_engine, session_factory
 from shared.embeddings import EmbeddingSpec, read_spec
 from shared.eventredis import EventsRedis, check_queue_redis, connect_events
 from shared.events import EventWriter
+from shared.models import Job
 from shared.settings import EXTRA_MODEL_HINT, Settings, require_dir
 
 if TYPE_CHECKING:
@@ -65,6 +67,7 @@ class Services:
     capabilities: FleetCapabilities = field(init=False)
     insert_job: Grouped[dict[str, Any], datetime] = field(init=False)  # group commit of new jobs
     enqueue_job: Grouped[Enqueue, bool] = field(init=False)  # pipelined enqueues
+    read_finished: Grouped[str, Job | None] = field(init=False)  # ended jobs read for their waiters
     metrics: ApiMetrics = field(init=False)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     started_at: int = field(default_factory=lambda: int(time.time()))
@@ -148,6 +151,7 @@ async def open_services(settings: Settings, metrics: ApiMetrics) -> AsyncIterato
         services.capabilities = FleetCapabilities(redis, settings, declared)
         services.insert_job = Grouped(partial(insert_jobs, db))
         services.enqueue_job = Grouped(partial(enqueue_many, redis))
+        services.read_finished = Grouped(partial(read_finished, sessions))
         services.metrics = metrics
         yield services
     finally:

@@ -14,8 +14,6 @@ import asyncio
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select
-from sqlalchemy.orm import undefer
 
 from api.http.errors import InvalidRequest
 from api.http.services import ModelInfo, Services
@@ -185,10 +183,8 @@ async def submit_embeddings(
 
 
 async def load_with_vectors(services: Services, job_id: str) -> Job | None:
-    """The job with its vectors (left out of other reads), in one query."""
-    async with services.sessions() as session:
-        query = select(Job).where(Job.id == job_id).options(undefer(Job.embedding))
-        return (await session.execute(query)).scalar_one_or_none()
+    """The job with its vectors (left out of other reads), read with the other waiters' jobs."""
+    return await services.read_finished(job_id)
 
 
 def render_embeddings(job: Job, blob: bytes | None) -> dict[str, Any]:
