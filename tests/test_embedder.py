@@ -197,11 +197,6 @@ async def test_the_traced_graph_gives_the_eager_models_vectors(model_dir: Path, 
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-class _Out:
-    def __init__(self, hidden: Any) -> None:
-        self.last_hidden_state = hidden
-
-
 def _shape_dependent() -> Any:
     """A model whose Python code branches on the batch's length: a trace keeps one branch only."""
     import torch
@@ -213,7 +208,7 @@ def _shape_dependent() -> Any:
 
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             scale = 2.0 if input_ids.shape[1] > 20 else 1.0
-            return _Out(self.embed(input_ids) * scale)
+            return self.embed(input_ids) * scale
 
     return Model().eval()
 
@@ -223,7 +218,7 @@ def _untraceable() -> Any:
 
     class Model(torch.nn.Module):
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return _Out(input_ids.tolist())  # not a tensor: nothing to trace
+            return input_ids.tolist()  # not a tensor: nothing to trace
 
     return Model().eval()
 

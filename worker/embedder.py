@@ -105,22 +105,24 @@ def load_embedding_model(
     return model.to(settings.device).eval(), tokenizer, precision
 
 
-class _LastHidden:
-    """The model as a function of (input_ids, attention_mask) to the last hidden state, what a trace
-    records (an nn.Module built on first use: torch is imported only where a model loads)."""
+def vectors_module(model: Any, spec: EmbeddingSpec) -> Any:
+    """The model with its pooling and normalisation, as one module: (input_ids, attention_mask) -> one
+    float32 vector per row. What a trace records, and what runs eagerly where there is no trace."""
+    import torch
 
-    def __new__(cls, model: Any) -> Any:
-        import torch
+    class Vectors(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class LastHidden(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            pooled = pool(hidden, attention_mask, spec.pooling)
+            if spec.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return pooled.float()
 
-            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-                return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-        return LastHidden().eval()
+    return Vectors().eval()
 
 
 def _probe(rows: int, width: int, pad: int, vocab: int, seed: int) -> tuple[Any, Any]:
@@ -145,9 +147,10 @@ def _unspecialised() -> Any:
     return optimized_execution(False)
 
 
-def trace_embedding_model(model: Any, precision: Precision, pad: int, vocab: int) -> Any | None:
-    """The model traced into a TorchScript graph, or None where it cannot be (then the worker runs it
-    eagerly). A traced forward pass runs as one call that holds Python's GIL only to start and end,
+def trace_embedding_model(vectors: Any, precision: Precision, pad: int, vocab: int) -> Any | None:
+    """`vectors` (vectors_module: the model, its pooling and normalisation) traced into a TorchScript
+    graph, or None where it cannot be (then the worker runs it eagerly). A traced forward pass runs as
+    one call that holds Python's GIL only to start and end,
     where eager PyTorch takes the GIL back between every two of its hundreds of ops: in a worker whose
     event loop is busy with the queue, each of those waits could last Python's switch interval (5 ms),
     and the eager passes ran 2-3x slower than alone (bench/RESULTS.md). Alone it is faster too: no
@@ -155,7 +158,7 @@ def trace_embedding_model(model: Any, precision: Precision, pad: int, vocab: int
     and must give the eager model's output on a batch of another shape before it is used."""
     import torch
 
-    for parameter in model.parameters():
+    for parameter in vectors.parameters():
         parameter.requires_grad_(False)
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if precision.bf16_linear else contextlib.nullcontext()
@@ -167,11 +170,11 @@ def trace_embedding_model(model: Any, precision: Precision, pad: int, vocab: int
             # It warns of every Python value it records as a constant (the check below is what counts),
             # and reading every attribute of the modules sets off their deprecation warnings.
             warnings.simplefilter("ignore")
-            graph = torch.jit.trace(_LastHidden(model), (ids, mask), check_trace=False)  # type: ignore[no-untyped-call]
+            graph = torch.jit.trace(vectors, (ids, mask), check_trace=False)  # type: ignore[no-untyped-call]
         ids, mask = _probe(3, 29, pad, vocab, seed=1)
         with torch.inference_mode(), _unspecialised():
             with autocast:
-                expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                expected = vectors(ids, mask)
             got = graph(ids, mask)
         if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), atol=1e-5):
             log.warning("the traced embedding model differs from the eager one; running it eagerly")
@@ -191,7 +194,8 @@ def load_and_trace(
     model, tokenizer, precision = load_embedding_model(path, spec, settings)
     graph = None
     if settings.device == "cpu" and settings.trace_embedder:
-        graph = trace_embedding_model(model, precision, int(tokenizer.pad_token_id or 0), len(tokenizer))
+        vectors = vectors_module(model, spec)
+        graph = trace_embedding_model(vectors, precision, int(tokenizer.pad_token_id or 0), len(tokenizer))
     log.info("embedding model runs %s", "as a traced graph" if graph is not None else "eagerly")
     return model, tokenizer, precision, graph
 
@@ -258,6 +262,7 @@ class Embedder:
     ) -> None:
         self.model = model
         self.graph = graph  # the model traced (trace_embedding_model), run in its place when set
+        self._eager: Any = vectors_module(model, spec) if model is not None else None
         self.governor: Any = None  # a ThreadGovernor: ticked here when the graph runs (no module hooks)
         self.bf16_linear = precision is not None and precision.bf16_linear
         self.tokenizer = tokenizer
@@ -381,33 +386,37 @@ class Embedder:
                         item.future.set_result(row)
 
     def _forward(self, rows: list[list[int]]) -> np.ndarray[Any, Any]:
+        """One forward pass, in the engine's thread. Few torch calls: the event loop's thread may take
+        the GIL at each (for up to Python's switch interval when it is busy), so the batch is built in
+        numpy and the traced graph does the rest in one call."""
         import torch
 
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = np.full((len(rows), width), self._pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
+        input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask)
         device = self.settings.device
-        ids, mask = ids.to(device), mask.to(device)
-        autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16_linear else contextlib.nullcontext()
-        )
+        if device != "cpu":
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         with torch.inference_mode():
             if self.graph is not None:
                 if self.governor is not None:
                     self.governor.tick()
                 with _unspecialised():  # no re-specialising for each new shape
-                    hidden = self.graph(ids, mask)
+                    vectors = self.graph(input_ids, attention_mask)
             else:
+                autocast = (
+                    torch.autocast("cpu", dtype=torch.bfloat16)
+                    if self.bf16_linear
+                    else contextlib.nullcontext()
+                )
                 with autocast:
-                    hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            pooled = pool(hidden, mask, self.spec.pooling)
-            if self.spec.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                    vectors = self._eager(input_ids, attention_mask)
         self._count(rows)
-        out: np.ndarray[Any, Any] = pooled.float().cpu().numpy().astype(np.float32, copy=False)
+        out: np.ndarray[Any, Any] = vectors.cpu().numpy()
         return out
 
     def _count(self, rows: list[list[int]]) -> None:
