@@ -103,7 +103,12 @@ class QueueSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     poll_delay: float = Field(default=0.005, gt=0, description="Shortest time between queue polls when idle.")
-    busy_poll_delay: float = Field(default=0.05, ge=0, description="Extra wait between polls while jobs run.")
+    busy_poll_delay: float | None = Field(
+        default=None,
+        ge=0,
+        description="Extra wait between polls while jobs run; unset: 0.05 s, or 0.005 s for an embedding "
+        "model, whose jobs take a few milliseconds of model time (bench/RESULTS.md).",
+    )
     poll_fallback: float = Field(
         default=1.0, gt=0, description="Longest wait between polls when no enqueue wakes the worker."
     )

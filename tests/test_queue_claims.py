@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +99,23 @@ async def test_a_claim_leaves_held_deferred_and_surplus_jobs(pool: ArqRedis) -> 
     finally:
         release.set()
         await pool.delete(queue, *(keys.ARQ_IN_PROGRESS_PREFIX + i for i in due))
+
+
+def test_an_embedding_worker_polls_sooner_while_busy(tmp_path: Path) -> None:
+    from shared.settings import Settings
+    from worker.main import EMBEDDING_BUSY_POLL_DELAY, build_worker
+    from worker.model import fetch_embedding_model
+
+    embedding = fetch_embedding_model(Path(Settings().embedding_model_path))
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    (chat / "config.json").write_text("{}")
+    urls = {"redis_url": "redis://127.0.0.1:1", "database_url": "postgresql://127.0.0.1:1/x"}
+    cases: list[tuple[dict[str, str], dict[str, float], float]] = [
+        ({"name": str(embedding)}, {}, EMBEDDING_BUSY_POLL_DELAY),
+        ({"name": str(chat)}, {}, 0.05),
+    ]
+    cases.append(({"name": str(embedding)}, {"busy_poll_delay": 0.2}, 0.2))  # as set
+    for model, worker, delay in cases:
+        settings = Settings.model_validate({**urls, "model": model, "worker": worker})
+        assert build_worker(settings).busy_poll_delay == delay, (model, worker)

@@ -356,7 +356,22 @@ class InferqWorker(ClaimingWorker):
         self._pool = None
 
 
-def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
+# While jobs run, an embedding worker polls sooner than a chat worker: its jobs last one forward pass
+# of a few milliseconds a row, and a job found 50 ms late waited longer than it ran (bench/RESULTS.md).
+EMBEDDING_BUSY_POLL_DELAY = 0.005
+
+
+def _busy_poll_delay(settings: Settings) -> float:
+    if settings.worker.busy_poll_delay is not None:
+        return settings.worker.busy_poll_delay
+    try:
+        embeddings = embedding_spec(settings.model_path) is not None
+    except Exception:
+        embeddings = False  # a directory it cannot serve: the start-up reports it
+    return EMBEDDING_BUSY_POLL_DELAY if embeddings else InferqWorker.busy_poll_delay
+
+
+def build_worker(settings: Settings, *, burst: bool = False) -> InferqWorker:
     redis_url, _ = settings.require_urls()
     worker = InferqWorker(
         functions=[func(run_job, name=keys.JOB_FUNCTION, max_tries=settings.worker.max_tries)],
@@ -374,7 +389,7 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
         # SIGTERM drains (see InferqWorker.handle_sig_wait_for_completion); 0 hands jobs back at once.
         job_completion_wait=int(settings.worker.drain_seconds),
     )
-    worker.busy_poll_delay = settings.worker.busy_poll_delay
+    worker.busy_poll_delay = _busy_poll_delay(settings)
     worker.poll_fallback = settings.worker.poll_fallback
     reserve = settings.worker.interactive_reserve
     if reserve is None:
