@@ -5,7 +5,7 @@ say where a request's time went: waiting in the queue (created -> claimed), on t
 result written), and the rest (API admission, the wait for the job's end, the response).
 
     python -m bench embeddings [--requests 4000] [--concurrency 64] [--tokens 32] [--out FILE] [--profile DIR]
-        [--baseline CHECKOUT] [--skip-in-process]
+        [--baseline CHECKOUT] [--skip-in-process] [--env NAME=VALUE ...]
 """
 
 from __future__ import annotations
@@ -134,6 +134,18 @@ async def job_timings(database_url: str, since: float) -> dict[str, Any]:
     }
 
 
+async def redis_calls(redis_url: str) -> dict[str, int]:
+    """Calls of each Redis command so far (`INFO commandstats`), by command name."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    try:
+        stats: dict[str, Any] = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
 async def _measure(
     stack: RunningStack, texts: list[str], concurrency: int, profile_dir: Path | None
 ) -> dict[str, Any]:
@@ -141,6 +153,7 @@ async def _measure(
     named = {"api": stack.api_pid, "worker": stack.worker_pid or 0}
     cpu = CpuByProcess(named, stack_markers(stack.redis_url, stack.database_url)).start()
     since = time.time()
+    calls0 = await redis_calls(stack.redis_url)
     pids = named if profile_dir is not None else {}
     with profiling.recording_all(pids, profile_dir or Path("."), "embeddings") as recs:
         seconds, latencies = await load(stack.base_url, texts, concurrency)
@@ -149,7 +162,10 @@ async def _measure(
         profiling.print_summary(
             f"inferq {name}, embeddings at concurrency {concurrency}", profiling.summarize(raw)
         )
+    calls1 = await redis_calls(stack.redis_url)
     timings = await job_timings(stack.database_url, since)
+    per_input = {k: round((n - calls0.get(k, 0)) / len(texts), 2) for k, n in calls1.items()}
+    per_input = {k: v for k, v in sorted(per_input.items(), key=lambda kv: -kv[1]) if v >= 0.01}
     mean_ms = sum(latencies) / len(latencies) * 1000
     return {
         "seconds": round(seconds, 3),
@@ -158,6 +174,8 @@ async def _measure(
         "jobs": timings,
         # CPU time per input, by process: where the machine's time goes (the worker's includes the model).
         "cpu_ms_per_input": {k: round(v * seconds / len(texts) * 1000, 3) for k, v in cores.items()},
+        # Redis commands per input (the queue, events, quotas; the two counter reads included).
+        "redis_calls_per_input": {"all": round(sum(per_input.values()), 2), **per_input},
         "share_of_latency": {
             "queue": round(timings["queue_ms"] / mean_ms, 3),
             "worker": round(timings["worker_ms"] / mean_ms, 3),
@@ -172,12 +190,14 @@ def through_inferq(
     concurrency: int,
     profile_dir: Path | None = None,
     code: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     extra = {
         "INFERQ_MODEL__SERVED_NAME": EMBED,
         "INFERQ_EXTRA_MODELS": json.dumps({EMBED: str(model_dir)}),
         "INFERQ_MAX_QUEUE_SECONDS": "100000",  # the benchmark measures the queue, not admission
         "INFERQ_AUTH": "off",  # as bench overhead: an open API in `auto` reads the keys table per request
+        **(env or {}),
     }
     with running_stack(model_dir, max_batch=concurrency, extra_env=extra, code=code) as stack:
         return aio.run(_measure(stack, texts, concurrency, profile_dir))
@@ -192,12 +212,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the API and the worker into DIR")
     parser.add_argument("--skip-in-process", action="store_true", help="measure inferq only")
     parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the stack's processes (repeatable), e.g. INFERQ_WORKER__BUSY_POLL_DELAY=0.05",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         default=None,
         help="a checkout of inferq (e.g. a `git worktree` of main) to measure first, the same way",
     )
     args = parser.parse_args(argv)
+    env = dict(item.split("=", 1) for item in args.env)
     model_dir = embedding_model()
     texts = make_texts(model_dir, args.requests, args.tokens)
     reference = {} if args.skip_in_process else in_process_child(model_dir, texts)
@@ -205,15 +233,16 @@ def main(argv: list[str]) -> None:
         print(f"in-process encode: {reference['inputs_per_s']} inputs/s", flush=True)
     baseline = None
     if args.baseline is not None:
-        baseline = through_inferq(model_dir, texts, args.concurrency, code=args.baseline.resolve())
+        baseline = through_inferq(model_dir, texts, args.concurrency, code=args.baseline.resolve(), env=env)
         print(f"baseline {args.baseline}: {baseline['inputs_per_s']} inputs/s", flush=True)
-    inferq = through_inferq(model_dir, texts, args.concurrency, args.profile)
+    inferq = through_inferq(model_dir, texts, args.concurrency, args.profile, env=env)
     ratio = round(inferq["inputs_per_s"] / reference["inputs_per_s"], 3) if reference else None
     result = {
         "machine": describe(),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "tokens_per_text": args.tokens,
+        "env": env,
         "in_process": reference,
         "inferq": inferq,
         "ratio": ratio,
