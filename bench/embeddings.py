@@ -199,7 +199,8 @@ def through_inferq(
         "INFERQ_AUTH": "off",  # as bench overhead: an open API in `auto` reads the keys table per request
         **(env or {}),
     }
-    with running_stack(model_dir, max_batch=concurrency, extra_env=extra, code=code) as stack:
+    probe = ("/v1/embeddings", {"model": EMBED, "input": "ready?"})
+    with running_stack(model_dir, max_batch=concurrency, extra_env=extra, code=code, probe=probe) as stack:
         return aio.run(_measure(stack, texts, concurrency, profile_dir))
 
 

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -44,14 +45,23 @@ class RunningStack:
     log_dir: Path | None = None
 
 
-def _ready(base: str, redis_url: str, want_worker: bool, other_code: bool = False) -> bool:
+# What a worker of another version must answer before its stack counts as ready: a one-token chat.
+CHAT_PROBE = (
+    "/v1/chat/completions",
+    {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+)
+
+
+def _ready(
+    base: str, redis_url: str, want_worker: bool, probe: tuple[str, dict[str, Any]] | None = None
+) -> bool:
     if httpx.get(f"{base}/readyz", timeout=1).status_code != 200:
         return False
     if not want_worker:
         return True
-    if other_code:  # another version's workers may register elsewhere: ready once one answers a chat
-        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-        return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=5).status_code == 200
+    if probe is not None:  # another version's workers may register elsewhere: ready once one answers
+        path, body = probe
+        return httpx.post(f"{base}{path}", json=body, timeout=5).status_code == 200
     with redis.Redis.from_url(redis_url) as r:
         return bool(r.zcard(keys.WORKER_INDEX))  # a worker registered (shared.fleet)
 
@@ -66,10 +76,12 @@ def running_stack(
     worker: bool = True,
     code: Path | None = None,
     ready_timeout: float = 180,
+    probe: tuple[str, dict[str, Any]] = CHAT_PROBE,
 ) -> Iterator[RunningStack]:
     """Embedded Valkey + PostgreSQL in a temporary directory, then `inferq api` and (unless `worker` is
     false) `inferq worker`; every process is stopped on exit, and dies with the benchmark. `code`: run
-    the servers from another checkout of inferq (e.g. a `git worktree` of main, to compare against)."""
+    the servers from another checkout of inferq (e.g. a `git worktree` of main, to compare against),
+    ready once its worker answers `probe` (a path and a JSON body)."""
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-")))
         redis_url = stack.enter_context(embedded.valkey(None))
@@ -114,7 +126,7 @@ def running_stack(
                 )
             base = f"http://127.0.0.1:{port}"
             wait_until(
-                lambda: _ready(base, redis_url, worker, code is not None),
+                lambda: _ready(base, redis_url, worker, probe if code is not None else None),
                 procs,
                 timeout=ready_timeout,
                 what=f"inferq stack (logs in {logs})",
