@@ -36,11 +36,21 @@ METHODS: dict[str, tuple[list[str], bool, str]] = {
     "handle_sig": (["signum"], False, "overrides it to cancel the batch lane's jobs"),
     "handle_sig_wait_for_completion": (["signum"], False, "overrides it to drain both lanes"),
     "close": ([], True, "overrides it so that an unreachable Redis still runs on_shutdown"),
+    "start_jobs": (
+        ["job_ids"],
+        True,
+        "overrides it: worker/queue_claims.py",
+    ),
+    "run_job": (["job_id", "score"], True, "runs each job its claim took"),
+    "_release_sem_dec_counter_on_complete": ([], False, "frees a claimed job's slot when it ends"),
 }
 
 # Attributes Worker.__init__ sets that InferqWorker reads or writes, and their types.
 ATTRIBUTES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "job_counter": (int, "counts the running jobs of each lane to size the batch lane"),
+    "sem": (asyncio.Semaphore, "takes a slot for each job its claim took"),
+    "in_progress_timeout_s": ((int, float), "sets a claimed job's in-progress key for this long"),
+    "queue_name": (str, "claims the jobs of this queue"),
     "max_jobs": (int, "resizes the batch lane before each poll"),
     "allow_pick_jobs": (bool, "gates the batch lane and stops both lanes on drain"),
     "tasks": (dict, "awaits and cancels the held jobs of both lanes"),
@@ -66,8 +76,18 @@ INIT_PARAMETERS = [
 SOURCE: list[tuple[Callable[..., Any], str, str]] = [
     (
         Worker.start_jobs,
-        "self.job_counter >= self.max_jobs",
-        "the batch lane's max_jobs, set before each poll, is read when it starts jobs",
+        "pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b'1')",
+        "worker/queue_claims.py claims a job as arq does: its in-progress key, for in_progress_timeout_s",
+    ),
+    (
+        Worker.start_jobs,
+        "if ongoing_exists or not score or score > timestamp_ms():",
+        "worker/queue_claims.py leaves a job as arq does: held elsewhere, gone, or deferred",
+    ),
+    (
+        Worker.start_jobs,
+        "in_progress_key = in_progress_key_prefix + job_id",
+        "worker/queue_claims.py names a job's in-progress key as arq does",
     ),
     (
         Worker._poll_iteration,
