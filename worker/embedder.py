@@ -149,13 +149,14 @@ def _unspecialised() -> Any:
 
 def trace_embedding_model(vectors: Any, precision: Precision, pad: int, vocab: int) -> Any | None:
     """`vectors` (vectors_module: the model, its pooling and normalisation) traced into a TorchScript
-    graph, or None where it cannot be (then the worker runs it eagerly). A traced forward pass runs as
-    one call that holds Python's GIL only to start and end,
-    where eager PyTorch takes the GIL back between every two of its hundreds of ops: in a worker whose
-    event loop is busy with the queue, each of those waits could last Python's switch interval (5 ms),
-    and the eager passes ran 2-3x slower than alone (bench/RESULTS.md). Alone it is faster too: no
-    Python between the ops. The trace records the ops of one padded batch, autocast's casts included,
-    and must give the eager model's output on a batch of another shape before it is used."""
+    graph, or None where it cannot be (then the worker runs it eagerly).
+
+    A traced forward pass is one call that holds Python's GIL only to start and end, where eager
+    PyTorch takes the GIL back between every two of its hundreds of ops: in a worker whose event loop
+    is busy with the queue, each of those waits could last Python's switch interval (5 ms), and the
+    eager passes ran 2-3x slower than alone (bench/RESULTS.md). Alone it is faster too: no Python
+    between the ops. The trace records the ops of one padded batch, autocast's casts included, and must
+    give the eager model's output on a batch of another shape before it is used."""
     import torch
 
     for parameter in vectors.parameters():

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from shared import aio, keys, logs
 from shared.db import check_schema, create_engine, session_factory
+from shared.embeddings import EmbeddingModelError
 from shared.eventredis import check_queue_redis, connect_events
 from shared.events import EventWriter
 from shared.runtime import freeze_startup_objects
@@ -366,7 +367,7 @@ def _busy_poll_delay(settings: Settings) -> float:
         return settings.worker.busy_poll_delay
     try:
         embeddings = embedding_spec(settings.model_path) is not None
-    except Exception:
+    except EmbeddingModelError:
         embeddings = False  # a directory it cannot serve: the start-up reports it
     return EMBEDDING_BUSY_POLL_DELAY if embeddings else InferqWorker.busy_poll_delay
 
