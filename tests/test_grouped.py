@@ -9,9 +9,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from api.jobs.grouped import Grouped
 from api.jobs.inserts import insert_jobs
 from shared.db import create_engine
+from shared.grouped import Grouped
 from shared.models import Job, new_job_id
 from tests.conftest import Stack
 

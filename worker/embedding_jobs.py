@@ -3,7 +3,7 @@ the embedding engine in place of generation. The vectors go to `jobs.embedding` 
 the `done` event carries the usage, and the input tokens count against the key's daily quota.
 
 An embedding job is over in a few milliseconds of model time, so its two Postgres writes (the claim and
-the result) would cost more than its forward pass: concurrent jobs share them (worker/group_commit.py),
+the result) would cost more than its forward pass: concurrent jobs share them (shared/grouped.py),
 one UPDATE claiming every job that arrived meanwhile, one writing every result ready meanwhile (and one
 Redis pipeline reading their cancel flags)."""
 
@@ -20,12 +20,12 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.grouped import Grouped
 from shared.models import Job
 from shared.states import FinishReason, JobStatus
 from shared.transitions import move_each
 from worker import metrics
 from worker.embedder import Embedder
-from worker.group_commit import GroupCommit
 from worker.job_store import DB_DOWN, WRITE_BACKOFF_MAX_SECONDS, Claim, JobStore, claim_statement
 from worker.jobs import JobRunner, _Run
 
@@ -52,9 +52,9 @@ class GroupedJobStore(JobStore):
 
     def __init__(self, store: JobStore) -> None:
         super().__init__(store.sessions, store.redis, store.events_redis, store.worker_id)
-        self._claims: GroupCommit[str, Claim | None] = GroupCommit(self._claim_many)
-        self._writes: GroupCommit[_Write, bool] = GroupCommit(self._write_many)
-        self._flags: GroupCommit[str, bool] = GroupCommit(self._flagged_many)
+        self._claims: Grouped[str, Claim | None] = Grouped(self._claim_many)
+        self._writes: Grouped[_Write, bool] = Grouped(self._write_many)
+        self._flags: Grouped[str, bool] = Grouped(self._flagged_many)
 
     async def claim(self, job_id: str) -> Claim | None:
         return await self._claims(job_id)

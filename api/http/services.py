@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from api.jobs.capabilities import FleetCapabilities
 from api.jobs.enqueue import Enqueue, enqueue_many
 from api.jobs.finished import read_finished
-from api.jobs.grouped import Grouped
 from api.jobs.inserts import insert_jobs
 from api.streams.relay import RelayHub
 from api.streams.sharded import ShardedRelayHub
@@ -29,6 +28,7 @@ from shared.db import check_schema, create_engine, session_factory
 from shared.embeddings import EmbeddingSpec, read_spec
 from shared.eventredis import EventsRedis, check_queue_redis, connect_events
 from shared.events import EventWriter
+from shared.grouped import Grouped
 from shared.models import Job
 from shared.settings import EXTRA_MODEL_HINT, Settings, require_dir
 

@@ -1,5 +1,5 @@
 """Reading the jobs that requests waited on, once they have ended: the reads of concurrent requests go
-in one SELECT (api/jobs/grouped.py), with the vectors of embedding jobs (deferred in other reads)."""
+in one SELECT (shared/grouped.py), with the vectors of embedding jobs (deferred in other reads)."""
 
 from __future__ import annotations
 

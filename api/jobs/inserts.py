@@ -1,4 +1,4 @@
-"""Storing new jobs: many concurrent submissions in one INSERT and one commit (see api/jobs/grouped.py)."""
+"""Storing new jobs: many concurrent submissions in one INSERT and one commit (see shared/grouped.py)."""
 
 from __future__ import annotations
 

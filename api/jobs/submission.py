@@ -220,7 +220,7 @@ async def admit_and_enqueue(services: Services, job: Job, work_tokens: int) -> J
     """The admission check (`work_tokens`: what the job will cost the fleet), then the job stored in
     Postgres and enqueued; 503 (and nothing kept) if Redis refuses it."""
     await services.admission.admit(job.model, work_tokens)
-    # Concurrent submissions share one INSERT + commit, then one Redis pipeline (api/jobs/grouped.py).
+    # Concurrent submissions share one INSERT + commit, then one Redis pipeline (shared/grouped.py).
     job.created_at = await services.insert_job(job_row(job))
     try:
         await services.enqueue_job(Enqueue(services.settings.queues.for_model(job.model), job.id, job.tenant))

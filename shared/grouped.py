@@ -1,5 +1,6 @@
-"""Group commit: what concurrent requests hand in while one round trip is in flight goes out together
-in the next one (one INSERT and one commit for many jobs, one Redis pipeline for many enqueues).
+"""Group commit: what concurrent callers hand in while one round trip is in flight goes out together
+in the next one. The API's INSERTs, enqueues and reads of ended jobs, the embedding worker's claims,
+result writes and cancel-flag reads: one statement or pipeline for many jobs.
 
 Nothing waits for a group to fill: an item handed in while nothing is in flight goes out at once, so
 a lone request pays no extra latency, and under load each round trip carries everything that arrived
